@@ -1,0 +1,226 @@
+"""The ``sslab`` command line. Every subcommand's ``--help`` lists all options with their defaults.
+
+Heavy modules (torch, ffcv, Ray, MLflow) are imported inside the commands, so ``--help`` is quick.
+Errors a user can fix print one line (``error: ...``) and exit non-zero; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from trainers.errors import UserError
+from trainers.paths import DATA_ROOT_ENV, default_data_root, state_dir
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_data_root(parser: argparse.ArgumentParser) -> None:
+    root = default_data_root()
+    parser.add_argument("--data-root", default=str(root) if root else None,
+                        help=f"folder with the data archives (env {DATA_ROOT_ENV}; "
+                             "default ../shared/data when it exists)")
+
+
+def _add_prepare_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("auto", "raw", "jpeg"), default="auto",
+                        help="pixel storage: auto = raw when the largest side <= --raw-max-side, else JPEG")
+    parser.add_argument("--raw-max-side", type=int, default=64, help="largest side stored raw under --format auto")
+    parser.add_argument("--max-side", type=int, default=512, help="larger images are scaled down to this side")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality (1-100) when storing JPEG")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="square-resize every image to this side first (e.g. 256 for ImageNet-like crops)")
+
+
+def _prepare_settings(args):
+    from trainers.data.beton import PrepareSettings
+
+    return PrepareSettings(format=args.format, raw_max_side=args.raw_max_side, max_side=args.max_side,
+                           jpeg_quality=args.jpeg_quality, resize=args.resize).validate()
+
+
+def _default_cache_dir() -> str:
+    return str(state_dir() / "data")
+
+
+# --------------------------------------------------------------------------- data
+def cmd_data_list(args) -> int:
+    from trainers.data.datasets import REGISTRY, load_split
+
+    rows = []
+    for name in REGISTRY:
+        status = []
+        for split in ("train", "test"):
+            try:
+                data = load_split(name, split, args.data_root)
+                status.append(f"{split} {len(data):,}")
+                source = data.source
+            except UserError as exc:
+                status.append(f"{split} missing")
+                source = str(exc)[:90]
+        rows.append((name, ", ".join(status), source))
+    width = max(len(r[0]) for r in rows)
+    for name, status, source in rows:
+        print(f"{name:<{width}}  {status:<28}  {source}")
+    print(f"{'imagefolder:<path>':<{width}}  <path>/train/<class>/*, <path>/test/<class>/* (or one class tree)")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from trainers.data.beton import prepare
+
+    paths = prepare(args.dataset, args.split, args.out, args.data_root, _prepare_settings(args),
+                    num_workers=args.workers, force=args.force, progress=not args.quiet)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from trainers.data.multicrop import build_multicrop_loader
+    from trainers.data.preview import preview
+
+    loader = build_multicrop_loader(
+        args.dataset, args.split, args.crops, args.method, batch_size=max(args.num_images, 8), device=args.device,
+        loader=args.loader, seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir,
+        canvas_size=args.canvas_size, num_workers=args.workers, shuffle=True,
+        prepare_settings=_prepare_settings(args), log=lambda msg: print(msg, file=sys.stderr))
+    classes = None
+    if hasattr(loader.canvases, "info") and loader.canvases.info.get("meta"):
+        classes = loader.canvases.info["meta"].get("classes")
+    elif hasattr(loader.canvases, "dataset"):
+        classes = loader.canvases.dataset.split.classes
+    facts = preview(loader, args.out, num_images=args.num_images, classes=classes)
+    facts = {"dataset": args.dataset, "split": args.split, "method": args.method, "crops": args.crops, **facts}
+    print(json.dumps(facts, indent=1))
+    return 0
+
+
+def _add_data_commands(subparsers) -> None:
+    data = subparsers.add_parser("data", help="data sets: list, prepare .beton files, preview crops",
+                                 formatter_class=_Formatter)
+    commands = data.add_subparsers(dest="data_command", metavar="{list,prepare,preview}", required=True)
+
+    listing = commands.add_parser("list", help="known data sets and whether they are found",
+                                  formatter_class=_Formatter)
+    _add_data_root(listing)
+    listing.set_defaults(func=cmd_data_list)
+
+    prep = commands.add_parser("prepare", help="write FFCV .beton files for a data set",
+                               formatter_class=_Formatter,
+                               description="Writes <out>/<dataset>-<split>.beton (+ a .json sidecar). "
+                                           "Skips the work when an up-to-date file exists.")
+    prep.add_argument("--dataset", required=True,
+                      help="cifar10, tiny-imagenet, fashion-mnist, digits or imagefolder:<path>")
+    prep.add_argument("--split", choices=("train", "test", "all"), default="all", help="which split(s) to write")
+    prep.add_argument("--out", default=_default_cache_dir(), help="output folder")
+    _add_data_root(prep)
+    _add_prepare_settings(prep)
+    prep.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, cores))")
+    prep.add_argument("--force", action="store_true", help="rewrite even when an up-to-date file exists")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_data_prepare)
+
+    prev = commands.add_parser("preview", help="PNG grid of images and their augmented views + tensor facts",
+                               formatter_class=_Formatter)
+    prev.add_argument("--dataset", required=True,
+                      help="cifar10, tiny-imagenet, fashion-mnist, digits or imagefolder:<path>")
+    prev.add_argument("--split", choices=("train", "test"), default="train", help="split to draw from")
+    prev.add_argument("--crops", default="2x32+6x16", help="crop groups COUNTxSIZE joined by '+'; first = global")
+    prev.add_argument("--method", choices=("swav", "dino", "sdmp", "supcon", "simclr"), default="swav",
+                      help="whose augmentation defaults to use")
+    prev.add_argument("--out", default="preview.png", help="PNG to write")
+    prev.add_argument("--num-images", type=int, default=6, help="images (rows) to draw")
+    prev.add_argument("--loader", choices=("auto", "ffcv", "torch"), default="auto",
+                      help="canvas loader: ffcv (.beton, decoded once) or torch (PIL DataLoader); auto = ffcv if installed")
+    prev.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device for the augmentation")
+    prev.add_argument("--seed", type=int, default=0, help="seed for the order and the augmentation")
+    prev.add_argument("--canvas-size", type=int, default=None,
+                      help="decode to this square canvas (needed for mixed-size images)")
+    prev.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
+    prev.add_argument("--workers", type=int, default=None, help="loader threads/processes (default: cores)")
+    _add_data_root(prev)
+    _add_prepare_settings(prev)
+    prev.set_defaults(func=cmd_data_preview)
+
+
+def _cuda() -> bool:
+    # cheap check without importing torch: a visible NVIDIA device node
+    return os.path.exists("/dev/nvidia0") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    """The embedded default. For now: prepare Fashion-MNIST and preview its SwAV multi-crop views."""
+    from trainers.data.beton import PrepareSettings, prepare
+    from trainers.data.multicrop import build_multicrop_loader
+    from trainers.data.preview import preview
+
+    out = Path(args.out).expanduser().resolve()
+    paths = prepare("fashion-mnist", "all", args.cache_dir, args.data_root, PrepareSettings())
+    loader = build_multicrop_loader("fashion-mnist", "train", args.crops, "swav", batch_size=64,
+                                    device=args.device, loader="auto", cache_dir=args.cache_dir,
+                                    data_root=args.data_root, seed=args.seed)
+    classes = None
+    if hasattr(loader.canvases, "info") and loader.canvases.info.get("meta"):
+        classes = loader.canvases.info["meta"].get("classes")
+    facts = preview(loader, out / "preview.png", num_images=6, classes=classes)
+    print(json.dumps({"train": str(paths["train"]), "test": str(paths["test"]), **facts}, indent=1))
+    print(f"\nprepared Fashion-MNIST ({loader.num_samples:,} training images) with the {loader.kind} loader; "
+          f"views of the first batch drawn to {facts['png']}")
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    demo = subparsers.add_parser("demo", help="the embedded default job (what `make demo` runs)",
+                                 formatter_class=_Formatter)
+    demo.add_argument("--out", default=str(state_dir() / "demo"), help="output folder")
+    demo.add_argument("--crops", default="2x28+4x12", help="crop groups for the preview")
+    demo.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
+    demo.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device for the augmentation")
+    demo.add_argument("--seed", type=int, default=0, help="seed")
+    _add_data_root(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+# --------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sslab", formatter_class=_Formatter,
+        description="Self-supervised vision pretraining (SwAV, DINO, SDMP, SupCon/SimCLR) on FFCV multi-crop "
+                    "batches, run by Ray and tracked in MLflow.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="{data,demo}", required=True)
+    _add_data_commands(subparsers)
+    _add_demo(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("SSLAB_DEBUG") == "1"
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
+        if debug:
+            raise
+        print(f"error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

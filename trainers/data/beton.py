@@ -1,0 +1,286 @@
+"""FFCV ``.beton`` files: writing them from the registry, checking them, reading canvases back.
+
+A file holds an RGB ``image`` field and an int ``label`` field. Small images (max side <= 64 px by
+default) are stored as raw pixels, larger ones as JPEG. Files are written under a temporary name
+and renamed when complete; a JSON sidecar (``<file>.json``) records the source fingerprint and the
+settings, so an up-to-date file is never written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainers.data.datasets import DatasetSplit, load_split
+from trainers.data.sharding import check_rank, shard_indices
+from trainers.errors import ConfigError, DataError
+
+FORMAT_VERSION = 1  # bump when the written content changes for the same settings
+FORMATS = ("auto", "raw", "jpeg")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    format: str = "auto"  # raw pixels, JPEG, or auto: raw when the largest side <= raw_max_side
+    raw_max_side: int = 64
+    max_side: int = 512  # larger images are scaled down to this side
+    jpeg_quality: int = 90
+    resize: int | None = None  # square-resize every image (shorter side, then centre crop) first
+
+    def validate(self) -> "PrepareSettings":
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown image format '{self.format}': use one of {', '.join(FORMATS)}")
+        if self.max_side <= 0 or self.raw_max_side <= 0:
+            raise ConfigError("max side and raw max side must be positive numbers of pixels")
+        if not (1 <= self.jpeg_quality <= 100):
+            raise ConfigError(f"JPEG quality {self.jpeg_quality} must lie in 1..100")
+        if self.resize is not None and self.resize <= 0:
+            raise ConfigError(f"resize {self.resize} must be a positive number of pixels")
+        return self
+
+
+def beton_path(out_dir: str | Path, dataset: str, split: str, settings: PrepareSettings) -> Path:
+    """``<out>/<dataset>-<split>[-r<resize>].beton``; an image folder is named by its folder and a hash."""
+    name = dataset
+    if dataset.startswith("imagefolder:"):
+        folder = dataset.split(":", 1)[1]
+        name = f"imagefolder-{Path(folder).name}-{hashlib.sha1(folder.encode()).hexdigest()[:8]}"
+    suffix = f"-r{settings.resize}" if settings.resize else ""
+    return Path(out_dir).expanduser().resolve() / f"{name}-{split}{suffix}.beton"
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _cache_key(split: DatasetSplit, settings: PrepareSettings) -> str:
+    text = json.dumps({"fingerprint": split.fingerprint, "settings": asdict(settings),
+                       "version": FORMAT_VERSION, "count": len(split)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_meta(path: str | Path) -> dict | None:
+    meta = _meta_path(Path(path))
+    if not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class _WriterView:
+    """What ffcv's writer iterates: (HxWx3 uint8 image, label), resized when asked."""
+
+    def __init__(self, split: DatasetSplit, resize: int | None):
+        self.split, self.resize = split, resize
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image = self.split.images[index]
+        if self.resize is not None and image.shape[:2] != (self.resize, self.resize):
+            image = square_resize(image, self.resize)
+        return image, int(self.split.labels[index])
+
+
+def square_resize(image: np.ndarray, side: int) -> np.ndarray:
+    """Centre-crop to a square (the shorter side) and resize to ``side`` (bilinear, antialiased)."""
+    height, width = image.shape[:2]
+    short = min(height, width)
+    top, left = (height - short) // 2, (width - short) // 2
+    pil = Image.fromarray(image[top:top + short, left:left + short])
+    if short != side:
+        pil = pil.resize((side, side), Image.BILINEAR)
+    return np.asarray(pil)
+
+
+def _choose_mode(split: DatasetSplit, settings: PrepareSettings) -> tuple[str, tuple[int, int] | None]:
+    if settings.resize is not None:
+        sizes = {(settings.resize, settings.resize)}
+    else:
+        sizes = split.image_sizes()
+    fixed = next(iter(sizes)) if len(sizes) == 1 else None
+    largest = max(max(s) for s in sizes)
+    if fixed is not None and max(fixed) > settings.max_side:
+        scale = settings.max_side / max(fixed)
+        fixed = (max(1, round(fixed[0] * scale)), max(1, round(fixed[1] * scale)))
+    if settings.format == "raw":
+        return "raw", fixed
+    if settings.format == "jpeg":
+        return "jpg", fixed
+    return ("raw" if largest <= settings.raw_max_side else "jpg"), fixed
+
+
+def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
+                  settings: PrepareSettings = PrepareSettings(), num_workers: int | None = None,
+                  force: bool = False, progress: bool = True, log=print) -> Path:
+    """Write (or find up to date) the ``.beton`` of one split; returns its path."""
+    settings.validate()
+    source = load_split(dataset, split, data_root)
+    path = beton_path(out_dir, dataset, split, settings)
+    key = _cache_key(source, settings)
+    meta = read_meta(path)
+    if not force and meta and meta.get("key") == key and path.is_file() and path.stat().st_size == meta.get("bytes"):
+        log(f"up to date: {path} ({meta['count']:,} images)")
+        return path
+    mode, fixed = _choose_mode(source, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    log(f"writing {path} from {source.source}: {len(source):,} images, {mode} pixels")
+    started = time.time()
+    try:
+        fields = {"image": RGBImageField(write_mode=mode, max_resolution=settings.max_side,
+                                         jpeg_quality=settings.jpeg_quality),
+                  "label": IntField()}
+        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+        with contextlib.ExitStack() as stack:
+            if not progress:  # ffcv's writer draws its own tqdm bar on stderr
+                stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
+            writer.from_indexed_dataset(_WriterView(source, settings.resize), chunksize=256)
+        _meta_path(path).unlink(missing_ok=True)  # the old sidecar must not vouch for a new file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    meta = {"key": key, "dataset": dataset, "split": split, "count": len(source),
+            "classes": source.classes, "num_classes": source.num_classes, "image_size": fixed,
+            "mode": mode, "settings": asdict(settings), "source": source.source,
+            "bytes": path.stat().st_size, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - started, 2)}
+    meta_tmp = _meta_path(path).with_name(f".{_meta_path(path).name}.tmp-{os.getpid()}")
+    meta_tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(meta_tmp, _meta_path(path))
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {meta['seconds']:.1f} s")
+    return path
+
+
+def prepare(dataset: str, splits: str, out_dir, data_root=None, settings=PrepareSettings(), **kwargs) -> dict:
+    """``splits``: 'train', 'test' or 'all'. Returns {split: path}."""
+    wanted = {"all": ("train", "test")}.get(splits, (splits,))
+    return {split: prepare_split(dataset, split, out_dir, data_root, settings, **kwargs) for split in wanted}
+
+
+# --------------------------------------------------------------------------- reading
+def inspect_beton(path: str | Path) -> dict:
+    """Header facts of a .beton; a clear DataError if the file is missing, truncated or not a .beton."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f".beton file {path} not found: run `sslab data prepare` to write it")
+    size = path.stat().st_size
+    meta = read_meta(path)
+    if meta is not None and meta.get("bytes") not in (None, size):
+        raise DataError(f".beton file {path} is {size:,} bytes but was written as {meta['bytes']:,}: "
+                        "it is truncated or was replaced; delete it and run `sslab data prepare` again")
+    try:
+        from ffcv.reader import Reader
+
+        reader = Reader(str(path))
+        table = reader.alloc_table
+        if reader.num_samples == 0:
+            raise ValueError("it holds no samples")
+        if len(table) and int((table["ptr"] + table["size"]).max()) > size:
+            raise ValueError("its allocation table points past the end of the file")
+        if not {"image", "label"} <= set(reader.handlers):
+            raise ValueError(f"it has fields {list(reader.handlers)}, expected image and label")
+        columns = {name: f"f{i}" for i, name in enumerate(reader.field_names)}
+        image_meta = reader.metadata[columns["image"]]
+        widths, heights = image_meta["width"], image_meta["height"]
+        labels = np.asarray(reader.metadata[columns["label"]])
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the reader means an unusable file
+        raise DataError(f".beton file {path} is corrupt or not a .beton ({exc.__class__.__name__}: {exc}); "
+                        "delete it and run `sslab data prepare` again") from None
+    fixed = (int(heights[0]), int(widths[0])) if (widths.min() == widths.max() and heights.min() == heights.max()) else None
+    return {"count": int(reader.num_samples), "image_size": fixed,
+            "max_side": int(max(widths.max(), heights.max())),
+            "num_classes": int(labels.max()) + 1, "meta": meta}
+
+
+class _ShardOrder:
+    """ffcv TraversalOrder stand-in: this rank's indices for an epoch (see sharding.py)."""
+
+    def __init__(self, num_samples, seed, rank, world_size, shuffle, subset):
+        self.args = (num_samples, seed, rank, world_size, shuffle, subset)
+
+    def sample_order(self, epoch: int):
+        num_samples, seed, rank, world_size, shuffle, subset = self.args
+        return shard_indices(num_samples, epoch, seed, rank, world_size, shuffle, subset)
+
+
+class FfcvCanvasLoader:
+    """Decodes each image of a .beton once to a fixed canvas; yields (uint8 [B,H,W,3], int64 [B]) on ``device``.
+
+    Distributed-aware without a process group: pass ``rank``/``world_size``. ``shuffle`` draws a new
+    seeded order every epoch. Batches live in buffers that ffcv reuses: consume (or clone) each
+    before asking for the next.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, device="cpu", canvas_size: int | None = None,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int | None = None, drop_last: bool = True, batches_ahead: int = 3,
+                 indices=None):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+        if batch_size <= 0:
+            raise ConfigError(f"batch size {batch_size} must be positive")
+        check_rank(rank, world_size)
+        info = inspect_beton(path)
+        self.path, self.info = Path(path), info
+        self.device = torch.device(device)
+        if canvas_size is None:
+            if info["image_size"] is None:
+                raise DataError(f"{path} holds images of mixed sizes (up to {info['max_side']} px) and a fixed "
+                                "canvas is needed: pass canvas_size (--canvas-size N)")
+            decoder = SimpleRGBImageDecoder()
+            self.canvas = info["image_size"]
+        elif info["image_size"] == (canvas_size, canvas_size):
+            decoder = SimpleRGBImageDecoder()
+            self.canvas = (canvas_size, canvas_size)
+        else:
+            decoder = CenterCropRGBImageDecoder((canvas_size, canvas_size), ratio=1.0)
+            self.canvas = (canvas_size, canvas_size)
+        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
+        pipelines = {"image": [decoder, ToTensor(), *to_device],
+                     "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
+        self.seed, self.shuffle = seed, shuffle
+        self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers or (os.cpu_count() or 1),
+                             order=OrderOption.SEQUENTIAL, seed=seed, indices=indices, pipelines=pipelines,
+                             drop_last=drop_last, batches_ahead=batches_ahead)
+        # ffcv 1.0.2 cannot take a custom order through its constructor: install ours afterwards.
+        subset = None if indices is None else np.asarray(indices)
+        self.loader.traversal_order = _ShardOrder(info["count"], seed, rank, world_size, shuffle, subset)
+        self.loader.first_traversal_order = self.loader.traversal_order.sample_order(0)
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        return self.info["count"]
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images, labels.long().view(-1)

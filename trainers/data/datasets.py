@@ -1,0 +1,476 @@
+"""Data set registry: a name becomes (images, labels, classes) for a split.
+
+Names: ``cifar10``, ``tiny-imagenet``, ``fashion-mnist``, ``digits`` and ``imagefolder:<path>``.
+Splits: ``train`` and ``test`` (Tiny-ImageNet's labelled ``val`` split serves as its test split).
+Images come back as HxWx3 uint8 RGB arrays; grayscale sets are expanded to 3 channels.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from trainers.errors import ConfigError, DataError
+from trainers.paths import default_data_root
+
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 0
+DOWNLOAD_ENV = "SSLAB_DOWNLOAD"  # "0" forbids downloading official copies
+
+
+# --------------------------------------------------------------------------- image sources
+class ImageSource(Sequence):
+    """Indexable images, each an HxWx3 uint8 RGB array."""
+
+    fixed_size: tuple[int, int] | None = None  # (height, width) when known to be shared by all
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(height, width) of one image, without decoding pixels where the format allows."""
+        return tuple(self[index].shape[:2])
+
+
+class ArrayImages(ImageSource):
+    """Images held decoded in one array [N, H, W] (grayscale) or [N, H, W, 3]."""
+
+    def __init__(self, array: np.ndarray):
+        if array.dtype != np.uint8 or array.ndim not in (3, 4):
+            raise DataError(f"expected uint8 images [N,H,W] or [N,H,W,3], got {array.dtype} {array.shape}")
+        self.array = array
+        self.fixed_size = tuple(array.shape[1:3])
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        image = self.array[index]
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        return np.ascontiguousarray(image)
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        return self.fixed_size
+
+
+def _decode(data: bytes | Path, name: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {name}: {exc.__class__.__name__}: {exc}; "
+                        "replace or delete that file and run again") from None
+
+
+def _peek_size(data: bytes | Path, name: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            width, height = image.size
+            return height, width
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {name}: {exc.__class__.__name__}: {exc}; "
+                        "replace or delete that file and run again") from None
+
+
+class EncodedImages(ImageSource):
+    """Encoded image files held in memory (read from an archive), decoded on access."""
+
+    def __init__(self, blobs: list[bytes], names: list[str], fixed_size=None):
+        self.blobs, self.names, self.fixed_size = blobs, names, fixed_size
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return _decode(self.blobs[index], self.names[index])
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        return _peek_size(self.blobs[index], self.names[index])
+
+
+class FileImages(ImageSource):
+    """Image files on disk, decoded on access."""
+
+    def __init__(self, paths: list[Path], fixed_size=None):
+        self.paths, self.fixed_size = paths, fixed_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return _decode(self.paths[index], str(self.paths[index]))
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        return _peek_size(self.paths[index], str(self.paths[index]))
+
+
+@dataclass
+class DatasetSplit:
+    """One split of a data set: ``images[i]`` has label ``labels[i]``, a class index into ``classes``."""
+
+    dataset: str
+    split: str
+    images: ImageSource
+    labels: np.ndarray
+    classes: list[str]
+    source: str  # where it was read from, for messages
+    fingerprint: str  # changes whenever the source changes (cache key for prepared files)
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def image_sizes(self) -> set[tuple[int, int]]:
+        """The distinct (height, width) sizes in this split."""
+        if self.images.fixed_size is not None:
+            return {tuple(self.images.fixed_size)}
+        return {self.images.size_of(i) for i in range(len(self.images))}
+
+
+# --------------------------------------------------------------------------- helpers
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _dir_fingerprint(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_archive(path: str, fingerprint: str) -> dict[str, bytes]:
+    """All image members of a .tar(.gz) archive, name -> bytes (cached per process)."""
+    del fingerprint  # part of the cache key only: a changed file is read again
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    if member.isdir():
+                        continue
+                    continue
+                name = member.name.lstrip("./")
+                handle = archive.extractfile(member)
+                if handle is not None:
+                    members[name] = handle.read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"archive {path} is corrupt or truncated ({exc.__class__.__name__}: {exc}); "
+                        "fetch it again (see SHA256SUMS beside it)") from None
+    return members
+
+
+def _archive(path: Path) -> dict[str, bytes]:
+    return _read_archive(str(path.resolve()), _file_fingerprint(path))
+
+
+def _downloads_allowed() -> bool:
+    return os.environ.get(DOWNLOAD_ENV, "1") != "0"
+
+
+def _require_root(data_root: Path | None, what: str) -> Path:
+    if data_root is None:
+        raise DataError(f"no data root for {what}: pass --data-root DIR or set SSLAB_DATA_ROOT")
+    if not data_root.is_dir():
+        raise DataError(f"data root {data_root} does not exist: pass --data-root DIR pointing at "
+                        f"the folder that holds {what}")
+    return data_root
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    return split
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+def _cifar_from_class_tree(files: dict[str, bytes] | dict[str, Path], split: str, source: str,
+                           fingerprint: str) -> DatasetSplit:
+    prefix = f"{split}/"
+    entries = sorted(name for name in files if name.startswith(prefix)
+                     and name.lower().endswith(IMAGE_EXTENSIONS) and name.count("/") == 2)
+    if not entries:
+        raise DataError(f"{source} has no {split}/<class>/*.jpg images: expected the CIFAR-10 "
+                        "JPEG layout train/<class>/NNNN.jpg and test/<class>/NNNN.jpg")
+    classes = sorted({name.split("/")[1] for name in entries})
+    if len(classes) != 10:
+        raise DataError(f"{source}: found {len(classes)} class folders under {split}/, CIFAR-10 has 10")
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[name.split("/")[1]] for name in entries], dtype=np.int64)
+    values = [files[name] for name in entries]
+    if values and isinstance(values[0], bytes):
+        images: ImageSource = EncodedImages(values, [f"{source}:{n}" for n in entries], fixed_size=(32, 32))
+    else:
+        images = FileImages(values, fixed_size=(32, 32))
+    return DatasetSplit("cifar10", split, images, labels, classes, source, fingerprint)
+
+
+def _cifar_from_batches(folder: Path, split: str) -> DatasetSplit:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    arrays, labels = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"CIFAR-10 batch {path} is missing: expected the official "
+                            "cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)")
+        try:
+            with open(path, "rb") as handle:
+                batch = pickle.load(handle, encoding="bytes")
+            arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch[b"labels"])
+        except Exception as exc:  # noqa: BLE001 - any failure means the file is not a CIFAR batch
+            raise DataError(f"CIFAR-10 batch {path} is unreadable ({exc.__class__.__name__}): "
+                            "fetch the official cifar-10-python.tar.gz again") from None
+    meta_path = folder / "batches.meta"
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    if meta_path.is_file():
+        with open(meta_path, "rb") as handle:
+            classes = [c.decode() for c in pickle.load(handle, encoding="bytes")[b"label_names"]]
+    images = np.concatenate(arrays).transpose(0, 2, 3, 1).copy()
+    fingerprint = _dir_fingerprint([folder / n for n in names])
+    return DatasetSplit("cifar10", split, ArrayImages(images), np.asarray(labels, dtype=np.int64),
+                        classes, str(folder), fingerprint)
+
+
+def load_cifar10(split: str, data_root: Path | None) -> DatasetSplit:
+    looked = []
+    if data_root is not None:
+        archive = data_root / "cifar10-jpg.tar.gz"
+        looked.append(str(archive))
+        if archive.is_file():
+            return _cifar_from_class_tree(_archive(archive), split, str(archive), _file_fingerprint(archive))
+        for folder_name in ("cifar10-jpg", "cifar10"):
+            folder = data_root / folder_name
+            looked.append(f"{folder}/")
+            if (folder / split).is_dir():
+                files = {str(p.relative_to(folder)): p for p in sorted((folder / split).glob("*/*"))}
+                return _cifar_from_class_tree(files, split, str(folder), _dir_fingerprint(sorted(files.values())))
+        batches = data_root / "cifar-10-batches-py"
+        looked.append(f"{batches}/")
+        if batches.is_dir():
+            return _cifar_from_batches(batches, split)
+        if _downloads_allowed() and os.access(data_root, os.W_OK):
+            try:
+                import torchvision
+
+                torchvision.datasets.CIFAR10(str(data_root), train=True, download=True)
+                return _cifar_from_batches(batches, split)
+            except Exception:  # noqa: BLE001 - offline: fall through to the error below
+                pass
+    raise DataError("CIFAR-10 not found; looked for " + ", ".join(looked or ["a data root"]) +
+                    ": pass --data-root DIR holding cifar10-jpg.tar.gz (or the official "
+                    "cifar-10-batches-py folder), or run once with internet to download it")
+
+
+# --------------------------------------------------------------------------- Tiny-ImageNet
+def load_tiny_imagenet(split: str, data_root: Path | None) -> DatasetSplit:
+    root = _require_root(data_root, "Tiny-ImageNet (tin200-*.tar.gz or tiny-imagenet-200/)")
+    extracted = root / "tiny-imagenet-200"
+    if extracted.is_dir():
+        files: dict = {}
+        for path in sorted(extracted.rglob("*")):
+            if path.is_file():
+                files[str(path.relative_to(extracted))] = path
+        source, fingerprint = str(extracted), _dir_fingerprint(sorted(files.values()))
+    else:
+        name = "tin200-train-100perclass.tar.gz" if split == "train" else "tin200-val.tar.gz"
+        archive = root / name
+        if not archive.is_file():
+            raise DataError(f"Tiny-ImageNet {split} archive {archive} not found: pass --data-root DIR "
+                            f"holding {name} (or an extracted tiny-imagenet-200/ folder)")
+        files = _archive(archive)
+        source, fingerprint = str(archive), _file_fingerprint(archive)
+
+    def read_text(name: str) -> str | None:
+        value = files.get(name)
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else Path(value).read_text()
+
+    if split == "train":
+        entries = sorted((n for n in files if n.startswith("train/") and n.endswith(".JPEG")),
+                         key=_natural_key)
+        wnids = [n.split("/")[1] for n in entries]
+    else:
+        annotations = read_text("val/val_annotations.txt")
+        if annotations is None:
+            raise DataError(f"{source} has no val/val_annotations.txt: expected the official "
+                            "Tiny-ImageNet val split (val/images/*.JPEG + val/val_annotations.txt)")
+        by_file = dict(line.split("\t")[:2] for line in annotations.splitlines() if line.strip())
+        entries = sorted((n for n in files if n.startswith("val/images/") and n.endswith(".JPEG")),
+                         key=_natural_key)
+        missing = [n for n in entries if n.rsplit("/", 1)[1] not in by_file]
+        if missing:
+            raise DataError(f"{source}: {len(missing)} val images have no line in val_annotations.txt "
+                            f"(first: {missing[0]})")
+        wnids = [by_file[n.rsplit("/", 1)[1]] for n in entries]
+    if not entries:
+        raise DataError(f"{source} holds no Tiny-ImageNet {split} images")
+    wnids_text = read_text("wnids.txt")
+    classes = sorted(set(wnids_text.split()) if wnids_text else set(wnids))
+    index = {wnid: i for i, wnid in enumerate(classes)}
+    labels = np.array([index[w] for w in wnids], dtype=np.int64)
+    values = [files[n] for n in entries]
+    if isinstance(values[0], bytes):
+        images: ImageSource = EncodedImages(values, [f"{source}:{n}" for n in entries], fixed_size=(64, 64))
+    else:
+        images = FileImages(values, fixed_size=(64, 64))
+    words = read_text("words.txt")
+    extra = {}
+    if words:
+        names = dict(line.split("\t", 1) for line in words.splitlines() if "\t" in line)
+        extra["class_names"] = [names.get(w, w) for w in classes]
+    return DatasetSplit("tiny-imagenet", split, images, labels, classes, source, fingerprint, extra)
+
+
+def _natural_key(name: str):
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+        zero, dtype_code, dims = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08 or dims != expected_dims:
+            raise ValueError(f"header says dtype 0x{dtype_code:02x} with {dims} dims")
+        shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+        if data.size != int(np.prod(shape)):
+            raise ValueError(f"{data.size} bytes of data for shape {shape}")
+        return data.reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as exc:
+        raise DataError(f"{path} is not a valid IDX file ({exc}): fetch the official "
+                        "Fashion-MNIST files again (apt-get install dataset-fashion-mnist)") from None
+
+
+def load_fashion_mnist(split: str, data_root: Path | None) -> DatasetSplit:
+    prefix = "train" if split == "train" else "t10k"
+    candidates = []
+    if data_root is not None:
+        candidates += [data_root / "fashion-mnist", data_root / "FashionMNIST" / "raw"]
+    candidates.append(FASHION_MNIST_SYSTEM_DIR)
+    for folder in candidates:
+        for suffix in (".gz", ""):
+            images_path = folder / f"{prefix}-images-idx3-ubyte{suffix}"
+            labels_path = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+            if images_path.is_file() and labels_path.is_file():
+                images = _read_idx(images_path, 3)
+                labels = _read_idx(labels_path, 1).astype(np.int64)
+                if len(images) != len(labels):
+                    raise DataError(f"{images_path} has {len(images)} images but {labels_path} "
+                                    f"has {len(labels)} labels: the files do not belong together")
+                return DatasetSplit("fashion-mnist", split, ArrayImages(np.ascontiguousarray(images)), labels,
+                                    list(FASHION_MNIST_CLASSES), str(folder),
+                                    _dir_fingerprint([images_path, labels_path]))
+    raise DataError("Fashion-MNIST not found in " + ", ".join(map(str, candidates)) +
+                    ": run `apt-get install dataset-fashion-mnist` (or put the four IDX files in "
+                    "<data-root>/fashion-mnist/)")
+
+
+# --------------------------------------------------------------------------- digits
+def load_digits(split: str, data_root: Path | None) -> DatasetSplit:
+    del data_root  # bundled with scikit-learn
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = bunch.target.astype(np.int64)
+    indices = np.arange(len(labels))
+    train_idx, test_idx = train_test_split(indices, test_size=DIGITS_TEST_FRACTION, stratify=labels,
+                                           random_state=DIGITS_SPLIT_SEED)
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    import sklearn
+
+    return DatasetSplit("digits", split, ArrayImages(np.ascontiguousarray(images[chosen])), labels[chosen],
+                        [str(d) for d in range(10)], "sklearn.datasets.load_digits",
+                        f"sklearn-digits:{sklearn.__version__}:{DIGITS_TEST_FRACTION}:{DIGITS_SPLIT_SEED}")
+
+
+# --------------------------------------------------------------------------- image folders
+def load_image_folder(path: str, split: str) -> DatasetSplit:
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist: expected <path>/<class>/*.jpg "
+                        "or <path>/train/<class>/*.jpg and <path>/test/<class>/*.jpg")
+    has_splits = (root / "train").is_dir()
+    if split == "train":
+        folder = root / "train" if has_splits else root
+    else:
+        folder = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+        if folder is None:
+            raise DataError(f"image folder {root} has no test split: expected {root}/test/<class>/ "
+                            f"(or {root}/val/<class>/) beside {root}/train/<class>/")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"image folder {folder} has no class sub-folders: expected {folder}/<class>/<image>")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"image folder {folder} has class folders but no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    return DatasetSplit(f"imagefolder:{root}", split, FileImages(paths), np.asarray(labels, dtype=np.int64),
+                        classes, str(folder), _dir_fingerprint(paths))
+
+
+# --------------------------------------------------------------------------- registry
+REGISTRY: dict[str, Callable[[str, Path | None], DatasetSplit]] = {
+    "cifar10": load_cifar10,
+    "tiny-imagenet": load_tiny_imagenet,
+    "fashion-mnist": load_fashion_mnist,
+    "digits": load_digits,
+}
+
+
+def dataset_names() -> list[str]:
+    return list(REGISTRY) + ["imagefolder:<path>"]
+
+
+def check_dataset_name(name: str) -> str:
+    if name.startswith("imagefolder:") or name in REGISTRY:
+        return name
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"unknown data set '{name}': {hint}use one of {', '.join(dataset_names())}")
+
+
+def load_split(name: str, split: str, data_root: str | Path | None = None) -> DatasetSplit:
+    """Read one split of a registered data set. ``data_root`` defaults to ``default_data_root()``."""
+    check_dataset_name(name)
+    _check_split(split)
+    root = Path(data_root).expanduser().resolve() if data_root is not None else default_data_root()
+    if name.startswith("imagefolder:"):
+        return load_image_folder(name.split(":", 1)[1], split)
+    return REGISTRY[name](split, root)

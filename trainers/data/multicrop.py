@@ -1,0 +1,88 @@
+"""Multi-crop batches: a canvas loader (FFCV or torchvision) feeding the batched augmentation module."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for
+from trainers.data.beton import FfcvCanvasLoader, PrepareSettings, prepare_split
+from trainers.data.datasets import check_dataset_name, load_split
+from trainers.errors import ConfigError
+from trainers.paths import state_dir
+
+LOADERS = ("auto", "ffcv", "torch")
+
+
+def ffcv_available() -> bool:
+    return importlib.util.find_spec("ffcv") is not None
+
+
+def default_cache_dir() -> Path:
+    return state_dir() / "data"
+
+
+@dataclass
+class MultiCropBatch:
+    views: list[torch.Tensor]  # one [B, 3, s, s] tensor per crop (or per group when stacked)
+    labels: torch.Tensor  # [B] int64
+
+
+class MultiCropLoader:
+    """Iterates ``MultiCropBatch`` objects: canvases decoded once, every view made on the device."""
+
+    def __init__(self, canvases, augment: MultiCropAugment, kind: str):
+        self.canvases, self.augment, self.kind = canvases, augment, kind
+
+    def __len__(self) -> int:
+        return len(self.canvases)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.canvases.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return self.canvases.num_samples
+
+    def __iter__(self):
+        for images, labels in self.canvases:
+            yield MultiCropBatch(self.augment(images), labels)
+
+
+def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu", loader: str = "auto",
+                        data_root=None, cache_dir=None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                        shuffle: bool = True, num_workers: int | None = None, canvas_size: int | None = None,
+                        drop_last: bool = True, prepare_settings: PrepareSettings = PrepareSettings(),
+                        log=print):
+    """The uint8-canvas loader of one split; ``loader='ffcv'`` prepares (or reuses) the .beton first."""
+    check_dataset_name(dataset)
+    if loader not in LOADERS:
+        raise ConfigError(f"unknown loader '{loader}': use one of {', '.join(LOADERS)}")
+    if loader == "auto":
+        loader = "ffcv" if ffcv_available() else "torch"
+    common = dict(batch_size=batch_size, device=device, canvas_size=canvas_size, shuffle=shuffle, seed=seed,
+                  rank=rank, world_size=world_size, num_workers=num_workers, drop_last=drop_last)
+    if loader == "ffcv":
+        if not ffcv_available():
+            raise ConfigError("loader 'ffcv' needs the ffcv package: run `make setup` (Linux), or use --loader torch")
+        path = prepare_split(dataset, split, cache_dir or default_cache_dir(), data_root, prepare_settings,
+                             progress=False, log=log)
+        return FfcvCanvasLoader(path, **common), "ffcv"
+    from trainers.data.torch_loader import TorchCanvasLoader
+
+    return TorchCanvasLoader(load_split(dataset, split, data_root), **common), "torch"
+
+
+def build_multicrop_loader(dataset: str, split: str, crops: str, method: str, batch_size: int, device="cpu",
+                           loader: str = "auto", seed: int = 0, dtype=torch.float32, channels_last: bool = False,
+                           stack_groups: bool = False, crop_overrides: dict | None = None, **canvas_kwargs):
+    """Canvas loader + ``MultiCropAugment`` with ``method``'s paper defaults for the ``crops`` spec."""
+    groups = method_crop_groups(method, crops, **(crop_overrides or {}))
+    canvases, kind = build_canvas_loader(dataset, split, batch_size, device, loader, seed=seed, **canvas_kwargs)
+    mean, std = normalization_for(dataset)
+    augment = MultiCropAugment(groups, mean, std, seed=seed, dtype=dtype, channels_last=channels_last,
+                               stack_groups=stack_groups).to(device)
+    return MultiCropLoader(canvases, augment, kind)
