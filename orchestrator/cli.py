@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def _prepare_settings(args):
 
     return PrepareSettings(format=args.format, raw_max_side=args.raw_max_side, max_side=args.max_side,
                            jpeg_quality=args.jpeg_quality, resize=args.resize).validate()
+
+
+def _print_json(facts: dict) -> None:
+    """JSON with short lists (shapes, label samples) kept on one line."""
+    text = json.dumps(facts, indent=1)
+    print(re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text))
 
 
 def _default_cache_dir() -> str:
@@ -97,7 +104,7 @@ def cmd_data_preview(args) -> int:
         classes = loader.canvases.dataset.split.classes
     facts = preview(loader, args.out, num_images=args.num_images, classes=classes)
     facts = {"dataset": args.dataset, "split": args.split, "method": args.method, "crops": args.crops, **facts}
-    print(json.dumps(facts, indent=1))
+    _print_json(facts)
     return 0
 
 
@@ -121,7 +128,7 @@ def _add_data_commands(subparsers) -> None:
     prep.add_argument("--out", default=_default_cache_dir(), help="output folder")
     _add_data_root(prep)
     _add_prepare_settings(prep)
-    prep.add_argument("--workers", type=int, default=None, help="writer processes (default: min(8, cores))")
+    prep.add_argument("--workers", type=int, default=None, help="writer processes; None = min(8, cores)")
     prep.add_argument("--force", action="store_true", help="rewrite even when an up-to-date file exists")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_data_prepare)
@@ -143,7 +150,7 @@ def _add_data_commands(subparsers) -> None:
     prev.add_argument("--canvas-size", type=int, default=None,
                       help="decode to this square canvas (needed for mixed-size images)")
     prev.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
-    prev.add_argument("--workers", type=int, default=None, help="loader threads/processes (default: cores)")
+    prev.add_argument("--workers", type=int, default=None, help="loader threads/processes; None = one per core")
     _add_data_root(prev)
     _add_prepare_settings(prev)
     prev.set_defaults(func=cmd_data_preview)
@@ -170,7 +177,7 @@ def cmd_demo(args) -> int:
     if hasattr(loader.canvases, "info") and loader.canvases.info.get("meta"):
         classes = loader.canvases.info["meta"].get("classes")
     facts = preview(loader, out / "preview.png", num_images=6, classes=classes)
-    print(json.dumps({"train": str(paths["train"]), "test": str(paths["test"]), **facts}, indent=1))
+    _print_json({"train": str(paths["train"]), "test": str(paths["test"]), **facts})
     print(f"\nprepared Fashion-MNIST ({loader.num_samples:,} training images) with the {loader.kind} loader; "
           f"views of the first batch drawn to {facts['png']}")
     return 0

@@ -140,14 +140,17 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
     from ffcv.writer import DatasetWriter
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    workers = num_workers or min(8, os.cpu_count() or 1)
+    workers = num_workers or max(1, min(8, os.cpu_count() or 1, len(source) // 2048))
+    # pages must hold the largest sample (raw max_side^2 * 3 bytes); small pages keep small sets small
+    largest = (settings.resize or settings.max_side) ** 2 * 3
+    page_size = 1 << max(21, (largest + 4096).bit_length())
     log(f"writing {path} from {source.source}: {len(source):,} images, {mode} pixels")
     started = time.time()
     try:
         fields = {"image": RGBImageField(write_mode=mode, max_resolution=settings.max_side,
                                          jpeg_quality=settings.jpeg_quality),
                   "label": IntField()}
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+        writer = DatasetWriter(str(tmp), fields, num_workers=workers, page_size=page_size)
         with contextlib.ExitStack() as stack:
             if not progress:  # ffcv's writer draws its own tqdm bar on stderr
                 stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from orchestrator.cli import build_parser, main
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
+
+
+def test_every_subcommand_help_lists_every_option_with_its_default():
+    commands = dict(_subparsers(build_parser()))
+    assert {"data", "data list", "data prepare", "data preview", "demo"} <= set(commands)
+    for name, parser in commands.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help" and action.help:
+                assert action.option_strings[-1] in text, (name, action.dest)
+                if not action.required:
+                    assert "(default:" in text, name
+
+
+def test_console_script_help_runs():
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--split {train,test,all}" in result.stdout and "(default: all)" in result.stdout
+
+
+def test_prepare_and_preview(tmp_path, data_root, capsys):
+    assert main(["data", "prepare", "--dataset", "digits", "--split", "all", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"train: {tmp_path}/digits-train.beton" in out and f"test: {tmp_path}/digits-test.beton" in out
+    png = tmp_path / "preview.png"
+    assert main(["data", "preview", "--dataset", "digits", "--crops", "2x16+6x8", "--method", "dino",
+                 "--out", str(png), "--cache-dir", str(tmp_path), "--num-images", "4"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["canvas"]["shape"] == [8, 8, 8, 3] and facts["canvas"]["dtype"] == "uint8"
+    assert [v["shape"] for v in facts["views"]] == [[8, 3, 16, 16]] * 2 + [[8, 3, 8, 8]] * 6
+    assert all(v["dtype"] == "float32" and v["min"] < 0 < v["max"] for v in facts["views"])
+    assert len(facts["labels"]["first"]) == 4
+    image = Image.open(png)
+    assert image.width > 9 * 96 and image.height > 4 * 96  # canvas + 8 views, 4 rows
+
+
+@pytest.mark.parametrize("argv,message,code", [
+    (["data", "prepare", "--dataset", "cifar100"], "unknown data set 'cifar100'", 2),
+    (["data", "prepare", "--dataset", "cifar10", "--data-root", "{tmp}"], "CIFAR-10 not found", 3),
+    (["data", "preview", "--dataset", "digits", "--crops", "0x32"], "0 crops", 2),
+    (["data", "preview", "--dataset", "digits", "--crops", "2x0"], "positive", 2),
+    (["data", "prepare", "--dataset", "digits", "--jpeg-quality", "400"], "quality", 2),
+])
+def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, code, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv, "--out" if argv[1] == "prepare" else "--cache-dir",
+                             str(tmp_path)], capture_output=True, text=True,
+                            env={**__import__("os").environ, "SSLAB_DOWNLOAD": "0"})
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.beton"))

@@ -1,0 +1,124 @@
+import gzip
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainers.data.datasets import load_split
+from trainers.errors import ConfigError, DataError
+
+
+@pytest.mark.parametrize("name,train,test,classes,size", [
+    ("cifar10", 50_000, 10_000, 10, (32, 32)),
+    ("tiny-imagenet", 20_000, 10_000, 200, (64, 64)),
+    ("fashion-mnist", 60_000, 10_000, 10, (28, 28)),
+    ("digits", 1_347, 450, 10, (8, 8)),
+])
+def test_registry_counts_labels_and_shapes(name, train, test, classes, size, data_root):
+    for split, count in (("train", train), ("test", test)):
+        data = load_split(name, split, data_root)
+        assert len(data) == count and len(data.images) == count
+        assert data.num_classes == classes
+        assert data.labels.min() == 0 and data.labels.max() == classes - 1
+        image = data.images[count // 2]
+        assert image.shape == (*size, 3) and image.dtype == np.uint8
+
+
+def test_cifar10_is_balanced_and_alphabetical(data_root):
+    data = load_split("cifar10", "train", data_root)
+    assert data.classes[:3] == ["airplane", "automobile", "bird"]
+    assert set(Counter(data.labels.tolist()).values()) == {5000}
+    # channel means of the JPEG copy, as its README states (0.4913 0.4821 0.4465)
+    sample = np.stack([data.images[i] for i in range(0, 50_000, 10)]).reshape(-1, 3) / 255.0
+    assert np.allclose(sample.mean(0), [0.4913, 0.4821, 0.4465], atol=0.01)
+
+
+def test_grayscale_sets_become_three_equal_channels(data_root):
+    image = load_split("fashion-mnist", "test", data_root).images[0]
+    assert image.shape == (28, 28, 3)
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    assert image.max() > 200  # real pixels, not zeros
+
+
+def test_digits_split_is_stratified_and_fixed():
+    first, again = load_split("digits", "test"), load_split("digits", "test")
+    assert (first.labels == again.labels).all()
+    counts = Counter(first.labels.tolist())
+    assert min(counts.values()) >= 43 and max(counts.values()) <= 47  # 25% of ~180 per class
+    train = load_split("digits", "train")
+    assert train.images[0].max() == 255 or train.images[0].max() > 150
+
+
+def test_tiny_imagenet_val_labels_follow_annotations(data_root):
+    data = load_split("tiny-imagenet", "test", data_root)
+    # val_0.JPEG is n03444034 in the official annotations
+    assert data.classes[data.labels[0]] == "n03444034"
+    assert set(Counter(data.labels.tolist()).values()) == {50}
+
+
+def test_unknown_dataset_suggests_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
+        load_split("cifar", "train")
+
+
+def test_missing_archive_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "cifar10-jpg.tar.gz")):
+        load_split("cifar10", "train", tmp_path)
+    with pytest.raises(DataError, match="tin200-val.tar.gz"):
+        load_split("tiny-imagenet", "test", tmp_path)
+
+
+def test_corrupt_archive_is_reported(tmp_path, data_root):
+    broken = tmp_path / "cifar10-jpg.tar.gz"
+    with open(data_root / "cifar10-jpg.tar.gz", "rb") as src:
+        broken.write_bytes(src.read(200_000))  # truncated download
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        load_split("cifar10", "train", tmp_path)
+
+
+def test_corrupt_idx_file_is_reported(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(folder / f"{stem}.gz", "wb") as handle:
+            handle.write(b"\x00\x00\x08\x03not an idx file")
+    with pytest.raises(DataError, match="not a valid IDX file"):
+        load_split("fashion-mnist", "test", tmp_path)
+
+
+def _make_folder(root, sizes=((20, 24),), per_class=3):
+    for label, name in enumerate(["cat", "dog"]):
+        (root / "train" / name).mkdir(parents=True)
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = sizes[i % len(sizes)]
+            pixels = np.full((*size, 3), 40 + 100 * label + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / name / f"{i}.png")
+            Image.fromarray(pixels).save(root / "test" / name / f"{i}.png")
+
+
+def test_image_folder(tmp_path):
+    _make_folder(tmp_path)
+    data = load_split(f"imagefolder:{tmp_path}", "train")
+    assert data.classes == ["cat", "dog"] and len(data) == 6
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.images[4][0, 0].tolist() == [141, 141, 141]
+
+
+def test_image_folder_without_test_split(tmp_path):
+    _make_folder(tmp_path)
+    shutil.rmtree(tmp_path / "test")
+    with pytest.raises(DataError, match="no test split"):
+        load_split(f"imagefolder:{tmp_path}", "test")
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    _make_folder(tmp_path)
+    bad = tmp_path / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    data = load_split(f"imagefolder:{tmp_path}", "train")
+    index = [str(p) for p in data.images.paths].index(str(bad))
+    with pytest.raises(DataError, match="broken.jpg"):
+        data.images[index]
