@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                                    channels_last=gpu).to(device)
         canvas = 256 if case["dataset"] == "tin256" else None
 
-        def augment_step(batch):
+        def augment_step(batch, augment=augment):
             images, labels = batch
             views = augment(images)
             return views

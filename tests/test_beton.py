@@ -134,3 +134,19 @@ def test_beton_names(tmp_path):
     assert beton_path(tmp_path, "cifar10", "train", PrepareSettings()).name == "cifar10-train.beton"
     name = beton_path(tmp_path, "imagefolder:/data/pets", "test", PrepareSettings()).name
     assert name.startswith("imagefolder-pets-") and name.endswith("-test.beton")
+
+
+def test_image_that_fails_to_decode_inside_the_writer(tmp_path):
+    """A truncated JPEG passes the header check and fails in ffcv's writer processes: clear error, no hang."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (folder / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "train" / name / f"{i}.jpg")
+    victim = folder / "train" / "b" / "3.jpg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # header intact, pixels cut
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="could not be read.*3.jpg.*truncated"):
+        prepare_split(f"imagefolder:{folder}", "train", out, num_workers=2, **QUIET)
+    assert list(out.iterdir()) == []  # no temporary file, no sidecar, no error log left

@@ -79,16 +79,31 @@ def read_meta(path: str | Path) -> dict | None:
 
 
 class _WriterView:
-    """What ffcv's writer iterates: (HxWx3 uint8 image, label), resized when asked."""
+    """What ffcv's writer iterates: (HxWx3 uint8 image, label), resized when asked.
 
-    def __init__(self, split: DatasetSplit, resize: int | None):
-        self.split, self.resize = split, resize
+    ffcv's writer processes hang the parent when one of them raises, so an unreadable image is
+    written as a black placeholder and its error appended to ``error_log``; the caller checks that
+    file afterwards and throws the whole output away.
+    """
+
+    def __init__(self, split: DatasetSplit, resize: int | None, error_log: Path):
+        self.split, self.resize, self.error_log = split, resize, error_log
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
-        image = self.split.images[index]
+        try:
+            image = self.split.images[index]
+        except Exception as exc:  # noqa: BLE001 - reported by the parent process, see class docstring
+            with open(self.error_log, "a") as log:
+                log.write(f"{exc}\n".replace("\n", " ").strip() + "\n")
+            side = self.resize or 8
+            try:
+                height, width = self.split.images.size_of(index) if not self.resize else (side, side)
+            except Exception:  # noqa: BLE001
+                height, width = side, side
+            return np.zeros((height, width, 3), np.uint8), int(self.split.labels[index])
         if self.resize is not None and image.shape[:2] != (self.resize, self.resize):
             image = square_resize(image, self.resize)
         return image, int(self.split.labels[index])
@@ -140,6 +155,8 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
     from ffcv.writer import DatasetWriter
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    error_log = path.with_name(f".{path.name}.errors-{os.getpid()}")
+    error_log.unlink(missing_ok=True)
     workers = num_workers or max(1, min(8, os.cpu_count() or 1, len(source) // 2048))
     # pages must hold the largest sample (raw max_side^2 * 3 bytes); small pages keep small sets small
     largest = (settings.resize or settings.max_side) ** 2 * 3
@@ -154,12 +171,17 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
         with contextlib.ExitStack() as stack:
             if not progress:  # ffcv's writer draws its own tqdm bar on stderr
                 stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
-            writer.from_indexed_dataset(_WriterView(source, settings.resize), chunksize=256)
+            writer.from_indexed_dataset(_WriterView(source, settings.resize, error_log), chunksize=256)
+        if error_log.exists():
+            errors = error_log.read_text().splitlines()
+            raise DataError(f"{len(errors)} image(s) could not be read, nothing written; first: {errors[0]}")
         _meta_path(path).unlink(missing_ok=True)  # the old sidecar must not vouch for a new file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        error_log.unlink(missing_ok=True)
     meta = {"key": key, "dataset": dataset, "split": split, "count": len(source),
             "classes": source.classes, "num_classes": source.num_classes, "image_size": fixed,
             "mode": mode, "settings": asdict(settings), "source": source.source,

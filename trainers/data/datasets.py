@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
 import zlib
@@ -171,8 +172,6 @@ def _read_archive(path: str, fingerprint: str) -> dict[str, bytes]:
         with tarfile.open(path, "r:*") as archive:
             for member in archive:
                 if not member.isfile():
-                    if member.isdir():
-                        continue
                     continue
                 name = member.name.lstrip("./")
                 handle = archive.extractfile(member)
@@ -348,7 +347,7 @@ def load_tiny_imagenet(split: str, data_root: Path | None) -> DatasetSplit:
 
 
 def _natural_key(name: str):
-    import re
+
 
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
