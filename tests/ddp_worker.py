@@ -1,0 +1,45 @@
+"""One rank of a gloo process group for tests/test_losses_ddp.py: computes the batch-wide quantities on
+its shard of a fixed global batch and saves them. Usage: ddp_worker.py RANK WORLD_SIZE INIT_FILE OUT."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainers.losses import sinkhorn, supcon_loss, swav_loss  # noqa: E402
+from trainers.methods.dino import update_center  # noqa: E402
+
+
+def global_batch():
+    """The same inputs in every process: 12 samples (divisible by 1, 2, 3, 4 ranks)."""
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=1)
+    crops = [torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1) for _ in range(4)]
+    teacher = [torch.randn(12, 16, generator=g) for _ in range(2)]
+    features = torch.nn.functional.normalize(torch.randn(12, 2, 8, generator=g), dim=-1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0, 5, 1])
+    return prototypes, crops, teacher, features, labels
+
+
+def compute(rank: int, world_size: int) -> dict:
+    prototypes, crops, teacher, features, labels = global_batch()
+    share = slice(rank * 12 // world_size, (rank + 1) * 12 // world_size)
+    scores = [c[share] @ prototypes.t() for c in crops]
+    local_features = features[share].clone().requires_grad_()
+    loss = supcon_loss(local_features, labels[share])
+    loss.backward()
+    simclr = supcon_loss(features[share], None)
+    return {"codes": sinkhorn(scores[0], 0.05, 3), "swav": swav_loss(scores),
+            "center": update_center(torch.zeros(16), [t[share] for t in teacher], 0.9),
+            "supcon": loss.detach(), "supcon_grad": local_features.grad, "simclr": simclr}
+
+
+if __name__ == "__main__":
+    rank, world_size, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.save(compute(rank, world_size), out)
+    finally:
+        dist.destroy_process_group()

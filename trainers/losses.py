@@ -1,0 +1,199 @@
+"""Self-supervised losses as pure functions: tensors in, a scalar (or codes / targets) out.
+
+Each docstring names the paper and the defaults. Under torch.distributed every quantity defined
+over "the batch" uses the global batch (see ``trainers.distributed``); in one process the same
+code runs unchanged. Losses are computed in float32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from trainers.distributed import all_gather_cat, all_reduce_max, all_reduce_sum, rank, world_size
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+# --------------------------------------------------------------------------- SwAV
+def _global_logsumexp(values: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """log(sum(exp(values))) over ``dim`` (None: all entries) and over every rank's share."""
+    peak = values.amax() if dim is None else values.amax(dim=dim, keepdim=True)
+    peak = all_reduce_max(peak.detach().clone())
+    total = torch.exp(values - peak)
+    total = total.sum() if dim is None else total.sum(dim=dim, keepdim=True)
+    return peak + torch.log(all_reduce_sum(total))
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """SwAV's equipartitioned soft codes (Caron et al., 2020, "Unsupervised Learning of Visual
+    Features by Contrasting Cluster Assignments", Sec. 3.1; epsilon 0.05, 3 iterations).
+
+    ``scores`` [B, K]: prototype scores of this rank's samples. Q = exp(scores / epsilon) is scaled
+    alternately so that every prototype gets an equal share of the *global* batch (sums all-reduced
+    across ranks) and every sample's codes sum to 1. Returns [B, K] codes whose rows sum to 1;
+    column sums approach B/K as the iterations grow. Computed in the log domain in float32 (float64
+    inputs stay float64), whatever the autocast dtype: exp(1 / 0.05) overflows fp16, and in the
+    plain domain a sample far from every prototype underflows to a column of zeros.
+    """
+    if epsilon <= 0 or iterations < 1:
+        raise ValueError(f"sinkhorn needs epsilon > 0 and iterations >= 1, got {epsilon}, {iterations}")
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        log_codes = (_float32(scores) / epsilon).t()  # [K, B]
+        prototypes = log_codes.shape[0]
+        log_batch = math.log(log_codes.shape[1] * world_size())
+        log_codes = log_codes - _global_logsumexp(log_codes, None)
+        for _ in range(iterations):
+            # each prototype (row) gets 1/K of the mass of the global batch
+            log_codes = log_codes - _global_logsumexp(log_codes, 1) - math.log(prototypes)
+            # each sample (column) gets 1/B of the mass; a sample lives on one rank only
+            log_codes = log_codes - torch.logsumexp(log_codes, dim=0, keepdim=True) - log_batch
+        return torch.exp(log_codes + log_batch).t()
+
+
+def swav_loss(scores: Sequence[torch.Tensor], temperature: float = 0.1, epsilon: float = 0.05,
+              sinkhorn_iterations: int = 3, assign_crops: Sequence[int] = (0, 1),
+              queue: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """SwAV swapped prediction loss (Caron et al., 2020; temperature 0.1, epsilon 0.05, 3 Sinkhorn
+    iterations, codes from the two global crops).
+
+    ``scores``: one [B, K] tensor per crop (normalised embeddings times normalised prototypes).
+    For each crop in ``assign_crops`` its Sinkhorn codes (no gradient) are predicted from every other
+    crop by cross-entropy against softmax(scores / temperature); each sub-loss is divided by
+    (number of crops - 1), the sum by len(assign_crops). ``queue``: one [Q, K] score tensor per
+    assign crop (stored embeddings times the current prototypes): Sinkhorn then runs on the queue
+    rows plus the batch, and only the batch rows' codes are used.
+    """
+    if len(scores) < 2:
+        raise ValueError(f"swav_loss needs at least 2 crops, got {len(scores)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if queue is not None and len(queue) != len(assign_crops):
+        raise ValueError(f"queue needs one score tensor per assign crop ({len(assign_crops)}), got {len(queue)}")
+    log_probs = [F.log_softmax(_float32(s) / temperature, dim=1) for s in scores]
+    total = scores[0].new_zeros((), dtype=torch.float32)
+    for slot, crop in enumerate(assign_crops):
+        batch = scores[crop].shape[0]
+        with torch.no_grad():
+            source = scores[crop].detach()
+            if queue is not None:
+                source = torch.cat([queue[slot].detach().to(source.dtype), source])
+            codes = sinkhorn(source, epsilon, sinkhorn_iterations)[-batch:]
+        sub_loss = total.new_zeros(())
+        for view, log_prob in enumerate(log_probs):
+            if view != crop:
+                sub_loss = sub_loss - (codes * log_prob).sum(dim=1).mean()
+        total = total + sub_loss / (len(scores) - 1)
+    return total / len(assign_crops)
+
+
+# --------------------------------------------------------------------------- DINO
+def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
+              student_temperature: float = 0.1, teacher_temperature: float = 0.04) -> torch.Tensor:
+    """DINO self-distillation loss (Caron et al., 2021, "Emerging Properties in Self-Supervised
+    Vision Transformers", Eq. 3; student temperature 0.1, teacher 0.04 after warm-up).
+
+    ``student``: [B, D] logits for every crop (globals first); ``teacher``: [B, D] logits for the
+    global crops; ``center`` [D]. H(P_t, P_s) = -sum softmax((t - center) / tau_t) *
+    log_softmax(s / tau_s), averaged over the batch and over every (teacher i, student v) pair
+    with v != i. The teacher side carries no gradient.
+    """
+    if student_temperature <= 0 or teacher_temperature <= 0:
+        raise ValueError("DINO temperatures must be > 0")
+    targets = [F.softmax((_float32(t.detach()) - _float32(center)) / teacher_temperature, dim=-1) for t in teacher]
+    log_probs = [F.log_softmax(_float32(s) / student_temperature, dim=-1) for s in student]
+    total = log_probs[0].new_zeros(())
+    pairs = 0
+    for i, target in enumerate(targets):
+        for v, log_prob in enumerate(log_probs):
+            if v == i:
+                continue
+            total = total - (target * log_prob).sum(dim=-1).mean()
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("dino_loss needs at least one (teacher, other student crop) pair")
+    return total / pairs
+
+
+# --------------------------------------------------------------------------- SupCon / SimCLR
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temperature: float = 0.1,
+                base_temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss, L_out form (Khosla et al., 2020, "Supervised Contrastive
+    Learning", Eq. 2; temperature 0.1, base temperature 0.07). ``labels=None`` makes every sample its
+    own class: SimCLR's NT-Xent (Chen et al., 2020).
+
+    ``features`` [B, V, D], L2-normalised. Every view is an anchor; its positives are the other views
+    with the same label; the denominator runs over every other view in the *global* batch (features
+    gathered across ranks), self excluded. Loss per anchor: -(temperature / base_temperature) times
+    the mean log-probability of its positives; averaged over the anchors that have a positive (an
+    anchor without one contributes nothing instead of NaN).
+    """
+    if features.ndim != 3:
+        raise ValueError(f"supcon_loss expects features [B, V, D], got shape {tuple(features.shape)}")
+    if temperature <= 0 or base_temperature <= 0:
+        raise ValueError("SupCon temperatures must be > 0")
+    batch, views, _ = features.shape
+    local = _float32(features).reshape(batch * views, -1)  # sample-major: row = sample * V + view
+    if labels is None:
+        labels = torch.arange(batch, device=features.device) + rank() * batch
+    elif labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
+    everyone = all_gather_cat(local)
+    all_labels = all_gather_cat(labels.reshape(-1)).repeat_interleave(views)
+    local_labels = labels.reshape(-1).repeat_interleave(views)
+    logits = local @ everyone.t() / temperature  # [B*V, Bg*V]
+    self_index = torch.arange(batch * views, device=features.device) + rank() * batch * views
+    not_self = torch.ones_like(logits, dtype=torch.bool)
+    not_self[torch.arange(batch * views, device=features.device), self_index] = False
+    logits = logits - logits.detach().max(dim=1, keepdim=True).values  # numerical stability only
+    log_denominator = torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
+    log_prob = logits - log_denominator
+    positives = (local_labels.unsqueeze(1) == all_labels.unsqueeze(0)) & not_self
+    count = positives.sum(dim=1)
+    has_positive = count > 0
+    mean_log_prob = (log_prob * positives).sum(dim=1) / count.clamp(min=1)
+    per_anchor = -(temperature / base_temperature) * mean_log_prob
+    # masked mean instead of boolean indexing: no host sync, and 0 (not NaN) when no anchor has a positive
+    return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- SDMP
+def sdmp_targets(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft labels of SDMP (Ren et al., 2022, "A Simple Data Mixing Prior for Improving
+    Self-Supervised Learning") for an intra-batch mix: sample i is mixed with its flip partner
+    p = B - 1 - i, keeping weight lam[i] of itself.
+
+    Returns (source_targets, mixed_targets), both [B, B] with rows summing to 1:
+    source: lam[i] on i, 1 - lam[i] on p (mixed image vs the clean images);
+    mixed: 1/(1+c) on i, c/(1+c) on p with c = min(lam[i], 1 - lam[p]) + min(1 - lam[i], lam[p]),
+    the content mixed image i shares with mixed image p (mixed image vs the mixed images).
+    When i == p (odd B, middle sample) all weight is on i.
+    """
+    if lam.ndim != 1:
+        raise ValueError(f"lam must be [B], got shape {tuple(lam.shape)}")
+    lam = _float32(lam)
+    batch = lam.shape[0]
+    index = torch.arange(batch, device=lam.device)
+    partner = index.flip(0)
+    lam_partner = lam[partner]
+    source = torch.zeros(batch, batch, device=lam.device, dtype=lam.dtype)
+    source.index_put_((index, index), lam, accumulate=True)
+    source.index_put_((index, partner), 1.0 - lam, accumulate=True)
+    shared = torch.minimum(lam, 1.0 - lam_partner) + torch.minimum(1.0 - lam, lam_partner)
+    mixed = torch.zeros_like(source)
+    mixed.index_put_((index, index), 1.0 / (1.0 + shared), accumulate=True)
+    mixed.index_put_((index, partner), shared / (1.0 + shared), accumulate=True)
+    return source, mixed
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over rows of -sum(targets * log_softmax(logits / temperature)): SDMP's loss terms."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return -(targets * F.log_softmax(_float32(logits) / temperature, dim=-1)).sum(dim=-1).mean()
