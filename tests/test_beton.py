@@ -92,7 +92,7 @@ def test_resize_makes_imagenet_like_canvases(tmp_path, data_root):
 
 def test_mixed_sizes_need_a_canvas(tmp_path):
     folder = tmp_path / "mixed"
-    for label, name in enumerate(["a", "b"]):
+    for name in ["a", "b"]:
         (folder / "train" / name).mkdir(parents=True)
         for i, size in enumerate([(40, 30), (50, 70), (64, 64)]):
             pixels = np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)

@@ -1,0 +1,89 @@
+"""Backbones: torchvision ResNet-18/50 (CIFAR stem for small images) and ViT-Tiny/Small (timm).
+
+``build_backbone(name, image_size)`` returns (module, feature_dim); the module maps [B, 3, s, s] to
+[B, feature_dim] for any crop size s (ViTs interpolate their position embeddings).
+``MultiCropEncoder`` runs a list of views through the backbone, one call per run of equal-sized
+views, as multi-crop training needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from trainers.errors import ConfigError
+
+RESNETS = {"resnet18": 512, "resnet50": 2048}
+VITS = {"vit_tiny": ("vit_tiny_patch16_224", 192), "vit_small": ("vit_small_patch16_224", 384)}
+BACKBONES = tuple(RESNETS) + tuple(VITS)
+SMALL_IMAGE = 64  # at or below this side: CIFAR stem for ResNets, 4-pixel patches for ViTs
+
+
+def check_backbone(name: str) -> str:
+    if name not in BACKBONES:
+        close = difflib.get_close_matches(name, BACKBONES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown backbone '{name}': {hint}use one of {', '.join(BACKBONES)}")
+    return name
+
+
+def build_backbone(name: str, image_size: int, cifar_stem: bool | None = None,
+                   patch_size: int | None = None) -> tuple[nn.Module, int]:
+    """A randomly initialised backbone without classifier, and its output feature size.
+
+    ``cifar_stem`` (default: image_size <= 64) replaces ResNet's 7x7/2 conv + max-pool by a 3x3/1
+    conv, as in SimCLR's CIFAR experiments. ViTs use 16-pixel patches, or 4 for small images.
+    """
+    check_backbone(name)
+    if image_size <= 0:
+        raise ConfigError(f"image size {image_size} must be positive")
+    small = image_size <= SMALL_IMAGE
+    if name in RESNETS:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None)
+        if small if cifar_stem is None else cifar_stem:
+            model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+        model.fc = nn.Identity()
+        return model, RESNETS[name]
+    import timm
+
+    timm_name, dim = VITS[name]
+    patch = patch_size or (4 if small else 16)
+    if image_size % patch:
+        raise ConfigError(f"ViT patch size {patch} must divide the global crop size {image_size}")
+    model = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch,
+                              dynamic_img_size=True)
+    return model, dim
+
+
+class MultiCropEncoder(nn.Module):
+    """Backbone (+ optional head) over a list of views: consecutive views of one size share a call."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head if head is not None else nn.Identity()
+
+    def forward(self, views: Sequence[torch.Tensor], return_features: bool = False):
+        features = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
+            features.append(self.backbone(batch))
+            start = end
+        features = torch.cat(features)
+        outputs = self.head(features)
+        chunks = len(views)
+        split_outputs = list(outputs.chunk(chunks)) if not isinstance(outputs, tuple) else \
+            [tuple(o.chunk(chunks)[i] for o in outputs) for i in range(chunks)]
+        if return_features:
+            return split_outputs, list(features.chunk(chunks))
+        return split_outputs
