@@ -35,14 +35,33 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _GatherCat(torch.autograd.Function):
+    """Forward: every rank's tensor concatenated along dim 0. Backward: each rank's gradient of the
+    global tensor is summed over ranks (every rank's loss depends on every slice), and a rank keeps
+    the part for its own slice."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's tensor along dim 0 (rank order). Gradients flow back to each rank's
-    own slice, so a loss over the global batch trains the local features."""
+    """Concatenate every rank's tensor along dim 0 (rank order; equal shapes on every rank).
+    Gradients flow back to each rank's own slice, so a loss over the global batch trains the local
+    features."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherCat.apply(tensor)
 
 
 def all_gather_cat_no_grad(tensor: torch.Tensor) -> torch.Tensor:
