@@ -97,12 +97,7 @@ def cmd_data_preview(args) -> int:
         loader=args.loader, seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir,
         canvas_size=args.canvas_size, num_workers=args.workers, shuffle=True,
         prepare_settings=_prepare_settings(args), log=lambda msg: print(msg, file=sys.stderr))
-    classes = None
-    if hasattr(loader.canvases, "info") and loader.canvases.info.get("meta"):
-        classes = loader.canvases.info["meta"].get("classes")
-    elif hasattr(loader.canvases, "dataset"):
-        classes = loader.canvases.dataset.split.classes
-    facts = preview(loader, args.out, num_images=args.num_images, classes=classes)
+    facts = preview(loader, args.out, num_images=args.num_images, classes=loader.classes)
     facts = {"dataset": args.dataset, "split": args.split, "method": args.method, "crops": args.crops, **facts}
     _print_json(facts)
     return 0
@@ -173,10 +168,7 @@ def cmd_demo(args) -> int:
     loader = build_multicrop_loader("fashion-mnist", "train", args.crops, "swav", batch_size=64,
                                     device=args.device, loader="auto", cache_dir=args.cache_dir,
                                     data_root=args.data_root, seed=args.seed)
-    classes = None
-    if hasattr(loader.canvases, "info") and loader.canvases.info.get("meta"):
-        classes = loader.canvases.info["meta"].get("classes")
-    facts = preview(loader, out / "preview.png", num_images=6, classes=classes)
+    facts = preview(loader, out / "preview.png", num_images=6, classes=loader.classes)
     _print_json({"train": str(paths["train"]), "test": str(paths["test"]), **facts})
     print(f"\nprepared Fashion-MNIST ({loader.num_samples:,} training images) with the {loader.kind} loader; "
           f"views of the first batch drawn to {facts['png']}")

@@ -47,6 +47,15 @@ class MultiCropLoader:
     def num_samples(self) -> int:
         return self.canvases.num_samples
 
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names: from the .beton sidecar (ffcv) or the registry split (torch)."""
+        meta = getattr(self.canvases, "info", {}).get("meta")
+        if meta:
+            return meta.get("classes")
+        dataset = getattr(self.canvases, "dataset", None)
+        return dataset.split.classes if dataset is not None else None
+
     def __iter__(self):
         for images, labels in self.canvases:
             yield MultiCropBatch(self.augment(images), labels)
