@@ -156,6 +156,77 @@ def _cuda() -> bool:
     return os.path.exists("/dev/nvidia0") and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
 
 
+# --------------------------------------------------------------------------- pretrain
+def _load_pretrain_config(args):
+    from trainers.config import load_config
+
+    overrides = list(args.set or [])
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.data_root:
+        overrides.append(f"data.data_root={args.data_root}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    return load_config(args.config, overrides)
+
+
+def cmd_pretrain(args) -> int:
+    config = _load_pretrain_config(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    if not args.local:
+        raise UserError("pretraining through Ray Train is not available in this version: add --local to train in "
+                        "this process")
+    from trainers.loop import Trainer
+
+    trainer = Trainer(config, out_dir=args.out_dir, progress=not args.quiet,
+                      log=lambda msg: print(msg, file=sys.stderr))
+    result = trainer.fit()
+    _print_result_table(config, result)
+    return 0
+
+
+def _print_result_table(config, result) -> None:
+    rows = [("method", config.method_name), ("backbone", config.model.backbone), ("data set", config.data.dataset),
+            ("steps", f"{result.steps:,} ({result.epochs_completed} epochs)")]
+    m = result.metrics
+    if "loss" in m:
+        rows.append(("final loss", f"{m['loss']:.4f}"))
+    for key in sorted(k for k in m if k.startswith("knn_top1")):
+        rows.append((f"kNN top-1 ({key.rsplit('_', 1)[-1].replace('k', 'k=')})", f"{m[key]:.2%}"))
+    if "img_per_s" in m:
+        rows.append(("throughput", f"{m['img_per_s']:,.0f} img/s"))
+    rows.append(("wall time", f"{m.get('wall_s', 0):.0f} s"))
+    rows += [("run folder", str(result.out_dir)), ("checkpoint", str(result.checkpoint)),
+             ("backbone", str(result.backbone))]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _add_pretrain(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="self-supervised pretraining from a YAML config", formatter_class=_Formatter,
+        description="Pretrain a backbone with SwAV, DINO, SDMP, SupCon or SimCLR. Configs: configs/pretrain/*.yaml; "
+                    "every key can be overridden with --set section.key=value (repeatable), e.g. "
+                    "--set optim.lr=0.5 --set train.epochs=10. A rerun with the same name resumes from the "
+                    "last checkpoint.")
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults = SwAV on CIFAR-10)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--local", action="store_true", help="train in this process (no Ray)")
+    p.add_argument("--name", default=None, help="run name (default: the config's name); the run folder is "
+                                                "<state dir>/runs/<name>")
+    p.add_argument("--out-dir", default=None, help="run folder (overrides the name-based default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the config's train.device)")
+    p.add_argument("--data-root", default=None, help="folder with the data archives (default: the config's, "
+                                                     f"else ${DATA_ROOT_ENV} or ../shared/data)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     """The embedded default. For now: prepare Fashion-MNIST and preview its SwAV multi-crop views."""
@@ -194,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised vision pretraining (SwAV, DINO, SDMP, SupCon/SimCLR) on FFCV multi-crop "
                     "batches, run by Ray and tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="{data,demo}", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="{data,pretrain,demo}", required=True)
     _add_data_commands(subparsers)
+    _add_pretrain(subparsers)
     _add_demo(subparsers)
     return parser
 

@@ -18,7 +18,8 @@ from trainers.errors import ConfigError
 
 RESNETS = {"resnet18": 512, "resnet50": 2048}
 VITS = {"vit_tiny": ("vit_tiny_patch16_224", 192), "vit_small": ("vit_small_patch16_224", 384)}
-BACKBONES = tuple(RESNETS) + tuple(VITS)
+MINI = {"resnet_mini": 256}
+BACKBONES = tuple(MINI) + tuple(RESNETS) + tuple(VITS)
 SMALL_IMAGE = 64  # at or below this side: CIFAR stem for ResNets, 4-pixel patches for ViTs
 
 
@@ -41,6 +42,8 @@ def build_backbone(name: str, image_size: int, cifar_stem: bool | None = None,
     if image_size <= 0:
         raise ConfigError(f"image size {image_size} must be positive")
     small = image_size <= SMALL_IMAGE
+    if name in MINI:
+        return _mini_resnet(small if cifar_stem is None else cifar_stem), MINI[name]
     if name in RESNETS:
         import torchvision
 
@@ -59,6 +62,30 @@ def build_backbone(name: str, image_size: int, cifar_stem: bool | None = None,
     model = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch,
                               dynamic_img_size=True)
     return model, dim
+
+
+def _mini_resnet(cifar_stem: bool) -> nn.Module:
+    """ResNet-10 at half width (BasicBlocks [1, 1, 1, 1], widths 32-64-128-256, ~1.2 M parameters):
+    about 8x cheaper than ResNet-18, for CPU demos and tests. Same layout as torchvision's ResNet."""
+    from torchvision.models.resnet import BasicBlock
+
+    def stage(in_width: int, width: int, stride: int) -> nn.Sequential:
+        down = None
+        if stride != 1 or in_width != width:
+            down = nn.Sequential(nn.Conv2d(in_width, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+        return nn.Sequential(BasicBlock(in_width, width, stride=stride, downsample=down))
+
+    if cifar_stem:
+        stem = [nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
+    else:
+        stem = [nn.Conv2d(3, 32, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1)]
+    model = nn.Sequential(*stem, stage(32, 32, 1), stage(32, 64, 2), stage(64, 128, 2), stage(128, 256, 2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return model
 
 
 class MultiCropEncoder(nn.Module):

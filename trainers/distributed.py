@@ -70,3 +70,13 @@ def all_gather_cat_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def flip_partner_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """For each local row, the row of its flip partner in the *global* batch (global index G - 1 - i;
+    equal shards per rank). The partner may live on another rank; no gradient flows back."""
+    with torch.no_grad():
+        everyone = all_gather_cat_no_grad(tensor.detach())
+        rows = tensor.shape[0]
+        start = rank() * rows
+        return everyone.flip(0)[start:start + rows]

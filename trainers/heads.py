@@ -24,12 +24,27 @@ def _positive(name: str, value: int) -> int:
 
 
 class ProjectionHead(nn.Module):
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128):
+    """``layers`` linear layers with (BN +) ReLU between them. ``last_bn`` adds a BN without affine
+    parameters after the last layer (MoCo v3's projector and predictor)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128, layers: int = 2, batch_norm: bool = True,
+                 last_bn: bool = False):
         super().__init__()
         _positive("head hidden size", hidden_dim)
         _positive("head output size", out_dim)
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden_dim, out_dim))
+        _positive("head layers", layers)
+        blocks: list[nn.Module] = []
+        width = in_dim
+        for _ in range(layers - 1):
+            blocks.append(nn.Linear(width, hidden_dim, bias=not batch_norm))
+            if batch_norm:
+                blocks.append(nn.BatchNorm1d(hidden_dim))
+            blocks.append(nn.ReLU(inplace=True))
+            width = hidden_dim
+        blocks.append(nn.Linear(width, out_dim, bias=not last_bn))
+        if last_bn:
+            blocks.append(nn.BatchNorm1d(out_dim, affine=False))
+        self.net = nn.Sequential(*blocks)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)

@@ -308,6 +308,16 @@ class MultiCropAugment(torch.nn.Module):
             self._order_generator = torch.Generator().manual_seed(seed)
         return self._generator
 
+    def rng_state(self, device) -> dict:
+        """Generator states (CPU byte tensors) for exact resumption from a checkpoint."""
+        self.generator(torch.device(device))
+        return {"views": self._generator.get_state(), "order": self._order_generator.get_state()}
+
+    def load_rng_state(self, state: dict, device) -> None:
+        self.generator(torch.device(device))
+        self._generator.set_state(state["views"])
+        self._order_generator.set_state(state["order"])
+
     def reseed(self, seed: int) -> None:
         self.seed = seed
         self._generator = None

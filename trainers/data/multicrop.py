@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for
@@ -57,7 +58,14 @@ class MultiCropLoader:
         return dataset.split.classes if dataset is not None else None
 
     def __iter__(self):
-        for images, labels in self.canvases:
+        return self.iterate()
+
+    def iterate(self, skip: int = 0):
+        """Batches of the current epoch; the first ``skip`` are read but not augmented (resuming
+        mid-epoch: the augmentation's random stream continues from the checkpoint)."""
+        for index, (images, labels) in enumerate(self.canvases):
+            if index < skip:
+                continue
             yield MultiCropBatch(self.augment(images), labels)
 
 
@@ -65,8 +73,10 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
                         data_root=None, cache_dir=None, seed: int = 0, rank: int = 0, world_size: int = 1,
                         shuffle: bool = True, num_workers: int | None = None, canvas_size: int | None = None,
                         drop_last: bool = True, prepare_settings: PrepareSettings = PrepareSettings(),
-                        log=print):
-    """The uint8-canvas loader of one split; ``loader='ffcv'`` prepares (or reuses) the .beton first."""
+                        log=print, subset: int | None = None):
+    """The uint8-canvas loader of one split; ``loader='ffcv'`` prepares (or reuses) the .beton first.
+
+    ``subset``: read only a fixed random subset of that many images (drawn from ``seed``)."""
     check_dataset_name(dataset)
     if loader not in LOADERS:
         raise ConfigError(f"unknown loader '{loader}': use one of {', '.join(LOADERS)}")
@@ -79,10 +89,23 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
             raise ConfigError("loader 'ffcv' needs the ffcv package: run `make setup` (Linux), or use --loader torch")
         path = prepare_split(dataset, split, cache_dir or default_cache_dir(), data_root, prepare_settings,
                              progress=False, log=log)
-        return FfcvCanvasLoader(path, **common), "ffcv"
+        from trainers.data.beton import inspect_beton
+
+        indices = subset_indices(inspect_beton(path)["count"], subset, seed)
+        return FfcvCanvasLoader(path, indices=indices, **common), "ffcv"
     from trainers.data.torch_loader import TorchCanvasLoader
 
-    return TorchCanvasLoader(load_split(dataset, split, data_root), **common), "torch"
+    data = load_split(dataset, split, data_root)
+    return TorchCanvasLoader(data, indices=subset_indices(len(data), subset, seed), **common), "torch"
+
+
+def subset_indices(num_samples: int, subset: int | None, seed: int):
+    """Sorted indices of a fixed random subset (None: all samples)."""
+    if subset is None or subset >= num_samples:
+        return None
+    if subset <= 0:
+        raise ConfigError(f"a subset of {subset} images is empty: give a positive number or null")
+    return np.sort(np.random.default_rng([int(seed), 7]).choice(num_samples, subset, replace=False))
 
 
 def build_multicrop_loader(dataset: str, split: str, crops: str, method: str, batch_size: int, device="cpu",

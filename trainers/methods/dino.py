@@ -1,12 +1,27 @@
-"""DINO (Caron et al., 2021): method-owned state. The loss itself is ``trainers.losses.dino_loss``."""
+"""DINO (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision Transformers").
+
+Student and EMA teacher (momentum 0.996 -> 1, cosine per step), 3-layer head (hidden 2048,
+bottleneck 256, weight-normalised last layer of 65536), last layer frozen in epoch 0, center EMA
+0.9 over the all-reduced teacher outputs, teacher temperature 0.04 with optional linear warm-up,
+only the global crops through the teacher. Defaults from facebookresearch/dino. The loss itself
+is ``trainers.losses.dino_loss``; the optimizer recipe (AdamW, weight decay 0.04 -> 0.4, clip 3.0
+per parameter) lives in the configs.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
 from trainers.distributed import all_reduce_sum, world_size
+from trainers.heads import DINOHead
+from trainers.losses import dino_loss
+from trainers.methods.base import Method, MethodContext, ema_update, encode_views, make_teacher, require
+from trainers.optim import cosine_schedule
 
 
 @torch.no_grad()
@@ -20,3 +35,102 @@ def update_center(center: torch.Tensor, teacher: Sequence[torch.Tensor], momentu
     mean = total / (stacked.shape[0] * world_size())
     center.mul_(momentum).add_(mean.to(center.dtype), alpha=1.0 - momentum)
     return center
+
+
+@dataclass
+class DINOConfig:
+    out_dim: int = 65536  # prototypes of the last layer
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True  # weight-normalised last layer with its norm fixed at 1
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04  # after warm-up
+    warmup_teacher_temperature: float = 0.04  # start of the linear warm-up (e.g. 0.04 -> 0.07)
+    warmup_teacher_temperature_epochs: int = 0
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996  # EMA momentum, raised to 1 along a cosine over all steps
+    freeze_last_layer_epochs: int = 1  # last-layer gradients dropped during these first epochs
+
+
+def check_dino_options(o: DINOConfig, ctx: MethodContext, prefix: str = "method.") -> None:
+    require(o.student_temperature > 0 and o.teacher_temperature > 0 and o.warmup_teacher_temperature > 0,
+            f"{prefix}student/teacher temperatures must be > 0 (DINO: student 0.1, teacher 0.04-0.07)")
+    require(0 <= o.center_momentum < 1, f"{prefix}center_momentum must lie in [0, 1), got {o.center_momentum}")
+    require(0 <= o.teacher_momentum <= 1, f"{prefix}teacher_momentum must lie in [0, 1], got {o.teacher_momentum}")
+    require(o.warmup_teacher_temperature_epochs >= 0, f"{prefix}warmup_teacher_temperature_epochs must be >= 0")
+    require(o.warmup_teacher_temperature_epochs <= ctx.epochs,
+            f"{prefix}warmup_teacher_temperature_epochs ({o.warmup_teacher_temperature_epochs}) exceeds "
+            f"train.epochs ({ctx.epochs}): shorten the warm-up")
+    require(o.freeze_last_layer_epochs >= 0, f"{prefix}freeze_last_layer_epochs must be >= 0")
+
+
+def teacher_temperature_schedule(o: DINOConfig, epochs: int) -> np.ndarray:
+    """Per epoch: linear from the warm-up value to the final one, then constant (DINO's schedule)."""
+    warm = o.warmup_teacher_temperature_epochs
+    return np.concatenate([np.linspace(o.warmup_teacher_temperature, o.teacher_temperature, warm, endpoint=False),
+                           np.full(max(epochs - warm, 0), o.teacher_temperature)])
+
+
+class DINONet(nn.Module):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: DINOConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.head = DINOHead(feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers,
+                             o.norm_last_layer)
+
+    def forward(self, views):
+        return self.head(encode_views(self.backbone, views))
+
+
+class DINO(Method):
+    name = "dino"
+    config_class = DINOConfig
+    crop_preset = "dino"
+    min_global_crops = 2
+
+    @classmethod
+    def check(cls, o: DINOConfig, ctx: MethodContext) -> None:
+        super().check(o, ctx)
+        check_dino_options(o, ctx)
+
+    def __init__(self, options: DINOConfig, ctx: MethodContext, backbone: nn.Module):
+        super().__init__(options, ctx)
+        self.check(options, ctx)
+        self.student = DINONet(backbone, ctx.feature_dim, options)
+        self.teacher = make_teacher(self.student)
+        self.register_buffer("center", torch.zeros(options.out_dim))
+        self.teacher_temperatures = teacher_temperature_schedule(options, ctx.epochs)
+        self.teacher_momenta = cosine_schedule(options.teacher_momentum, 1.0, ctx.total_steps)
+
+    def teacher_temperature(self, step: int) -> float:
+        return float(self.teacher_temperatures[min(self.epoch_of(step), len(self.teacher_temperatures) - 1)])
+
+    def teacher_outputs(self, views):
+        """Teacher logits of the global crops (no gradient)."""
+        with torch.no_grad():
+            return list(self.teacher(views[: self.ctx.num_global]).chunk(self.ctx.num_global))
+
+    def training_step(self, views, labels, step):
+        o = self.options
+        teacher = self.teacher_outputs(views)
+        student = list(self.run_student(views).chunk(len(views)))
+        loss = dino_loss(student, teacher, self.center, o.student_temperature, self.teacher_temperature(step))
+        update_center(self.center, teacher, o.center_momentum)
+        return loss, {}
+
+    def before_optimizer_step(self, step: int) -> None:
+        if self.epoch_of(step) < self.options.freeze_last_layer_epochs:
+            for param in self.student.head.last_layer_parameters():
+                param.grad = None
+
+    def after_optimizer_step(self, step: int) -> None:
+        ema_update(self.teacher, self.student, float(self.teacher_momenta[min(step, len(self.teacher_momenta) - 1)]))
+
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher.backbone  # DINO evaluates the teacher
+
+    def describe(self) -> str:
+        o = self.options
+        return (f"DINO: out_dim {o.out_dim}, teacher T {o.warmup_teacher_temperature}->{o.teacher_temperature}, "
+                f"EMA {o.teacher_momentum}->1")

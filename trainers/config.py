@@ -1,0 +1,283 @@
+"""Pretraining configuration: dataclasses, YAML files, ``--set section.key=value`` overrides.
+
+A config has the sections ``data``, ``model``, ``method``, ``optim``, ``train`` and ``knn``. The
+``method`` section holds ``name`` plus that method's own options (each method module declares them
+as a dataclass), so ``method.temperature`` means SwAV's temperature in a SwAV config and SupCon's in
+a SupCon config. Every key is checked: an unknown key fails with the closest known one suggested,
+a value of the wrong type fails with the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainers.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10, tiny-imagenet, fashion-mnist, digits, imagefolder:<path>
+    data_root: str | None = None  # None: $SSLAB_DATA_ROOT or ../shared/data
+    loader: str = "auto"  # auto (ffcv when installed), ffcv, torch
+    crops: str = "2x32"  # COUNTxSIZE groups joined by '+'; the first group are the global crops
+    batch_size: int = 512  # global batch (all ranks together)
+    global_scale: list[float] | None = None  # crop scale range of the global crops; None: method default
+    local_scale: list[float] | None = None  # same for the local crops
+    canvas_size: int | None = None  # decode every image to this square first (needed for mixed sizes)
+    num_workers: int | None = None  # loader threads/processes per rank; None: one per core
+    cache_dir: str | None = None  # where .beton files live; None: <state dir>/data
+    train_subset: int | None = None  # train on a fixed random subset of this many images (quick runs)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet_mini, resnet18, resnet50, vit_tiny, vit_small
+    cifar_stem: bool | None = None  # None: automatic for global crops <= 64 px
+    patch_size: int | None = None  # ViT patch size; None: 4 for small images, 16 otherwise
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd, lars, adamw
+    lr: float = 0.3  # base learning rate; with lr_scaling 'linear' it is per 256 images
+    lr_scaling: str = "linear"  # linear (lr * batch / 256) or none
+    min_lr: float = 0.0  # final learning rate of the cosine schedule (absolute)
+    warmup_epochs: float = 10.0  # linear warm-up from 0 to the peak learning rate
+    weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # cosine weight-decay schedule (DINO: 0.04 -> 0.4); None: constant
+    momentum: float = 0.9  # SGD / LARS momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    lars_eta: float = 0.001  # LARS trust coefficient
+    clip_grad: float | None = None  # gradient clipping threshold; None: off
+    clip_mode: str = "global"  # global (one norm over all parameters) or per_parameter (DINO's)
+    exclude_bias_norm: bool = True  # no weight decay (nor LARS scaling) on biases and norm layers
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when available), cuda, cuda:N, cpu
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    channels_last: bool = True  # NHWC on CUDA (ignored on the CPU)
+    compile: bool = False  # torch.compile the backbone
+    deterministic: bool = False  # torch deterministic algorithms (slower; exact reruns on GPU)
+    log_every: int = 20  # steps between progress updates (each is one host sync)
+    checkpoint_every_epochs: int = 1
+    checkpoint_every_steps: int | None = None  # also checkpoint within an epoch
+    keep_checkpoints: int = 2  # epoch checkpoints kept besides the last one
+    max_steps: int | None = None  # stop after this many steps in total (debugging, tests)
+    out_dir: str | None = None  # run folder; None: <state dir>/runs/<name>
+    resume: str | None = "auto"  # auto (last checkpoint in out_dir if any), a checkpoint path, or None
+
+
+@dataclass
+class KnnConfig:
+    every_epochs: int = 10  # online kNN every N epochs and after the last one; 0: off
+    k: list[int] = field(default_factory=lambda: [20, 200])
+    temperature: float = 0.07
+    split: str = "test"  # held-out split whose images are classified
+    max_train: int | None = None  # use at most this many training images as the memory bank
+    max_test: int | None = None  # classify at most this many held-out images
+    batch_size: int = 512
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict = field(default_factory=lambda: {"name": "swav"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    def method_options(self):
+        """The method section as the method's own dataclass (validated)."""
+        from trainers.methods import method_config_class
+
+        options = {k: v for k, v in self.method.items() if k != "name"}
+        return _build(method_config_class(self.method_name), options, "method")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["method"] = {"name": self.method_name, **dataclasses.asdict(self.method_options())}
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` for every resolved setting (MLflow params, sweep spaces)."""
+        flat = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    flat[f"{section}.{key}"] = value
+            else:
+                flat[section] = values
+        return flat
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "knn": KnnConfig}
+TOP_LEVEL = ("name", *SECTIONS, "method")
+
+
+# --------------------------------------------------------------------------- type checking
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(value, annotation, where: str):
+    """``value`` checked against ``annotation`` (int, float, bool, str, list[...], X | None)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where} = {value!r} has the wrong type: expected {' or '.join(_type_name(o) for o in options)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} must be a list, e.g. [{value!r}]")
+        (item,) = typing.get_args(annotation) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is dict:
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(f"{where} = {value!r} has the wrong type: expected {_type_name(annotation)}")
+
+
+def _build(cls, values: dict | None, where: str):
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{where}' must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key '{where}.{key}': {_suggest(str(key), names)}"
+                              f"known keys of '{where}': {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+def from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must be a YAML mapping with the sections "
+                          f"{', '.join(TOP_LEVEL)}")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"unknown config section '{key}': {_suggest(str(key), TOP_LEVEL)}"
+                              f"use {', '.join(TOP_LEVEL)}")
+    method = raw.get("method") or {"name": "swav"}
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or "name" not in method:
+        raise ConfigError("section 'method' needs a 'name' (swav, dino, sdmp, supcon, simclr)")
+    from trainers.methods import check_method
+
+    method = dict(method)
+    method["name"] = check_method(str(method["name"]))
+    config = Config(name=str(raw.get("name", "run")), method=method,
+                    **{name: _build(cls, raw.get(name), name) for name, cls in SECTIONS.items()})
+    config.method_options()  # validates the method's keys and types now
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A config from a YAML file (or the defaults) with ``section.key=value`` overrides applied."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            hint = ""
+            folder = path.parent if path.parent.is_dir() else None
+            if folder is not None:
+                close = difflib.get_close_matches(path.name, [p.name for p in folder.glob("*.yaml")], n=1)
+                hint = f" (did you mean {folder / close[0]}?)" if close else ""
+            raise ConfigError(f"config file {path} not found{hint}: see configs/pretrain/ for the shipped ones")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["optim.lr=0.5", "method.name=dino"]`` applied to a raw config mapping (values parsed as YAML)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' must look like section.key=value, e.g. optim.lr=0.5")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        if len(parts) == 1 and parts[0] == "name":
+            raw["name"] = str(value)
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"--set '{item}': the key must be section.key (e.g. optim.lr), got '{key}'")
+        section, name = parts
+        if section not in TOP_LEVEL or section == "name":
+            raise ConfigError(f"--set '{item}': unknown section '{section}': {_suggest(section, TOP_LEVEL)}"
+                              f"use one of {', '.join(s for s in TOP_LEVEL if s != 'name')}")
+        target = raw.get(section)
+        if section == "method" and isinstance(target, str):
+            target = {"name": target}
+        target = dict(target or {})
+        if section == "method" and name == "name" and target.get("name") != value:
+            target = {}  # another method: the old method's options do not apply
+        target[name] = value
+        raw[section] = target
+    return raw

@@ -1,0 +1,492 @@
+"""The training loop: method-agnostic, plain PyTorch, one process or one rank of many.
+
+``Trainer(config).fit()`` builds the multi-crop loader, the backbone and the method, then runs
+``epochs`` of: schedules -> method step under autocast -> backward -> (clip) -> optimizer step ->
+method's post-step hook (EMA). It writes atomic checkpoints that resume exactly (model, teacher,
+optimizer, scaler, queue, center, step, all random-number states), runs online kNN on a held-out
+split, and keeps ``metrics.jsonl`` in the run folder. Orchestrators (Ray Train) pass callbacks to
+see metrics and checkpoints; nothing here imports Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainers.backbones import build_backbone, check_backbone
+from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.config import Config
+from trainers.errors import ConfigError, UserError
+from trainers.knn import extract_features, knn_accuracy
+from trainers.methods import method_class
+from trainers.methods.base import MethodContext
+from trainers.optim import (OPTIMIZERS, build_optimizer, clip_gradients, cosine_schedule, parameter_groups,
+                            set_hyperparameters)
+from trainers.paths import state_dir
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+CHECKPOINT_FORMAT = 1
+
+# What usually fixes a diverging run, per method (shown with the non-finite-loss error).
+REMEDIES = {
+    "swav": "lower method.epsilon (0.03) or raise method.freeze_prototypes_steps",
+    "dino": "raise method.warmup_teacher_temperature_epochs, lower method.teacher_temperature to 0.04, "
+            "keep optim.clip_grad=3.0",
+    "sdmp": "lower method.mix_weight or the learning rate",
+    "supcon": "raise method.temperature",
+    "simclr": "raise method.temperature",
+}
+
+
+class NonFiniteLossError(UserError):
+    exit_code = 5
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    epochs_completed: int
+    metrics: dict = field(default_factory=dict)  # last logged values (loss, knn_top1_k20, ...)
+    checkpoint: Path | None = None
+    backbone: Path | None = None
+    history: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- config checks
+def check_config(config: Config, world_size: int = 1) -> None:
+    """Everything that can be checked without data: fail before any expensive work."""
+    from trainers.data.augment import parse_crop_spec
+    from trainers.data.datasets import check_dataset_name
+
+    check_dataset_name(config.data.dataset)
+    check_backbone(config.model.backbone)
+    groups = parse_crop_spec(config.data.crops)
+    global_size = groups[0][1]
+    for count, size in groups[1:]:
+        if count and size > global_size:
+            raise ConfigError(f"data.crops '{config.data.crops}': local crops of {size} px are larger than the "
+                              f"global crops ({global_size} px); list the global (largest) group first")
+    if config.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be positive, got {config.data.batch_size}")
+    if config.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size {config.data.batch_size} is not divisible by the {world_size} workers: "
+                          f"use a multiple of {world_size}")
+    t, o, k = config.train, config.optim, config.knn
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision '{t.precision}' must be one of {', '.join(PRECISIONS)}")
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name '{o.name}' must be one of {', '.join(OPTIMIZERS)}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
+    if o.lr_scaling not in ("linear", "none"):
+        raise ConfigError(f"optim.lr_scaling '{o.lr_scaling}' must be linear or none")
+    if not 0 <= o.warmup_epochs <= t.epochs:
+        raise ConfigError(f"optim.warmup_epochs {o.warmup_epochs} must lie in [0, train.epochs={t.epochs}]")
+    if o.weight_decay < 0 or (o.weight_decay_end is not None and o.weight_decay_end < 0):
+        raise ConfigError("optim.weight_decay (and weight_decay_end) must be >= 0")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
+    if o.clip_mode not in ("global", "per_parameter"):
+        raise ConfigError(f"optim.clip_mode '{o.clip_mode}' must be global or per_parameter")
+    if t.log_every < 1 or t.checkpoint_every_epochs < 1:
+        raise ConfigError("train.log_every and train.checkpoint_every_epochs must be >= 1")
+    if k.every_epochs < 0 or any(v < 1 for v in k.k) or k.temperature <= 0:
+        raise ConfigError(f"knn: every_epochs >= 0, every k >= 1 and temperature > 0 needed, got "
+                          f"{k.every_epochs}, {k.k}, {k.temperature}")
+    cls = method_class(config.method_name)
+    ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size, t.epochs, 1)
+    cls.check(config.method_options(), ctx)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device '{name}' asked for CUDA but no GPU is visible: use train.device=cpu")
+    return device
+
+
+def default_out_dir(name: str) -> Path:
+    return state_dir() / "runs" / name
+
+
+# --------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, config: Config, rank: int = 0, world_size: int = 1, device: str | torch.device | None = None,
+                 log: Callable[[str], None] = print, progress: bool = True,
+                 on_epoch_end: Callable[[int, dict, Path | None], None] | None = None,
+                 on_log: Callable[[int, dict], None] | None = None,
+                 wrap_student: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 out_dir: str | Path | None = None):
+        check_config(config, world_size)
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.is_main = rank == 0
+        self.log = log if self.is_main else (lambda *_: None)
+        self.progress = progress and self.is_main
+        self.on_epoch_end, self.on_log, self.wrap_student = on_epoch_end, on_log, wrap_student
+        self.device = torch.device(device) if device is not None else resolve_device(config.train.device)
+        self.out_dir = Path(out_dir or config.train.out_dir or default_out_dir(config.name)).expanduser().resolve()
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def _precision(self):
+        p = self.config.train.precision
+        if p == "auto":
+            p = "bf16" if self.device.type == "cuda" else "fp32"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+    def setup(self) -> None:
+        c = self.config
+        t = c.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast_dtype = self._precision()
+        self.channels_last = t.channels_last and self.device.type == "cuda"
+        cls = method_class(c.method_name)
+        options = c.method_options()
+        from trainers.data.multicrop import build_canvas_loader, build_multicrop_loader
+
+        per_rank = c.data.batch_size // self.world_size
+        crop_overrides = {k: v for k, v in (("global_scale", c.data.global_scale),
+                                              ("local_scale", c.data.local_scale)) if v is not None}
+        view_dtype = self.autocast_dtype if self.autocast_dtype is not None and self.device.type == "cuda" else torch.float32
+        self.loader = build_multicrop_loader(
+            c.data.dataset, "train", c.data.crops, cls.crop_preset, per_rank, device=self.device,
+            loader=c.data.loader, seed=t.seed, dtype=view_dtype, channels_last=self.channels_last,
+            crop_overrides=crop_overrides, data_root=c.data.data_root, cache_dir=c.data.cache_dir,
+            rank=self.rank, world_size=self.world_size, num_workers=c.data.num_workers,
+            canvas_size=c.data.canvas_size, subset=c.data.train_subset, log=self.log)
+        # every rank's views differ; the shard order is shared (and split) through the seed above
+        self.loader.augment.reseed(t.seed * 1000 + self.rank)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{c.data.dataset} has {self.loader.num_samples} training images, fewer than one batch "
+                              f"of {c.data.batch_size}: lower data.batch_size")
+        self.total_steps = self.steps_per_epoch * t.epochs
+        groups = tuple((g.count, g.size) for g in self.loader.augment.groups)
+        self.global_size = groups[0][1]
+        classes = self.loader.classes
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        backbone, feature_dim = build_backbone(c.model.backbone, self.global_size, c.model.cifar_stem,
+                                               c.model.patch_size)
+        self.ctx = MethodContext(c.model.backbone, feature_dim, groups, c.data.batch_size, self.world_size, t.epochs,
+                                 self.steps_per_epoch, len(classes) if classes else None, t.seed)
+        self.method = cls(options, self.ctx, backbone).to(self.device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        if t.compile:
+            self.method.student.backbone.compile()
+            if hasattr(self.method, "teacher"):
+                self.method.teacher.backbone.compile()
+        torch.manual_seed(t.seed * 1000 + self.rank + 1)  # training randomness differs per rank
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(t.seed * 1000 + self.rank + 1)
+        if self.wrap_student is not None:
+            self.method.set_student_runner(self.wrap_student(self.method.student))
+        elif self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.method.set_student_runner(DistributedDataParallel(self.method.student, device_ids=ids))
+        o = c.optim
+        scale = c.data.batch_size / 256 if o.lr_scaling == "linear" else 1.0
+        self.peak_lr = o.lr * scale
+        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self.lr_schedule = cosine_schedule(self.peak_lr, o.min_lr, self.total_steps, warmup)
+        self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay if o.weight_decay_end is None
+                                           else o.weight_decay_end, self.total_steps)
+        self.optimizer = build_optimizer(o.name, parameter_groups(self.method.student, o.exclude_bias_norm),
+                                         self.peak_lr, o.weight_decay, o.momentum, o.betas, o.lars_eta)
+        self.trained_parameters = [p for p in self.method.student.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.step = 0
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.last_checkpoint: Path | None = None
+        self._resume()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            c.dump(self.out_dir / "config.yaml")
+        self.log(f"{self.method.describe()} | {c.model.backbone} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.1f} M "
+                 f"params) | {c.data.dataset}: {self.loader.num_samples:,} images, crops {c.data.crops}, batch "
+                 f"{c.data.batch_size} ({self.loader.kind} loader) | {t.epochs} epochs x {self.steps_per_epoch} steps | "
+                 f"{o.name} lr {self.peak_lr:.3g} | {self.device}, "
+                 f"{'fp32' if self.autocast_dtype is None else str(self.autocast_dtype).split('.')[-1]}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+        return {"format": CHECKPOINT_FORMAT, "method": self.config.method_name, "backbone": self.config.model.backbone,
+                "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "model": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng,
+                        "augment": self.loader.augment.rng_state(self.device)},
+                "config": json.dumps(self.config.to_dict())}
+
+    def save(self, epoch_end: bool) -> Path | None:
+        """Rank 0 writes ``last.pt`` (and ``epoch-N.pt`` at epoch ends); returns its path."""
+        if not self.is_main:
+            return None
+        state = self.state()
+        path = save_checkpoint(state, self.checkpoint_dir / "last.pt")
+        if epoch_end:
+            epoch = self.step // self.steps_per_epoch
+            save_checkpoint(state, self.checkpoint_dir / f"epoch-{epoch:04d}.pt")
+            kept = sorted(self.checkpoint_dir.glob("epoch-*.pt"))
+            for old in kept[: max(len(kept) - self.config.train.keep_checkpoints, 0)]:
+                old.unlink(missing_ok=True)
+        self.last_checkpoint = path
+        return path
+
+    def _resume(self) -> None:
+        resume = self.config.train.resume
+        if resume is None or resume in ("none", "null", ""):
+            return
+        path = self.checkpoint_dir / "last.pt" if resume == "auto" else Path(resume).expanduser()
+        if resume == "auto" and not path.is_file():
+            return
+        self.load_state(load_checkpoint(path, map_location="cpu", method=self.config.method_name,
+                                        backbone=self.config.model.backbone))
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+
+    def load_state(self, state: dict) -> None:
+        if state.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ConfigError(f"the checkpoint has {state.get('steps_per_epoch')} steps per epoch, this run "
+                              f"{self.steps_per_epoch}: resume with the same data set, subset and batch size")
+        try:
+            self.method.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ConfigError(f"checkpoint weights do not fit this model ({str(exc).splitlines()[0]}): resume with "
+                              "the same method options and backbone, or start a new run") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"]["cuda"].numel():
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.loader.augment.load_rng_state(state["rng"]["augment"], self.device)
+        self.history = [row for row in self._read_history() if row.get("step", 0) <= self.step]
+
+    def _read_history(self) -> list[dict]:
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash
+        return rows
+
+    def _write_history(self) -> None:
+        if not self.is_main:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ kNN
+    def knn(self) -> dict:
+        from trainers.data.augment import normalization_for
+        from trainers.data.multicrop import build_canvas_loader
+
+        c, k = self.config, self.config.knn
+        common = dict(device=self.device, loader=c.data.loader, data_root=c.data.data_root, cache_dir=c.data.cache_dir,
+                      seed=c.train.seed, shuffle=False, drop_last=False, num_workers=c.data.num_workers,
+                      canvas_size=c.data.canvas_size, log=self.log)
+        if not hasattr(self, "_knn_loaders"):
+            bank, _ = build_canvas_loader(c.data.dataset, "train", k.batch_size, subset=k.max_train, **common)
+            queries, _ = build_canvas_loader(c.data.dataset, k.split, k.batch_size, subset=k.max_test, **common)
+            self._knn_loaders = (bank, queries)
+        bank, queries = self._knn_loaders
+        mean, std = normalization_for(c.data.dataset)
+        backbone = self.method.eval_backbone()
+        extract = dict(size=self.global_size, mean=mean, std=std, device=self.device,
+                       autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
+                       channels_last=self.channels_last)
+        train_features, train_labels = extract_features(backbone, bank, **extract)
+        test_features, test_labels = extract_features(backbone, queries, **extract)
+        return knn_accuracy(train_features, train_labels, test_features, test_labels, k.k, k.temperature,
+                            self.ctx.num_classes)
+
+    # ------------------------------------------------------------------ training
+    def _non_finite(self, step: int, value: float) -> NonFiniteLossError:
+        name = self.config.method_name
+        lr = float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
+        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+            "no checkpoint was written yet"
+        return NonFiniteLossError(
+            f"loss became {value} at step {step} (epoch {step // self.steps_per_epoch}) of {name} with lr {lr:.4g}: "
+            f"lower optim.lr or lengthen optim.warmup_epochs, set optim.clip_grad (e.g. 3.0), use "
+            f"train.precision=bf16 or fp32 instead of fp16, {REMEDIES.get(name, '')}; {where}")
+
+    def _flush(self, pending: list, epoch: int, started: float, images: int, bar) -> dict:
+        """One host sync for the losses of the last steps: check them, log their mean."""
+        if not pending:
+            return {}
+        steps = [s for s, _, _ in pending]
+        losses = torch.stack([loss.float() for _, loss, _ in pending]).cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = int(bad[0])
+            raise self._non_finite(steps[first], float(losses[first]))
+        extras = {}
+        for key in pending[-1][2]:
+            extras[key] = float(torch.stack([logs[key].float() for _, _, logs in pending]).mean())
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        row = {"step": steps[-1] + 1, "epoch": epoch, "loss": float(losses.mean()),
+               "lr": float(self.lr_schedule[steps[-1]]), "weight_decay": float(self.wd_schedule[steps[-1]]),
+               "img_per_s": images * self.world_size / elapsed, **extras}
+        if self.device.type == "cuda":
+            row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.history.append(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", img_s=f"{row['img_per_s']:.0f}")
+        if self.on_log is not None and self.is_main:
+            self.on_log(row["step"], row)
+        pending.clear()
+        return row
+
+    def train_step(self, views, labels, step: int):
+        lr, wd = float(self.lr_schedule[step]), float(self.wd_schedule[step])
+        set_hyperparameters(self.optimizer, lr, wd)
+        self.method.before_step(step)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss, logs = self.method.training_step(views, labels, step)
+        if self.device.type == "cpu" and not torch.isfinite(loss):
+            raise self._non_finite(step, float(loss))  # free on the CPU: stop before the weights change
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        self.method.before_optimizer_step(step)
+        if self.config.optim.clip_grad is not None:
+            clip_gradients(self.trained_parameters, self.config.optim.clip_grad, self.config.optim.clip_mode)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.method.after_optimizer_step(step)
+        return loss.detach(), {k: v.detach() for k, v in logs.items()}
+
+    def fit(self) -> TrainResult:
+        if not hasattr(self, "method"):
+            self.setup()
+        c, t = self.config, self.config.train
+        from tqdm import tqdm
+
+        self.method.train()
+        max_steps = min(self.total_steps, t.max_steps) if t.max_steps is not None else self.total_steps
+        wall_start = time.perf_counter()
+        last = {}
+        while self.step < max_steps:
+            epoch = self.step // self.steps_per_epoch
+            skip = self.step - epoch * self.steps_per_epoch
+            self.loader.set_epoch(epoch)
+            bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{t.epochs}", unit="step",
+                       dynamic_ncols=True, leave=False) if self.progress else None
+            pending, started, images = [], time.perf_counter(), 0
+            for batch in self.loader.iterate(skip):
+                loss, logs = self.train_step(batch.views, batch.labels, self.step)
+                pending.append((self.step, loss, logs))
+                images += batch.labels.shape[0]
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                epoch_done = self.step % self.steps_per_epoch == 0
+                if self.step % t.log_every == 0 or epoch_done or self.step >= max_steps:
+                    last = self._flush(pending, epoch, started, images, bar) or last
+                    started, images = time.perf_counter(), 0
+                if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not epoch_done:
+                    last = self._flush(pending, epoch, started, images, bar) or last
+                    started, images = time.perf_counter(), 0
+                    self.save(epoch_end=False)
+                    self._write_history()
+                if self.step >= max_steps:
+                    break
+            if bar is not None:
+                bar.close()
+            epoch_done = self.step % self.steps_per_epoch == 0
+            completed = self.step // self.steps_per_epoch
+            metrics = dict(last)
+            final = self.step >= max_steps
+            if c.knn.every_epochs and ((epoch_done and completed % c.knn.every_epochs == 0) or final):
+                knn = self.knn()
+                metrics.update(knn)
+                self.history.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, **knn})
+                self.log(f"epoch {completed}: kNN top-1 " + ", ".join(
+                    f"k={kk} {knn[f'knn_top1_k{kk}']:.2%}" for kk in c.knn.k))
+            elif epoch_done:
+                self.log(f"epoch {completed}: loss {metrics.get('loss', float('nan')):.4f}")
+            checkpoint = None
+            if epoch_done and (completed % t.checkpoint_every_epochs == 0 or final):
+                checkpoint = self.save(epoch_end=True)
+            elif final:
+                checkpoint = self.save(epoch_end=False)
+            self._write_history()
+            if self.on_epoch_end is not None and (epoch_done or final):
+                self.on_epoch_end(completed, metrics, checkpoint)
+        backbone_path = None
+        if self.is_main:
+            backbone_path = save_checkpoint({"format": CHECKPOINT_FORMAT, "method": c.method_name,
+                                             "backbone": c.model.backbone, "image_size": self.global_size,
+                                             "feature_dim": self.ctx.feature_dim,
+                                             "cifar_stem": c.model.cifar_stem, "patch_size": c.model.patch_size,
+                                             "state_dict": _plain_state_dict(self.method.eval_backbone())},
+                                            self.out_dir / "backbone.pt")
+        final_metrics = {}
+        for row in self.history:
+            final_metrics.update({k: v for k, v in row.items() if k not in ("step", "epoch")})
+        final_metrics["wall_s"] = time.perf_counter() - wall_start
+        if self.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(
+                {"steps": self.step, "epochs_completed": self.step // self.steps_per_epoch, **final_metrics}, indent=1))
+        return TrainResult(self.out_dir, self.step, self.step // self.steps_per_epoch, final_metrics,
+                           self.last_checkpoint, backbone_path, list(self.history))
+
+
+def _plain_state_dict(module: torch.nn.Module) -> dict:
+    """State dict without torch.compile's ``_orig_mod.`` prefixes."""
+    return {k.replace("_orig_mod.", ""): v for k, v in module.state_dict().items()}
+
+
+def load_backbone(path: str | Path, device="cpu"):
+    """(backbone module, feature_dim, info) from a ``backbone.pt`` written at the end of training."""
+    state = load_checkpoint(path, map_location=device)
+    if "state_dict" not in state:
+        raise UserError(f"{path} is a training checkpoint, not a backbone file: use <run>/backbone.pt")
+    module, dim = build_backbone(state["backbone"], state["image_size"], state.get("cifar_stem"),
+                                 state.get("patch_size"))
+    module.load_state_dict(state["state_dict"])
+    return module.to(device), dim, state
+
+
+def train(config: Config, **kwargs) -> TrainResult:
+    return Trainer(config, **kwargs).fit()
+

@@ -1,0 +1,141 @@
+"""The interface between the training loop and a method.
+
+A method is an ``nn.Module`` that owns everything method-specific (heads, EMA teacher, queue,
+center, schedules). The loop calls, per step::
+
+    method.before_step(step)                   # e.g. SwAV re-normalises its prototypes
+    loss, logs = method.training_step(views, labels, step)   # under autocast
+    loss.backward()
+    method.before_optimizer_step(step)         # e.g. drop gradients of frozen layers
+    optimizer.step()
+    method.after_optimizer_step(step)          # e.g. EMA teacher update
+
+``method.student`` holds every trained parameter (the optimizer's and DDP's module);
+``method.eval_backbone()`` is the backbone kNN / linear evaluation should use. Buffers (queue,
+center) are registered so ``state_dict()`` carries them into checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from trainers.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know about the run besides its own options."""
+
+    backbone: str
+    feature_dim: int
+    crop_groups: tuple[tuple[int, int], ...]  # (count, size) per group, globals first
+    global_batch: int
+    world_size: int
+    epochs: int
+    steps_per_epoch: int
+    num_classes: int | None = None
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def num_global(self) -> int:
+        return self.crop_groups[0][0]
+
+    @property
+    def num_views(self) -> int:
+        return sum(count for count, _ in self.crop_groups)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+class Method(nn.Module):
+    name = "method"
+    config_class: type = object
+    crop_preset = "swav"  # whose augmentation defaults (trainers/data/augment.py METHOD_PRESETS)
+    min_global_crops = 1
+
+    def __init__(self, options, ctx: MethodContext):
+        super().__init__()
+        self.options, self.ctx = options, ctx
+        self._student_runner = None  # the DDP-wrapped student, when distributed
+
+    # ------------------------------------------------------------------ validation before any work
+    @classmethod
+    def check(cls, options, ctx: MethodContext) -> None:
+        """Raise ConfigError for impossible options (called before data is loaded)."""
+        require(ctx.num_global >= cls.min_global_crops,
+                f"{cls.name} needs at least {cls.min_global_crops} global crops, the crop spec gives {ctx.num_global}")
+
+    # ------------------------------------------------------------------ DDP
+    def set_student_runner(self, runner: nn.Module | None) -> None:
+        """The loop passes the DDP-wrapped student here; kept outside the module tree (and state_dict)."""
+        object.__setattr__(self, "_student_runner", runner)
+
+    def run_student(self, *args, **kwargs):
+        runner = self._student_runner if self._student_runner is not None else self.student
+        return runner(*args, **kwargs)
+
+    # ------------------------------------------------------------------ hooks
+    def before_step(self, step: int) -> None:
+        pass
+
+    def training_step(self, views: Sequence[torch.Tensor], labels: torch.Tensor, step: int):
+        raise NotImplementedError
+
+    def before_optimizer_step(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def eval_backbone(self) -> nn.Module:
+        return self.student.backbone
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.ctx.steps_per_epoch
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of ``student`` to be updated as an exponential moving average."""
+    teacher = copy.deepcopy(student)
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters in one
+    multi-tensor call (buffers such as BN statistics stay the teacher's own)."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    if len(teacher_params) != len(student_params):
+        raise RuntimeError("teacher and student have different parameter lists")
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of every view, concatenated in view order [V*B, D]; consecutive views of
+    one size go through the backbone in one call (multi-crop)."""
+    features = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
+        features.append(backbone(batch))
+        start = end
+    return torch.cat(features) if len(features) > 1 else features[0]
