@@ -217,8 +217,9 @@ def from_dict(raw: dict) -> Config:
     method = raw.get("method") or {"name": "swav"}
     if isinstance(method, str):
         method = {"name": method}
-    if not isinstance(method, dict) or "name" not in method:
-        raise ConfigError("section 'method' needs a 'name' (swav, dino, sdmp, supcon, simclr)")
+    if not isinstance(method, dict):
+        raise ConfigError("section 'method' must be a mapping with a 'name' (swav, dino, sdmp, supcon, simclr)")
+    method = {"name": "swav", **method}  # the default method when a config names none
     from trainers.methods import check_method
 
     method = dict(method)

@@ -377,7 +377,7 @@ class Trainer:
                             enabled=self.autocast_dtype is not None):
             loss, logs = self.method.training_step(views, labels, step)
         if self.device.type == "cpu" and not torch.isfinite(loss):
-            raise self._non_finite(step, float(loss))  # free on the CPU: stop before the weights change
+            raise self._non_finite(step, float(loss.detach()))  # free on the CPU: stop before the weights change
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

@@ -1,0 +1,120 @@
+"""The training loop on real data (Fashion-MNIST, CPU): exact resume, checkpoints, failures."""
+
+import json
+
+import pytest
+import torch
+
+from trainers.checkpoint import StorageError, load_checkpoint, save_checkpoint
+from trainers.config import load_config
+from trainers.errors import ConfigError, DataError
+from trainers.loop import NonFiniteLossError, Trainer, load_backbone
+
+METHOD_SETTINGS = {
+    "swav": ["method.prototypes=30", "method.queue_length=64", "method.queue_start_epoch=1",
+             "method.freeze_prototypes_steps=3", "data.crops=2x16+2x8"],
+    "dino": ["method.out_dim=128", "method.hidden_dim=64", "method.bottleneck_dim=32", "data.crops=2x16+2x8",
+             "optim.clip_grad=3.0", "optim.clip_mode=per_parameter", "optim.weight_decay_end=0.01"],
+    "sdmp": ["method.moco_hidden_dim=64", "method.moco_out_dim=32", "method.moco_predictor_hidden_dim=64",
+             "data.crops=2x16"],
+    "supcon": ["data.crops=2x16"],
+}
+
+
+def tiny_config(method, out_dir, *extra):
+    return load_config(None, [
+        f"method.name={method}", *METHOD_SETTINGS[method], "data.dataset=fashion-mnist", "data.batch_size=32",
+        "data.train_subset=256", "data.num_workers=1", "model.backbone=resnet_mini", "train.epochs=2",
+        "optim.warmup_epochs=1", "train.log_every=1", "knn.every_epochs=0", f"train.out_dir={out_dir}", *extra])
+
+
+def run(config, **kwargs):
+    losses = {}
+    trainer = Trainer(config, progress=False, log=lambda *_: None,
+                      on_log=lambda step, row: losses.__setitem__(step, row["loss"]), **kwargs)
+    result = trainer.fit()
+    return trainer, result, losses
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_resume_reproduces_the_uninterrupted_run_exactly(method, tmp_path):
+    _, full, full_losses = run(tiny_config(method, tmp_path / "full"))
+    assert full.steps == 16 and len(full_losses) == 16
+    # the same run stopped mid-epoch after 5 steps, then restarted from its checkpoint
+    _, part, _ = run(tiny_config(method, tmp_path / "cut", "train.max_steps=5"))
+    assert part.steps == 5 and (tmp_path / "cut" / "checkpoints" / "last.pt").is_file()
+    resumed_trainer, resumed, resumed_losses = run(tiny_config(method, tmp_path / "cut"))
+    assert resumed.steps == 16
+    assert sorted(resumed_losses) == list(range(6, 17))  # only the steps after the checkpoint ran again
+    for step in range(6, 17):
+        assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
+    final_full = load_checkpoint(full.checkpoint)["model"]
+    final_resumed = load_checkpoint(resumed.checkpoint)["model"]
+    for key, value in final_full.items():
+        assert torch.equal(value, final_resumed[key]), key
+    # metrics.jsonl holds every step once
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 17))
+
+
+def test_backbone_file_loads_for_evaluation(tmp_path):
+    _, result, _ = run(tiny_config("supcon", tmp_path, "train.max_steps=3"))
+    module, dim, info = load_backbone(result.backbone)
+    assert dim == 256 and info["method"] == "supcon"
+    assert tuple(module(torch.randn(2, 3, 16, 16)).shape) == (2, 256)
+
+
+def test_online_knn_is_reported(tmp_path):
+    _, result, _ = run(tiny_config("supcon", tmp_path, "train.epochs=1", "knn.every_epochs=1", "knn.max_train=500",
+                                   "knn.max_test=200", "knn.k=[5, 20]"))
+    for key in ("knn_top1_k5", "knn_top1_k20", "knn_top5_k20"):
+        assert 0.0 <= result.metrics[key] <= 1.0
+    assert result.metrics["knn_top1_k20"] > 0.2  # 10 classes: chance is 0.1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_top1_k20"] == result.metrics["knn_top1_k20"]
+
+
+def test_non_finite_loss_stops_with_step_method_and_remedy(tmp_path):
+    config = tiny_config("swav", tmp_path, "optim.lr=1.0e+30", "optim.warmup_epochs=0", "train.checkpoint_every_steps=1")
+    with pytest.raises(NonFiniteLossError) as err:
+        run(config)
+    message = str(err.value)
+    assert "at step" in message and "of swav" in message and "lr" in message and "epsilon" in message
+    step = int(message.split("at step ")[1].split()[0])
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["step"] == step  # the last good state is the resume point
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_of_another_method_is_refused(tmp_path):
+    run(tiny_config("supcon", tmp_path, "train.max_steps=2"))
+    with pytest.raises(ConfigError, match="written by method 'supcon'"):
+        run(tiny_config("swav", tmp_path))
+
+
+def test_pickled_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "payload": Exploit()}, path)
+    with pytest.raises(DataError, match="refusing to load"):
+        load_checkpoint(path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": 1, "step": 1, "w": torch.ones(3)}, path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StorageError, match="No space left.*GiB free.*previous checkpoint is unchanged"):
+        save_checkpoint({"format": 1, "step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
