@@ -10,7 +10,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.losses import sinkhorn, supcon_loss, swav_loss  # noqa: E402
+from trainers.distributed import all_gather_cat_no_grad, flip_partner_rows  # noqa: E402
+from trainers.losses import sdmp_targets  # noqa: E402
 from trainers.methods.dino import update_center  # noqa: E402
+from trainers.methods.mixing import mixup  # noqa: E402
+from trainers.methods.sdmp import info_nce  # noqa: E402
 
 
 def global_batch():
@@ -32,9 +36,17 @@ def compute(rank: int, world_size: int) -> dict:
     loss = supcon_loss(local_features, labels[share])
     loss.backward()
     simclr = supcon_loss(features[share], None)
+    # SDMP: flip partners come from the global batch; targets are rows of the global target matrix
+    images = torch.arange(12 * 3 * 2 * 2, dtype=torch.float32).view(12, 3, 2, 2)
+    lam = torch.linspace(0.05, 0.95, 12)
+    partners = flip_partner_rows(images[share])
+    mixed, _ = mixup(images[share], partners, lam[share])
+    source, mixed_targets = sdmp_targets(all_gather_cat_no_grad(lam[share]))
     return {"codes": sinkhorn(scores[0], 0.05, 3), "swav": swav_loss(scores),
             "center": update_center(torch.zeros(16), [t[share] for t in teacher], 0.9),
-            "supcon": loss.detach(), "supcon_grad": local_features.grad, "simclr": simclr}
+            "supcon": loss.detach(), "supcon_grad": local_features.grad, "simclr": simclr,
+            "partners": partners, "mixed": mixed, "source_rows": source[share], "mixed_rows": mixed_targets[share],
+            "moco": info_nce(crops[0][share], crops[1][share], 0.2)}
 
 
 if __name__ == "__main__":

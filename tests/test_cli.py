@@ -1,11 +1,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from orchestrator.cli import build_parser, main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 
 
 def _subparsers(parser):
@@ -18,7 +21,7 @@ def _subparsers(parser):
 
 def test_every_subcommand_help_lists_every_option_with_its_default():
     commands = dict(_subparsers(build_parser()))
-    assert {"data", "data list", "data prepare", "data preview", "demo"} <= set(commands)
+    assert {"data", "data list", "data prepare", "data preview", "demo", "pretrain"} <= set(commands)
     for name, parser in commands.items():
         text = parser.format_help()
         for action in parser._actions:
@@ -67,3 +70,37 @@ def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, code, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.beton"))
+
+
+def test_pretrain_local_runs_and_prints_a_result_table(tmp_path, capsys):
+    args = ["pretrain", "--local", "--config", str(CONFIGS / "supcon_fashion-mnist.yaml"), "--out-dir",
+            str(tmp_path / "run"), "--quiet", "--set", "data.crops=2x16", "--set", "data.batch_size=32",
+            "--set", "data.train_subset=128", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0",
+            "--set", "knn.max_train=200", "--set", "knn.max_test=100", "--set", "data.num_workers=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1 (k=20)" in out and "4 (1 epochs)" in out
+    assert (tmp_path / "run" / "backbone.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    # the same command again: finished run, resumes at the end and does no more steps
+    assert main(args) == 0
+    assert "4 (1 epochs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["--set", "optim.lrr=0.1"], "did you mean 'lr'", 2),
+    (["--set", "method.temperature=-1"], "temperature must be > 0", 2),
+    (["--config", str(CONFIGS / "swav_cifar1.yaml")], "did you mean", 2),
+    ([], "add --local", 2),
+])
+def test_pretrain_bad_input_is_one_line(args, message, code, capsys):
+    local = [] if args == [] else ["--local"]
+    assert main(["pretrain", *local, *args]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_print_config_shows_resolved_method_options(capsys):
+    assert main(["pretrain", "--config", str(CONFIGS / "dino_cifar10.yaml"), "--print-config",
+                 "--set", "method.teacher_temperature=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher_temperature: 0.05" in out and "center_momentum: 0.9" in out
