@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Short CIFAR-10 pretraining runs of every method with the shipped GPU recipes (CUDA path check:
+# bf16 autocast, channels_last, the ffcv loader, online kNN). Usage: bench/pretrain_smoke.sh [EPOCHS]
+# Data: $SSLAB_DATA_ROOT (default ../shared/data). Prints each run's result table.
+set -euo pipefail
+epochs=${1:-10}
+sslab() { python -m orchestrator.cli "$@"; }
+sslab data prepare --dataset cifar10 --quiet
+for method in swav dino sdmp supcon simclr; do
+  echo "=== $method, $epochs epochs"
+  sslab pretrain --local --quiet --name "smoke-$method-$epochs" --config "configs/pretrain/${method}_cifar10.yaml" \
+    --set train.epochs="$epochs" --set optim.warmup_epochs=1 --set knn.every_epochs="$epochs" \
+    --set train.resume=null 2>&1 | grep -v -i warn | tail -12
+done
