@@ -11,6 +11,7 @@ for method in swav dino sdmp supcon simclr; do
   extra=()
   # the recipe's queue starts at epoch 30; start it early in a short run
   [ "$method" = swav ] && extra=(--set method.queue_start_epoch=$((epochs / 2)))
+  [ "$method" = dino ] && extra=(--set method.warmup_teacher_temperature_epochs=$((epochs / 2)))
   sslab pretrain --local --quiet --name "smoke-$method-$epochs" --config "configs/pretrain/${method}_cifar10.yaml" \
     --set train.epochs="$epochs" --set optim.warmup_epochs=1 --set knn.every_epochs="$epochs" \
     --set train.resume=null "${extra[@]}" 2>&1 | grep -v -i warn | tail -12

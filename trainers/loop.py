@@ -136,6 +136,8 @@ class Trainer:
         self.progress = progress and self.is_main
         self.on_epoch_end, self.on_log, self.wrap_student = on_epoch_end, on_log, wrap_student
         self.device = torch.device(device) if device is not None else resolve_device(config.train.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.out_dir = Path(out_dir or config.train.out_dir or default_out_dir(config.name)).expanduser().resolve()
         self.history: list[dict] = []
 
