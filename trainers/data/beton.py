@@ -308,4 +308,5 @@ class FfcvCanvasLoader:
 
     def __iter__(self):
         for images, labels in self.loader:
-            yield images, labels.long().view(-1)
+            # labels are tiny: copy them out of ffcv's reused buffers so that callers may keep them
+            yield images, labels.view(-1).to(torch.long, copy=True)
