@@ -161,7 +161,7 @@ def _load_pretrain_config(args):
     from trainers.config import load_config
 
     overrides = list(args.set or [])
-    if args.name:
+    if args.name and getattr(args, "local", True):
         overrides.append(f"name={args.name}")
     if args.data_root:
         overrides.append(f"data.data_root={args.data_root}")
@@ -178,8 +178,7 @@ def cmd_pretrain(args) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     if not args.local:
-        raise UserError("pretraining through Ray Train is not available in this version: add --local to train in "
-                        "this process")
+        return _pretrain_on_ray(args, config)
     from trainers.loop import Trainer
 
     trainer = Trainer(config, out_dir=args.out_dir, progress=not args.quiet,
@@ -187,6 +186,55 @@ def cmd_pretrain(args) -> int:
     result = trainer.fit()
     _print_result_table(config, result)
     return 0
+
+
+def _cluster_options(args):
+    from orchestrator.train import ClusterOptions
+
+    return ClusterOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                          cpus_per_worker=args.cpus_per_worker, address=args.address, storage=args.storage,
+                          max_failures=args.max_failures, num_to_keep=args.num_to_keep,
+                          tracking_uri=args.tracking_uri, experiment=args.experiment)
+
+
+def _pretrain_on_ray(args, config) -> int:
+    from orchestrator.train import run_pretraining
+
+    if args.out_dir:
+        raise UserError("--out-dir is for --local runs; Ray runs live in --storage/<name>")
+    outcome = run_pretraining(config, _cluster_options(args), name=args.name,
+                              log=lambda msg: print(msg, file=sys.stderr))
+    m = outcome.metrics
+    rows = [("run", outcome.name), ("method", config.method_name), ("backbone", config.model.backbone),
+            ("data set", config.data.dataset), ("workers", str(args.workers)),
+            ("steps", f"{outcome.steps:,} ({m.get('epochs_completed', 0)} epochs)")]
+    if "loss" in m:
+        rows.append(("final loss", f"{m['loss']:.4f}"))
+    for key in sorted(k for k in m if k.startswith("knn_top1")):
+        rows.append((f"kNN top-1 ({key.rsplit('_', 1)[-1].replace('k', 'k=')})", f"{m[key]:.2%}"))
+    if "img_per_s" in m:
+        rows.append(("throughput", f"{m['img_per_s']:,.0f} img/s"))
+    rows += [("checkpoint", str(outcome.checkpoint)), ("MLflow run", str(outcome.run_id)),
+             ("tracking URI", outcome.tracking_uri)]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray and MLflow (without --local)")
+    g.add_argument("--workers", type=int, default=1, help="Ray Train workers (one process each; DDP when > 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=1.0 if _cuda() else 0.0, help="GPUs per worker")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster: auto, ray://head:10001, or local / unset for an embedded Ray on this machine")
+    g.add_argument("--storage", default=None, help="run storage (shared folder or s3://...); default "
+                                                   "<state dir>/ray_results")
+    g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up (-1: no limit)")
+    g.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept in storage (best by kNN top-1)")
+    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///<state dir>/mlflow/mlflow.db)")
+    g.add_argument("--experiment", default="sslab", help="MLflow experiment")
 
 
 def _print_result_table(config, result) -> None:
@@ -215,16 +263,112 @@ def _add_pretrain(subparsers) -> None:
                     "last checkpoint.")
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults = SwAV on CIFAR-10)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--local", action="store_true", help="train in this process (no Ray)")
-    p.add_argument("--name", default=None, help="run name (default: the config's name); the run folder is "
-                                                "<state dir>/runs/<name>")
+    p.add_argument("--local", action="store_true", help="train in this process (no Ray, no MLflow)")
+    p.add_argument("--name", default=None, help="run name; --local: default the config's name, run folder "
+                                                "<state dir>/runs/<name>; Ray: default <config name>-<time>, "
+                                                "rerunning a name resumes it")
     p.add_argument("--out-dir", default=None, help="run folder (overrides the name-based default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the config's train.device)")
     p.add_argument("--data-root", default=None, help="folder with the data archives (default: the config's, "
                                                      f"else ${DATA_ROOT_ENV} or ../shared/data)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cluster_arguments(p)
     p.set_defaults(func=cmd_pretrain)
+
+
+# --------------------------------------------------------------------------- sweep
+def cmd_sweep(args) -> int:
+    from orchestrator.sweep import load_sweep, run_sweep
+
+    spec = load_sweep(args.config, args.set)
+    if args.num_samples is not None:
+        spec.num_samples = args.num_samples
+    outcome = run_sweep(spec, _cluster_options(args), name=args.name, log=lambda msg: print(msg, file=sys.stderr))
+    print((outcome.folder / "summary.md").read_text(), end="")
+    if outcome.best is None:
+        raise UserError(f"no trial of sweep {outcome.name} finished with {spec.metric}: see {outcome.folder}")
+    print(f"best: {spec.metric} {outcome.best[spec.metric]:.4f} with "
+          + ", ".join(f"{k}={outcome.best[k]}" for k in spec.space))
+    print(f"best config: {outcome.folder / 'best_config.yaml'}  (sslab pretrain --config ...)")
+    print(f"best checkpoint: {outcome.best.get('checkpoint')}")
+    print(f"summary: {outcome.folder / 'summary.md'}; MLflow parent run: {outcome.parent_run_id}; "
+          f"TensorBoard: tensorboard --logdir {outcome.folder / 'tune'}")
+    return 0
+
+
+def _add_sweep(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="Ray Tune sweep over pretraining config keys", formatter_class=_Formatter,
+                              description="Runs the trials of a sweep YAML (configs/sweeps/*.yaml), each a Ray Train "
+                                          "run, with ASHA or FIFO scheduling; writes a summary table, plots and the "
+                                          "best config.")
+    p.add_argument("--config", required=True, help="sweep YAML")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a base config value")
+    p.add_argument("--name", default=None, help="sweep name (default <sweep name>-<time>)")
+    p.add_argument("--num-samples", type=int, default=None, help="override the YAML's num_samples")
+    _add_cluster_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+# --------------------------------------------------------------------------- submit
+def cmd_submit(args) -> int:
+    from orchestrator.submit import submit
+
+    command = list(args.command or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return submit(command, address=args.address, name=args.name, wait=args.wait, gpus=args.gpus, cpus=args.cpus,
+                  tracking_uri=args.tracking_uri, env=args.env or [], python=args.python,
+                  working_dir=args.working_dir, log=lambda msg: print(msg, file=sys.stderr))
+
+
+def _add_submit(subparsers) -> None:
+    p = subparsers.add_parser(
+        "submit", help="run an sslab command as a Ray job on a cluster", formatter_class=_Formatter,
+        description="Example: sslab submit --address http://head:8265 --wait -- pretrain --config "
+                    "configs/pretrain/swav_cifar10.yaml --workers 8 --address auto")
+    p.add_argument("--address", default=None, help="Ray job server (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.add_argument("--name", default=None, help="job id (default: Ray picks one)")
+    p.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved for the job's entrypoint")
+    p.add_argument("--cpus", type=float, default=None, help="CPUs reserved for the job's entrypoint")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable for the job")
+    p.add_argument("--python", default="python", help="Python interpreter on the cluster")
+    p.add_argument("--working-dir", default=None, help="project folder to send (default: this checkout)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sslab arguments")
+    p.set_defaults(func=cmd_submit)
+
+
+# --------------------------------------------------------------------------- MLflow UI
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from orchestrator.tracking import artifact_location, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if not uri.startswith("sqlite:///"):
+        raise UserError(f"{uri} is a tracking server: open it in a browser instead of starting a UI")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    location = artifact_location(uri)
+    if location:
+        command += ["--default-artifact-root", location]
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", file=sys.stderr)
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    return subprocess.call(command)
+
+
+def _add_ui(subparsers) -> None:
+    p = subparsers.add_parser("ui", help="start the MLflow UI on the tracking store", formatter_class=_Formatter)
+    p.add_argument("--tracking-uri", default=None, help="store (default $MLFLOW_TRACKING_URI, else the state dir's "
+                                                        "sqlite store)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=5000, help="port")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.set_defaults(func=cmd_ui)
 
 
 # --------------------------------------------------------------------------- demo
@@ -265,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised vision pretraining (SwAV, DINO, SDMP, SupCon/SimCLR) on FFCV multi-crop "
                     "batches, run by Ray and tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="{data,pretrain,demo}", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="{data,pretrain,sweep,submit,ui,demo}", required=True)
     _add_data_commands(subparsers)
     _add_pretrain(subparsers)
+    _add_sweep(subparsers)
+    _add_submit(subparsers)
+    _add_ui(subparsers)
     _add_demo(subparsers)
     return parser
 

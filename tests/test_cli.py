@@ -90,10 +90,14 @@ def test_pretrain_local_runs_and_prints_a_result_table(tmp_path, capsys):
     (["--set", "optim.lrr=0.1"], "did you mean 'lr'", 2),
     (["--set", "method.temperature=-1"], "temperature must be > 0", 2),
     (["--config", str(CONFIGS / "swav_cifar1.yaml")], "did you mean", 2),
-    ([], "add --local", 2),
+    (["--ray", "--workers", "3"], "not divisible by --workers 3", 2),
+    (["--ray", "--workers", "0"], "--workers must be >= 1", 2),
+    (["--ray", "--tracking-uri", "./mlruns"], "file store is not supported", 2),
 ])
 def test_pretrain_bad_input_is_one_line(args, message, code, capsys):
-    local = [] if args == [] else ["--local"]
+    # without --local the checks run before Ray or MLflow start
+    local = [] if args[:1] == ["--ray"] else ["--local"]
+    args = [a for a in args if a != "--ray"]
     assert main(["pretrain", *local, *args]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

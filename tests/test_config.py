@@ -107,3 +107,13 @@ def test_impossible_hyperparameters_are_refused(overrides, message):
 def test_batch_must_split_over_workers():
     with pytest.raises(ConfigError, match="not divisible by the 3 workers"):
         check_config(load_config(None, ["data.batch_size=512"]), world_size=3)
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-6 as a string; a float field still accepts it
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-6\n")
+    assert load_config(path).optim.weight_decay == 1e-6
+    assert load_config(None, ["optim.lr=3e-4"]).optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="wrong type"):
+        load_config(None, ["optim.lr=fast"])

@@ -42,3 +42,19 @@ def test_bad_head_sizes():
         DINOHead(8, out_dim=0)
     with pytest.raises(ConfigError, match="prototypes"):
         Prototypes(8, 0)
+
+
+def test_dino_head_batch_norm_option_puts_bn_after_each_hidden_layer():
+    from torch import nn
+
+    from trainers.heads import DINOHead
+
+    plain = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16, layers=3)
+    with_bn = DINOHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16, layers=3, batch_norm=True)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain.modules())
+    norms = [m for m in with_bn.mlp if isinstance(m, nn.BatchNorm1d)]
+    assert len(norms) == 2 and all(m.num_features == 48 for m in norms)
+    out = with_bn(torch.randn(8, 32))
+    assert out.shape == (8, 64)
+    # the bottleneck is L2-normalised and the last layer has unit rows: logits are cosines
+    assert out.abs().max() <= 1.0 + 1e-5

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,8 @@ def _coerce(value, annotation, where: str):
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
     elif annotation is str:
         if isinstance(value, str):
             return value

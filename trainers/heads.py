@@ -3,7 +3,7 @@
 - ``ProjectionHead``: Linear -> BN -> ReLU -> Linear (SwAV: hidden 2048 for RN50 / 512 for RN18,
   out 128; SupCon/SimCLR: hidden = input width, out 128).
 - ``Prototypes``: SwAV's bias-free prototype layer, re-normalised to unit rows before every step.
-- ``DINOHead``: 3-layer MLP (GELU, hidden 2048) -> bottleneck 256 -> L2 normalise -> weight-normalised
+- ``DINOHead``: 3-layer MLP (GELU, hidden 2048, optional BN) -> bottleneck 256 -> L2 normalise -> weight-normalised
   linear layer of ``out_dim`` (65536 by default), its norm fixed at 1 when ``norm_last_layer``.
 """
 
@@ -69,7 +69,7 @@ class Prototypes(nn.Module):
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 layers: int = 3, norm_last_layer: bool = True):
+                 layers: int = 3, norm_last_layer: bool = True, batch_norm: bool = False):
         super().__init__()
         for name, value in (("DINO out_dim", out_dim), ("DINO hidden_dim", hidden_dim),
                             ("DINO bottleneck_dim", bottleneck_dim), ("DINO head layers", layers)):
@@ -77,9 +77,13 @@ class DINOHead(nn.Module):
         if layers == 1:
             self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
-            blocks = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+            # batch_norm: BN after each hidden layer (DINO's --use_bn_in_head), steadier for ResNets
+            def hidden(width):
+                return [nn.Linear(width, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if batch_norm else []) + [nn.GELU()]
+
+            blocks = hidden(in_dim)
             for _ in range(layers - 2):
-                blocks += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+                blocks += hidden(hidden_dim)
             blocks.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*blocks)
         for module in self.mlp.modules():

@@ -128,13 +128,15 @@ class Trainer:
                  on_epoch_end: Callable[[int, dict, Path | None], None] | None = None,
                  on_log: Callable[[int, dict], None] | None = None,
                  wrap_student: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 out_dir: str | Path | None = None):
+                 out_dir: str | Path | None = None,
+                 on_checkpoint: Callable[[int, dict, Path | None], None] | None = None):
         check_config(config, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.is_main = rank == 0
         self.log = log if self.is_main else (lambda *_: None)
         self.progress = progress and self.is_main
         self.on_epoch_end, self.on_log, self.wrap_student = on_epoch_end, on_log, wrap_student
+        self.on_checkpoint = on_checkpoint  # mid-epoch checkpoints (train.checkpoint_every_steps), every rank
         self.device = torch.device(device) if device is not None else resolve_device(config.train.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -233,22 +235,37 @@ class Trainer:
                  f"{'fp32' if self.autocast_dtype is None else str(self.autocast_dtype).split('.')[-1]}")
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
+    def rng_state(self) -> dict:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+        return {"torch": torch.get_rng_state(), "cuda": cuda_rng, "augment": self.loader.augment.rng_state(self.device)}
+
+    def gather_rng_states(self) -> list[dict]:
+        """Every rank's random-number states (collective under DDP: all ranks call it), so that a
+        resumed multi-worker run draws the same views on every rank as the uninterrupted one."""
+        own = self.rng_state()
+        if self.world_size == 1:
+            return [own]
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, own)
+        return gathered
+
+    def state(self, rng_ranks: list[dict] | None = None) -> dict:
+        rng_ranks = rng_ranks or [self.rng_state()]
         return {"format": CHECKPOINT_FORMAT, "method": self.config.method_name, "backbone": self.config.model.backbone,
                 "step": self.step, "epoch": self.step // self.steps_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "model": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng,
-                        "augment": self.loader.augment.rng_state(self.device)},
-                "config": json.dumps(self.config.to_dict())}
+                "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": json.dumps(self.config.to_dict())}
 
     def save(self, epoch_end: bool) -> Path | None:
         """Rank 0 writes ``last.pt`` (and ``epoch-N.pt`` at epoch ends); returns its path."""
+        rng_ranks = self.gather_rng_states()
         if not self.is_main:
             return None
-        state = self.state()
+        state = self.state(rng_ranks)
         path = save_checkpoint(state, self.checkpoint_dir / "last.pt")
         if epoch_end:
             epoch = self.step // self.steps_per_epoch
@@ -283,10 +300,21 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"]["cuda"].numel():
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.loader.augment.load_rng_state(state["rng"]["augment"], self.device)
+        ranks = state.get("rng_ranks") or []
+        if len(ranks) == self.world_size:
+            rng = ranks[self.rank]
+        elif self.rank == 0:
+            rng = state["rng"]
+        else:  # saved with another number of workers: fresh, distinct streams for the other ranks
+            rng = None
+            seed = self.config.train.seed * 1000 + self.rank + 1 + self.step * 7919
+            torch.manual_seed(seed)
+            self.loader.augment.reseed(seed)
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and rng["cuda"].numel():
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            self.loader.augment.load_rng_state(rng["augment"], self.device)
         self.history = [row for row in self._read_history() if row.get("step", 0) <= self.step]
 
     def _read_history(self) -> list[dict]:
@@ -428,8 +456,10 @@ class Trainer:
                 if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not epoch_done:
                     last = self._flush(pending, epoch, started, images, bar) or last
                     started, images = time.perf_counter(), 0
-                    self.save(epoch_end=False)
+                    path = self.save(epoch_end=False)
                     self._write_history()
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(self.step, dict(last), path)
                 if self.step >= max_steps:
                     break
             if bar is not None:

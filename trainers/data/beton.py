@@ -9,6 +9,7 @@ settings, so an up-to-date file is never written twice.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -144,6 +145,14 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
     settings.validate()
     source = load_split(dataset, split, data_root)
     path = beton_path(out_dir, dataset, split, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # several workers of one node may ask at once: one writes, the others wait and find it up to date
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(source, dataset, split, path, settings, num_workers, force, progress, log)
+
+
+def _prepare_locked(source, dataset, split, path, settings, num_workers, force, progress, log) -> Path:
     key = _cache_key(source, settings)
     meta = read_meta(path)
     if not force and meta and meta.get("key") == key and path.is_file() and path.stat().st_size == meta.get("bytes"):

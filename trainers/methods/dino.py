@@ -43,6 +43,7 @@ class DINOConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     head_layers: int = 3
+    head_batch_norm: bool = False  # BN in the head's hidden layers (DINO's --use_bn_in_head)
     norm_last_layer: bool = True  # weight-normalised last layer with its norm fixed at 1
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04  # after warm-up
@@ -77,7 +78,7 @@ class DINONet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = DINOHead(feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers,
-                             o.norm_last_layer)
+                             o.norm_last_layer, o.head_batch_norm)
 
     def forward(self, views):
         return self.head(encode_views(self.backbone, views))

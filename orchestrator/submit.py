@@ -1,0 +1,108 @@
+"""``sslab submit``: run any sslab command as a Ray job on a cluster (``JobSubmissionClient``).
+
+The project folder is the job's working directory (data, state, virtual environments and build
+outputs excluded); the tracking URI, the Ray auth settings and any ``--env`` pass through the
+job's runtime environment. ``--wait`` streams the job's logs and returns its exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from trainers.errors import UserError
+from trainers.paths import project_root
+
+EXCLUDES = [".state/", ".venv/", ".git/", ".benchdata*", ".devicekit/", "*.beton", "*.tar.gz", "**/__pycache__/",
+            ".pytest_cache/", ".ruff_cache/", "bench/results/", "*.egg-info/"]
+PASS_THROUGH = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "SSLAB_HOME", "SSLAB_DATA_ROOT")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def default_address() -> str:
+    return os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+
+
+def job_env(tracking_uri: str | None, extra: list[str]) -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    for item in extra:
+        if "=" not in item:
+            raise UserError(f"--env '{item}' must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        env[key] = value
+    return env
+
+
+def submit(args: list[str], address: str | None = None, name: str | None = None, wait: bool = False,
+           gpus: float = 0.0, cpus: float | None = None, tracking_uri: str | None = None, env: list[str] = (),
+           python: str = "python", working_dir: str | None = None, log: Callable[[str], None] = print) -> int:
+    if not args:
+        raise UserError("nothing to run: put the sslab command after --, e.g. sslab submit -- pretrain --config ...")
+    if args[0] == "sslab":
+        args = args[1:]
+    address = address or default_address()
+    root = Path(working_dir) if working_dir else project_root()
+    if root is None:
+        raise UserError("no project checkout to send: pass --working-dir (the folder with pyproject.toml)")
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, auth errors, bad URLs
+        raise UserError(f"cannot reach the Ray job server at {address} ({str(exc).splitlines()[0][:160]}): start a "
+                        f"head with `ray start --head` (dashboard on port 8265) or pass --address http://HEAD:8265")
+    variables = job_env(tracking_uri, list(env))
+    if address.startswith(("http://127.0.0.1", "http://localhost")):
+        # same machine: the job sees this checkout's state, data and tracking store, not its temporary copy's
+        from orchestrator.tracking import resolve_tracking_uri
+        from trainers.paths import default_data_root, state_dir
+
+        variables.setdefault("SSLAB_HOME", str(state_dir()))
+        root_dir = default_data_root()
+        if root_dir is not None:
+            variables.setdefault("SSLAB_DATA_ROOT", str(root_dir))
+        variables.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(None))
+    uri = variables.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith("sqlite:///") and not address.startswith(("http://127.0.0.1", "http://localhost")):
+        log(f"warning: the job logs to {uri}, a file on the cluster's machines; use a tracking server "
+            f"(--tracking-uri http://mlflow:5000) to see the runs here")
+    entrypoint = f"{python} -m orchestrator.cli {shlex.join(args)}"
+    kwargs = {}
+    if gpus:
+        kwargs["entrypoint_num_gpus"] = gpus
+    if cpus:
+        kwargs["entrypoint_num_cpus"] = cpus
+    job_id = client.submit_job(entrypoint=entrypoint, submission_id=name,
+                               runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": variables},
+                               **kwargs)
+    log(f"submitted job {job_id} to {address}: {entrypoint}")
+    log(f"follow it: ray job logs -f --address {address} {job_id}   status: ray job status --address {address} {job_id}")
+    print(job_id)
+    if not wait:
+        return 0
+    return follow(client, job_id)
+
+
+def follow(client, job_id: str, poll_s: float = 1.0) -> int:
+    """Print the job's new log text until it ends; 0 when it succeeded, 1 otherwise."""
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        logs = client.get_job_logs(job_id)
+        if len(logs) > shown:
+            sys.stdout.write(logs[shown:])
+            sys.stdout.flush()
+            shown = len(logs)
+        if status in TERMINAL:
+            info = client.get_job_info(job_id)
+            if status != "SUCCEEDED":
+                print(f"job {job_id} {status.lower()}: {info.message or ''}".strip(), file=sys.stderr)
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(poll_s)

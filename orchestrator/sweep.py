@@ -1,0 +1,357 @@
+"""Hyper-parameter sweeps: Ray Tune over any pretraining config keys, each trial a Ray Train run.
+
+Train V2 pattern: a Tune *function* trainable starts a ``TorchTrainer`` whose ``RunConfig`` carries
+``TuneReportCallback``, so every ``ray.train.report`` of the trial's rank 0 reaches Tune (and its
+scheduler: ASHA on kNN top-1 by default). MLflow: one parent "sweep" run, one nested child run per
+trial (same experiment). At the end: a table of trials sorted by the metric, one plot of the metric
+against each swept key, the best trial's config (``best_config.yaml``, ready for
+``sslab pretrain --config``) and its checkpoint path, saved in the sweep folder and as artifacts.
+
+Sweep YAML::
+
+    name: swav-fashion-mnist-sweep
+    base: ../pretrain/swav_fashion-mnist.yaml     # relative to this file
+    set: [train.epochs=4]                          # fixed overrides of the base
+    space:                                         # config key -> distribution
+      method.temperature: {loguniform: [0.05, 0.2]}
+      method.epsilon: {choice: [0.03, 0.05]}
+      data.crops: {grid: [2x28+2x12, 2x28+6x12]}
+    search: random            # random | grid | optuna
+    scheduler: asha           # asha | fifo
+    metric: knn_top1_k20
+    mode: max
+    num_samples: 8
+    max_concurrent_trials: 2
+    workers_per_trial: 1
+    resources_per_worker: {cpu: 1, gpu: 0.25}   # fractional GPUs share one device between trials
+    asha: {grace_period: 1, reduction_factor: 2}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from trainers.config import Config, apply_overrides, from_dict, load_config
+from trainers.errors import ConfigError
+
+from orchestrator import tracking
+from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, init_ray,
+                                plot_history, resolve_storage, unique_name, worker_loop)
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
+SEARCHES = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: Config
+    base_path: str | None
+    space: dict[str, dict]
+    search: str = "random"
+    scheduler: str = "asha"
+    metric: str = "knn_top1_k20"
+    mode: str = "max"
+    num_samples: int = 4
+    max_concurrent_trials: int = 2
+    workers_per_trial: int = 1
+    resources_per_worker: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    asha: dict = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
+    seed: int = 0
+
+
+SPEC_KEYS = {"name", "base", "set", "space", "search", "scheduler", "metric", "mode", "num_samples",
+             "max_concurrent_trials", "workers_per_trial", "resources_per_worker", "asha", "seed"}
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} not found: see configs/sweeps/*.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        from trainers.config import _suggest
+
+        raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'{_suggest(unknown[0], SPEC_KEYS)}; "
+                          f"known: {', '.join(sorted(SPEC_KEYS))}")
+    base_path = raw.get("base")
+    if base_path:
+        base_path = str((path.parent / base_path).resolve())
+    base = load_config(base_path, list(raw.get("set") or []) + list(overrides or []))
+    spec = SweepSpec(name=str(raw.get("name") or path.stem), base=base, base_path=base_path,
+                     space=dict(raw.get("space") or {}),
+                     **{k: raw[k] for k in ("search", "scheduler", "metric", "mode", "num_samples",
+                                            "max_concurrent_trials", "workers_per_trial", "resources_per_worker",
+                                            "asha", "seed") if k in raw})
+    check_sweep(spec, where=str(path))
+    return spec
+
+
+def check_sweep(spec: SweepSpec, where: str = "sweep") -> None:
+    from trainers.loop import check_config
+
+    if not spec.space:
+        raise ConfigError(f"{where}: 'space' is empty: name at least one config key to sweep, e.g. "
+                          f"method.temperature: {{loguniform: [0.05, 0.2]}}")
+    if spec.search not in SEARCHES:
+        raise ConfigError(f"{where}: search '{spec.search}' must be one of {', '.join(SEARCHES)}")
+    if spec.scheduler not in SCHEDULERS:
+        raise ConfigError(f"{where}: scheduler '{spec.scheduler}' must be one of {', '.join(SCHEDULERS)}")
+    if spec.mode not in ("max", "min"):
+        raise ConfigError(f"{where}: mode must be max or min, got '{spec.mode}'")
+    if spec.num_samples < 1 or spec.max_concurrent_trials < 1 or spec.workers_per_trial < 1:
+        raise ConfigError(f"{where}: num_samples, max_concurrent_trials and workers_per_trial must be >= 1")
+    gpu = float(spec.resources_per_worker.get("gpu", 0))
+    if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        raise ConfigError(f"{where}: resources_per_worker.gpu {gpu} must be a fraction in (0, 1] or a whole number")
+    for key, dist in spec.space.items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: space.{key} must be one distribution, e.g. {{choice: [a, b]}}; "
+                              f"known: {', '.join(DISTRIBUTIONS)}")
+        kind, args = next(iter(dist.items()))
+        if kind in ("choice", "grid") and (not isinstance(args, list) or not args):
+            raise ConfigError(f"{where}: space.{key}: {kind} needs a non-empty list of values")
+        if kind in ("uniform", "loguniform", "randint", "quniform") and (
+                not isinstance(args, list) or len(args) not in (2, 3) or args[0] >= args[1]):
+            raise ConfigError(f"{where}: space.{key}: {kind} needs [low, high] with low < high")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"{where}: space.{key}: loguniform needs low > 0")
+        if spec.search == "grid" and kind != "grid":
+            raise ConfigError(f"{where}: search 'grid' needs every space entry to be grid: [...] (space.{key} is {kind})")
+        # every value must give a valid config: check the extremes now, not in trial 7 after an hour
+        for value in (args if kind in ("choice", "grid") else args[:2]):
+            trial_config(spec.base, {key: value})
+    probe = trial_config(spec.base, {k: _first_value(d) for k, d in spec.space.items()})
+    check_config(probe, spec.workers_per_trial)
+    if spec.scheduler == "asha" and not probe.knn.every_epochs and spec.metric.startswith("knn"):
+        raise ConfigError(f"{where}: ASHA on {spec.metric} needs kNN during training: set knn.every_epochs >= 1")
+
+
+def _first_value(dist: dict):
+    kind, args = next(iter(dist.items()))
+    return args[0]
+
+
+def trial_config(base: Config, params: dict[str, Any]) -> Config:
+    raw = apply_overrides(base.to_dict(), [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+                                           for k, v in params.items()])
+    return from_dict(raw)
+
+
+def tune_space(spec: SweepSpec) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, dist in spec.space.items():
+        kind, args = next(iter(dist.items()))
+        space[key] = {"uniform": lambda a: tune.uniform(a[0], a[1]),
+                      "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+                      "choice": lambda a: tune.choice(a),
+                      "grid": lambda a: tune.grid_search(a),
+                      "randint": lambda a: tune.randint(a[0], a[1]),
+                      "quniform": lambda a: tune.quniform(a[0], a[1], a[2] if len(a) > 2 else 1)}[kind](args)
+    return space
+
+
+# --------------------------------------------------------------------------- the trial
+def run_trial(trial: dict) -> None:
+    """Tune function trainable: one Ray Train run of the base config with this trial's values."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    setup = trial["__sweep__"]
+    os.environ.update(setup["env"])
+    params = {k: v for k, v in trial.items() if k != "__sweep__"}
+    config = trial_config(from_dict(setup["base"]), params)
+    context = tune.get_context()
+    trial_name = f"{setup['sweep_name']}-{context.get_trial_id()}"
+    config.name = trial_name
+    run_id = None
+    uri = setup["tracking_uri"]
+    if setup.get("parent_run_id"):
+        try:
+            client = tracking.client(uri)
+            run = client.create_run(setup["experiment_id"], run_name=trial_name, tags={
+                "mlflow.parentRunId": setup["parent_run_id"], tracking.RUN_NAME_TAG: trial_name,
+                tracking.KIND_TAG: "trial", "method": config.method_name, "dataset": config.data.dataset,
+                "sweep": setup["sweep_name"]})
+            run_id = run.info.run_id
+            tracking.log_params(client, run_id, tracking.flat_params(config.flat()))
+        except Exception as exc:  # noqa: BLE001
+            print(f"warning: MLflow child run not created ({str(exc).splitlines()[0][:160]})")
+    resources = {"CPU": float(setup["resources"].get("cpu", 1))}
+    gpu = float(setup["resources"].get("gpu", 0))
+    if gpu:
+        resources["GPU"] = gpu
+    loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"], "run_id": run_id,
+                   "tracking_uri": uri, "fault_at_step": None, "fault_marker": None}
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=setup["workers"], use_gpu=gpu > 0,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu > 0 else "gloo"),
+        run_config=ray.train.RunConfig(name=trial_name, storage_path=setup["storage"],
+                                       callbacks=[TuneReportCallback()],
+                                       failure_config=ray.train.FailureConfig(max_failures=1),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+    error = None
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - close the child run, then let Tune record the failure
+        error = exc
+    finally:
+        if run_id is not None:
+            folder = _latest_checkpoint(setup["storage"], trial_name)
+            history = []
+            if folder is not None and (folder / "metrics.jsonl").is_file():
+                history = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x]
+            _finish_mlflow_run(uri, run_id, folder, config, history, "FAILED" if error else "FINISHED", print)
+    if error is not None:
+        raise error
+
+
+# --------------------------------------------------------------------------- the driver
+@dataclass
+class SweepOutcome:
+    name: str
+    folder: Path
+    table: list[dict]
+    best: dict | None
+    parent_run_id: str | None
+
+
+def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
+              log: Callable[[str], None] = print) -> SweepOutcome:
+    from ray import tune
+
+    name = name or unique_name(spec.name)
+    storage = resolve_storage(options.storage)
+    folder = Path(storage) / name if "://" not in storage else Path(tracking.state_dir()) / "sweeps" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    parent_run_id, experiment_id = None, None
+    problem = tracking.check_reachable(uri)
+    if problem:
+        log(f"warning: {problem}; the sweep runs without MLflow tracking")
+    else:
+        client = tracking.client(uri)
+        experiment_id = tracking.experiment_id(client, options.experiment, uri)
+        parent = client.create_run(experiment_id, run_name=name, tags={
+            tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "sweep", "method": spec.base.method_name,
+            "dataset": spec.base.data.dataset, "search": spec.search, "scheduler": spec.scheduler})
+        parent_run_id = parent.info.run_id
+        tracking.log_params(client, parent_run_id, tracking.flat_params(
+            {"search": spec.search, "scheduler": spec.scheduler, "metric": spec.metric, "mode": spec.mode,
+             "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"}))
+        log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
+    init_ray(options.address, log)
+    if options.address in (None, "", "local"):
+        from orchestrator.train import _prepare_data
+
+        _prepare_data(spec.base, log)
+    setup = {"base": spec.base.to_dict(), "sweep_name": name, "env": _worker_env(), "tracking_uri": uri,
+             "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),
+             "workers": spec.workers_per_trial, "resources": spec.resources_per_worker}
+    space = tune_space(spec)
+    space["__sweep__"] = setup
+    search_alg = None
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.seed)
+    scheduler = None
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        total = spec.base.train.epochs  # one report per epoch
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(total, 1),
+                                  grace_period=int(spec.asha.get("grace_period", 1)),
+                                  reduction_factor=float(spec.asha.get("reduction_factor", 2)))
+    num_samples = 1 if spec.search == "grid" else spec.num_samples
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": 0.1}),  # the trial only drives its TorchTrainer
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=str(folder / "tune")))
+    log(f"sweep {name}: {spec.search} search, {spec.scheduler} scheduler on {spec.metric} ({spec.mode}), "
+        f"{num_samples} sample(s), {spec.max_concurrent_trials} at a time; folder {folder}")
+    results = tuner.fit()
+    table = []
+    for result in results:
+        params = {k: v for k, v in (result.config or {}).items() if k != "__sweep__"}
+        metrics = result.metrics or {}
+        table.append({"trial": getattr(result, "path", "") and Path(result.path).name, **params,
+                      spec.metric: metrics.get(spec.metric), "iterations": metrics.get("training_iteration"),
+                      "steps": metrics.get("step"), "checkpoint": metrics.get("checkpoint_path"),
+                      "error": str(result.error).splitlines()[0][:200] if result.error else None})
+    sign = -1 if spec.mode == "max" else 1
+    table.sort(key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0.0)))
+    best = next((r for r in table if r[spec.metric] is not None and not r["error"]), None)
+    _write_summary(spec, folder, table, best)
+    if parent_run_id is not None:
+        try:
+            client = tracking.client(uri)
+            for path in sorted(folder.glob("summary*")) + sorted(folder.glob("best_config.yaml")) + \
+                    sorted(folder.glob("metric_vs_*.png")):
+                client.log_artifact(parent_run_id, str(path))
+            if best is not None:
+                client.log_metric(parent_run_id, f"best_{spec.metric}", float(best[spec.metric]))
+            client.set_terminated(parent_run_id, "FINISHED")
+        except Exception as exc:  # noqa: BLE001
+            log(f"warning: could not finish the MLflow sweep run ({str(exc).splitlines()[0][:160]})")
+    return SweepOutcome(name, folder, table, best, parent_run_id)
+
+
+def _write_summary(spec: SweepSpec, folder: Path, table: list[dict], best: dict | None) -> None:
+    keys = list(spec.space)
+    columns = ["trial", *keys, spec.metric, "iterations", "checkpoint"]
+    (folder / "summary.json").write_text(json.dumps(table, indent=1, default=str))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    if best is not None:
+        config = trial_config(spec.base, {k: best[k] for k in keys})
+        config.name = f"{spec.name}-best"
+        config.dump(folder / "best_config.yaml")
+        (folder / "best.json").write_text(json.dumps(best, indent=1, default=str))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key in keys:
+        points = [(row[key], row[spec.metric]) for row in table if row.get(spec.metric) is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        xs = [p[0] for p in points]
+        numeric = all(isinstance(x, (int, float)) for x in xs)
+        ax.scatter(xs if numeric else [str(x) for x in xs], [p[1] for p in points])
+        if numeric and next(iter(spec.space[key])) == "loguniform":
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel=spec.metric, title=f"{spec.metric} vs {key}")
+        fig.tight_layout()
+        fig.savefig(folder / f"metric_vs_{key.replace('.', '_')}.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,216 @@
+"""MLflow tracking: where the store is, one run per training run, and logging that never stops training.
+
+- ``resolve_tracking_uri``: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute
+  ``sqlite:///<state dir>/mlflow/mlflow.db`` (artifacts beside it). Relative sqlite/file paths are made
+  absolute: inside a Ray job the working directory is Ray's temporary copy of the project.
+- ``MetricLogger``: what rank 0 uses during training. Every row carries the global step; steps at or
+  below what the run already holds are skipped, so a restarted worker group that repeats the steps
+  since its last checkpoint never duplicates them. When the server does not answer, it warns once,
+  keeps the rows and replays them when the server is back (checked at most every ``retry_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable
+
+from trainers.errors import UserError
+from trainers.paths import project_root, state_dir
+
+RUN_NAME_TAG = "sslab.run_name"
+KIND_TAG = "sslab.kind"
+DEFAULT_EXPERIMENT = "sslab"
+
+
+def default_store() -> Path:
+    return state_dir() / "mlflow"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        store = default_store()
+        store.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{store / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):  # sqlite:///relative.db -> absolute
+            path = str(Path(path).resolve())
+            uri = f"sqlite:///{path}"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return uri
+    if uri.startswith("file:") or "://" not in uri:
+        raise UserError(f"tracking URI '{uri}': MLflow's file store is not supported by this MLflow version; use "
+                        f"sqlite:///<absolute path>.db for a local store or http://host:5000 for a tracking server")
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database (absolute, so Ray jobs find them)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None  # the server decides
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """None when the store answers, else one line saying what is wrong."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+                if response.status == 200:
+                    return None
+                return f"MLflow server {uri} answered HTTP {response.status} on /health"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return f"MLflow server {uri} is unreachable ({reason})"
+    return None
+
+
+def _quiet_http_client() -> None:
+    # MLflow retries a dead server for minutes by default; training must not stall that long per call
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def client(uri: str):
+    _quiet_http_client()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str, uri: str) -> str:
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def find_run(mlflow_client, exp_id: str, run_name: str, kind: str = "pretrain"):
+    """The existing MLflow run of this sslab run name (a rerun resumes it), or None."""
+    runs = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and "
+                                                             f"tags.`{KIND_TAG}` = '{kind}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def git_commit() -> str | None:
+    root = project_root()
+    if root is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flat_params(values: dict) -> dict[str, str]:
+    """MLflow params are strings of at most 6000 characters."""
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in values.items()}
+
+
+def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    existing = mlflow_client.get_run(run_id).data.params
+    fresh = [Param(k, v) for k, v in params.items() if k not in existing]
+    for start in range(0, len(fresh), 100):  # MLflow's batch limit
+        mlflow_client.log_batch(run_id, params=fresh[start:start + 100])
+
+
+class MetricLogger:
+    """Rank 0's metric stream into one MLflow run; see the module docstring."""
+
+    def __init__(self, uri: str, run_id: str | None, log: Callable[[str], None] = print, retry_s: float = 60.0):
+        self.uri, self.run_id, self.log, self.retry_s = uri, run_id, log, retry_s
+        self.pending: list[tuple[int, dict]] = []
+        self.last_step: dict[str, int] = {}
+        self.warned = False
+        self.next_try = 0.0
+        self._client = None
+
+    def _mlflow(self):
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def _known_step(self, key: str) -> int:
+        if key not in self.last_step:
+            history = self._mlflow().get_metric_history(self.run_id, key)
+            self.last_step[key] = max((m.step for m in history), default=-1)
+        return self.last_step[key]
+
+    def log_row(self, step: int, row: dict) -> None:
+        if self.run_id is None:
+            return
+        values = {k: float(v) for k, v in row.items()
+                  if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(float(v))}
+        self.pending.append((int(step), values))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is pending; False when the server did not take it (the rows are kept)."""
+        if not self.pending or self.run_id is None:
+            return True
+        if not force and time.monotonic() < self.next_try:
+            return False
+        from mlflow.entities import Metric
+
+        try:
+            metrics = []
+            stamp = int(time.time() * 1000)
+            for step, values in self.pending:
+                for key, value in values.items():
+                    if step > self._known_step(key):
+                        metrics.append(Metric(key, value, stamp, step))
+            for start in range(0, len(metrics), 1000):
+                self._mlflow().log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        except Exception as exc:  # noqa: BLE001 - any tracking failure must leave training running
+            self.next_try = time.monotonic() + self.retry_s
+            if not self.warned:
+                self.warned = True
+                self.log(f"warning: MLflow ({self.uri}) did not take metrics ({str(exc).splitlines()[0][:160]}); "
+                         f"training continues, {len(self.pending)} row(s) kept and replayed when it answers")
+            return False
+        self.next_try = 0.0
+        for step, values in self.pending:
+            for key in values:
+                self.last_step[key] = max(self.last_step.get(key, -1), step)
+        if self.warned:
+            self.log(f"MLflow answers again: replayed {len(self.pending)} kept row(s)")
+            self.warned = False
+        self.pending.clear()
+        return True
+
+
+def replay_history(uri: str, run_id: str, rows: Iterable[dict], log: Callable[[str], None] = print) -> bool:
+    """Log every row of a run's ``metrics.jsonl`` the MLflow run does not hold yet (by step)."""
+    logger = MetricLogger(uri, run_id, log=log, retry_s=0.0)
+    for row in rows:
+        if "step" in row:
+            logger.pending.append((int(row["step"]), {k: float(v) for k, v in row.items()
+                                                      if k not in ("step", "epoch") and isinstance(v, (int, float))
+                                                      and math.isfinite(float(v))}))
+    return logger.flush(force=True)
+
+
+def download_backbone(uri: str, run_id: str, device="cpu"):
+    """(backbone module, feature_dim, info) of a pretraining run, by its MLflow run id."""
+    from mlflow.artifacts import download_artifacts
+
+    from trainers.loop import load_backbone
+
+    _quiet_http_client()
+    try:
+        path = download_artifacts(run_id=run_id, artifact_path="backbone/backbone.pt", tracking_uri=uri)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"MLflow run {run_id} has no backbone/backbone.pt ({str(exc).splitlines()[0][:120]}): "
+                        f"pass the run id of a finished pretraining run") from None
+    return load_backbone(path, device)

@@ -1,0 +1,401 @@
+"""Distributed pretraining: the plain-PyTorch ``Trainer`` inside a Ray Train ``TorchTrainer``.
+
+Driver (this process): checks the config, prepares the data files once, opens (or reopens, for a
+rerun of the same name) the MLflow run and starts the ``TorchTrainer``. Workers: each builds its
+own loader shard (rank / world size), resumes from ``ray.train.get_checkpoint()`` when Ray restarts
+the group, and reports at every checkpoint (every rank calls ``report``; rank 0 attaches the
+checkpoint folder). Rank 0 alone logs metrics to MLflow, by global step. At the end the driver logs
+the final checkpoint, the backbone, the config and a loss / kNN plot as artifacts of the run.
+
+Ray 2.60 runs Train V2: restarting the same (storage, name) resumes from its latest checkpoint;
+``TorchTrainer.restore`` and ``resume_from_checkpoint`` are gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainers.config import Config, from_dict
+from trainers.errors import ConfigError, UserError
+from trainers.paths import state_dir
+
+from orchestrator import tracking
+
+FAULT_ENV = "SSLAB_FAULT_AT_STEP"  # fault injection for tests: rank 0 raises once at this step
+CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "backbone.pt", "summary.json")
+
+
+@dataclass
+class ClusterOptions:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # None/"local": embedded Ray on this machine; "auto"; "ray://host:10001"
+    storage: str | None = None  # run storage (shared file system or s3://...); default <state>/ray_results
+    max_failures: int = 2
+    num_to_keep: int = 2
+    tracking_uri: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+
+
+@dataclass
+class RunOutcome:
+    name: str
+    storage: str
+    steps: int
+    metrics: dict
+    checkpoint: str | None
+    run_id: str | None
+    tracking_uri: str
+    history: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- names and storage
+def unique_name(base: str) -> str:
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+
+
+def resolve_storage(storage: str | None) -> str:
+    if not storage:
+        return str(state_dir() / "ray_results")
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def check_cluster_options(options: ClusterOptions, config: Config) -> None:
+    if options.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {options.workers}")
+    if options.gpus_per_worker < 0 or options.cpus_per_worker <= 0:
+        raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if options.max_failures < -1:
+        raise ConfigError("--max-failures must be >= 0 (or -1 for unlimited restarts)")
+    if config.data.batch_size % options.workers:
+        raise ConfigError(f"data.batch_size {config.data.batch_size} is not divisible by --workers {options.workers}: "
+                          f"use a multiple of {options.workers}")
+    if options.gpus_per_worker > 0 and config.train.device == "cpu":
+        raise ConfigError("--gpus-per-worker > 0 but train.device is cpu: drop one of them")
+
+
+def init_ray(address: str | None, log: Callable[[str], None] = print, num_cpus: int | None = None) -> None:
+    """Connect to (or start) Ray. Local mode keeps the dashboard off and logs quiet."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address in (None, "", "local"):
+        # on a busy single machine a worker group can take over Ray's default 60 s to start
+        env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300", **_worker_env()}
+        ray.init(include_dashboard=False, log_to_driver=True, num_cpus=num_cpus,
+                 runtime_env={"env_vars": env}, logging_level="WARNING")
+        return
+    try:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": _worker_env()},
+                 logging_level="WARNING")
+    except ConnectionError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0][:120]}): start it with "
+                        f"`ray start --head` or pass --address local for an embedded Ray") from None
+
+
+def _worker_env() -> dict:
+    """Environment the workers need to find the same data, state and tracking store as the driver."""
+    keep = ("SSLAB_HOME", "SSLAB_DATA_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
+            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", FAULT_ENV, "RAY_AUTH_MODE")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("SSLAB_HOME", str(state_dir()))
+    from trainers.paths import default_data_root
+
+    root = default_data_root()
+    if root is not None:
+        env.setdefault("SSLAB_DATA_ROOT", str(root))
+    return env
+
+
+# --------------------------------------------------------------------------- worker side
+def _copy_checkpoint_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in CHECKPOINT_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def worker_loop(loop_config: dict) -> None:
+    """What each Ray Train worker runs (rank / world size from Ray's context)."""
+    import ray.train
+    import ray.train.torch
+
+    from trainers.loop import Trainer
+
+    os.environ.update(loop_config.get("env", {}))  # state dir, data root, tracking credentials of the driver
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    config = from_dict(loop_config["config"])
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        config.train.device = "cpu"
+    # the worker's own scratch folder; what must survive goes through ray.train.report
+    out_dir = Path(tempfile.mkdtemp(prefix=f"sslab-{loop_config['name']}-rank{rank}-"))
+    config.train.out_dir = str(out_dir)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            _copy_checkpoint_files(Path(folder), out_dir / "checkpoints")
+            if (Path(folder) / "metrics.jsonl").is_file():
+                shutil.copy2(Path(folder) / "metrics.jsonl", out_dir / "metrics.jsonl")
+        config.train.resume = "auto"
+    else:
+        config.train.resume = None
+    metric_logger = None
+    if rank == 0 and loop_config.get("run_id"):
+        metric_logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+    fault_step = loop_config.get("fault_at_step")
+    fault_marker = Path(loop_config["fault_marker"]) if loop_config.get("fault_marker") else None
+    last_knn: dict = {}
+    trainer: Trainer | None = None
+
+    def on_log(step: int, row: dict) -> None:
+        if metric_logger is not None:
+            metric_logger.log_row(step, row)
+        if fault_step is not None and step >= fault_step and fault_marker is not None and not fault_marker.exists():
+            fault_marker.parent.mkdir(parents=True, exist_ok=True)
+            fault_marker.write_text(f"injected at step {step}\n")
+            raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+
+    def report(step: int, metrics: dict, path: Path | None, final: bool = False) -> None:
+        knn = {k: v for k, v in metrics.items() if k.startswith("knn_")}
+        last_knn.update(knn)
+        if metric_logger is not None and knn:
+            metric_logger.log_row(step, knn)
+        payload = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        payload.update(last_knn)
+        payload.setdefault("knn_top1_k20", 0.0)  # the checkpoint score must exist in every report
+        payload.update(step=step, final=float(final))
+        if rank == 0 and path is not None:
+            with tempfile.TemporaryDirectory(prefix="sslab-report-") as folder:
+                staged = Path(folder)
+                shutil.copy2(path, staged / "last.pt")
+                for name in CHECKPOINT_FILES[1:]:
+                    if (out_dir / name).is_file():
+                        shutil.copy2(out_dir / name, staged / name)
+                ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(payload, checkpoint=None)
+
+    def on_epoch_end(completed: int, metrics: dict, path: Path | None) -> None:
+        if trainer is not None and trainer.step >= trainer_max_steps():
+            return  # the final report follows, with the backbone
+        report(trainer.step if trainer else 0, metrics, path)
+
+    def trainer_max_steps() -> int:
+        t = trainer.config.train
+        return min(trainer.total_steps, t.max_steps) if t.max_steps is not None else trainer.total_steps
+
+    trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False,
+                      log=lambda msg: print(f"[rank {rank}] {msg}", flush=True), on_log=on_log,
+                      on_epoch_end=on_epoch_end, on_checkpoint=lambda s, m, p: report(s, m, p))
+    result = trainer.fit()
+    if metric_logger is not None:
+        metric_logger.flush(force=True)
+    final_path = result.checkpoint if rank == 0 else None  # fit() always checkpoints its last step
+    report(result.steps, result.metrics, final_path, final=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- driver side
+def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: str, log) -> str | None:
+    problem = tracking.check_reachable(uri)
+    if problem:
+        log(f"warning: {problem}; training goes ahead without tracking and its metrics stay in the run's "
+            f"metrics.jsonl (replay with `sslab track replay --run {name}` once the server is back)")
+        return None
+    try:
+        client = tracking.client(uri)
+        exp_id = tracking.experiment_id(client, options.experiment, uri)
+        existing = tracking.find_run(client, exp_id, name)
+        if existing is not None:
+            run_id = existing.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            log(f"MLflow: continuing run {run_id} ({name})")
+        else:
+            tags = {tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "pretrain", "method": config.method_name,
+                    "dataset": config.data.dataset, "backbone": config.model.backbone,
+                    "workers": str(options.workers)}
+            commit = tracking.git_commit()
+            if commit:
+                tags["git_commit"] = commit
+            job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("SSLAB_RAY_JOB_ID")
+            if job_id:
+                tags["ray_job_id"] = job_id
+            run = client.create_run(exp_id, run_name=name, tags=tags)
+            run_id = run.info.run_id
+            log(f"MLflow: run {run_id} in experiment '{options.experiment}' ({uri})")
+        tracking.log_params(client, run_id, tracking.flat_params(config.flat()))
+        return run_id
+    except Exception as exc:  # noqa: BLE001 - tracking must not stop training
+        log(f"warning: MLflow at {uri} failed ({str(exc).splitlines()[0][:160]}); training goes ahead without "
+            f"tracking")
+        return None
+
+
+def _finish_mlflow_run(uri: str, run_id: str, checkpoint_dir: Path | None, config: Config, history: list,
+                       status: str, log) -> None:
+    try:
+        client = tracking.client(uri)
+        tracking.replay_history(uri, run_id, history, log=log)  # anything the workers could not send
+        with tempfile.TemporaryDirectory(prefix="sslab-artifacts-") as folder:
+            folder = Path(folder)
+            config.dump(folder / "config.yaml")
+            client.log_artifact(run_id, str(folder / "config.yaml"))
+            if history:
+                plot = plot_history(history, folder / "curves.png", title=config.name)
+                if plot is not None:
+                    client.log_artifact(run_id, str(plot))
+            if checkpoint_dir is not None:
+                if (checkpoint_dir / "backbone.pt").is_file():
+                    client.log_artifact(run_id, str(checkpoint_dir / "backbone.pt"), "backbone")
+                for name in ("last.pt", "metrics.jsonl", "summary.json"):
+                    if (checkpoint_dir / name).is_file():
+                        client.log_artifact(run_id, str(checkpoint_dir / name), "checkpoint")
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001
+        log(f"warning: could not finish the MLflow run {run_id} ({str(exc).splitlines()[0][:160]})")
+
+
+def plot_history(history: list, path: Path, title: str = "") -> Path | None:
+    """Loss (and kNN top-1 when present) against the global step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    knn_keys = sorted({k for r in history for k in r if k.startswith("knn_top1_")})
+    if not losses:
+        return None
+    fig, axes = plt.subplots(1, 2 if knn_keys else 1, figsize=(10 if knn_keys else 5, 3.6), squeeze=False)
+    axes[0][0].plot(*zip(*losses))
+    axes[0][0].set(xlabel="step", ylabel="loss", title=f"{title} loss")
+    for key in knn_keys:
+        points = [(r["step"], 100 * r[key]) for r in history if key in r]
+        axes[0][1].plot(*zip(*points), marker="o", label=key.replace("knn_top1_", "k="))
+    if knn_keys:
+        axes[0][1].set(xlabel="step", ylabel="kNN top-1 (%)", title="online kNN")
+        axes[0][1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_pretraining(config: Config, options: ClusterOptions, name: str | None = None,
+                    log: Callable[[str], None] = print) -> RunOutcome:
+    """Train ``config`` on a Ray cluster (or an embedded local Ray); see the module docstring."""
+    from trainers.loop import check_config
+
+    check_cluster_options(options, config)
+    check_config(config, options.workers)
+    name = name or unique_name(config.name)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ConfigError(f"run name '{name}' may only hold letters, digits, '.', '_' and '-'")
+    config.name = name
+    storage = resolve_storage(options.storage)
+    uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    local = options.address in (None, "", "local")
+    if local:  # write the data files once here, not in every worker at the same time
+        _prepare_data(config, log)
+    run_id = _open_mlflow_run(config, name, options, uri, log)
+    init_ray(options.address, log)
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": options.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = options.gpus_per_worker
+    fault = os.environ.get(FAULT_ENV)
+    loop_config = {"config": config.to_dict(), "name": name, "env": _worker_env(), "run_id": run_id, "tracking_uri": uri,
+                   "fault_at_step": int(fault) if fault else None,
+                   "fault_marker": str(Path(storage) / name / "fault-injected") if fault and "://" not in storage
+                   else None}
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.num_to_keep,
+                                                         checkpoint_score_attribute="knn_top1_k20",
+                                                         checkpoint_score_order="max")))
+    log(f"Ray Train: {options.workers} worker(s) x ({options.cpus_per_worker:g} CPU"
+        f"{f', {options.gpus_per_worker:g} GPU' if use_gpu else ''}), storage {storage}/{name}")
+    error = None
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - report it, close the MLflow run as failed, re-raise
+        error, result = exc, None
+    checkpoint_dir, history, metrics = _latest_checkpoint(storage, name), [], {}
+    if checkpoint_dir is not None and (checkpoint_dir / "metrics.jsonl").is_file():
+        history = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines() if line]
+    if checkpoint_dir is not None and (checkpoint_dir / "summary.json").is_file():
+        metrics = json.loads((checkpoint_dir / "summary.json").read_text())
+    if run_id is not None:
+        _finish_mlflow_run(uri, run_id, checkpoint_dir, config, history, "FAILED" if error else "FINISHED", log)
+    if error is not None:
+        cause = getattr(error, "__cause__", None) or error
+        if isinstance(cause, UserError):
+            raise cause
+        raise UserError(f"training failed after {options.max_failures} restart(s): {str(cause).splitlines()[0][:300]} "
+                        f"(worker logs: Ray's session folder; rerun with --name {name} to resume)") from error
+    return RunOutcome(name, storage, int(metrics.get("steps", 0)), metrics,
+                      str(checkpoint_dir) if checkpoint_dir else None, run_id, uri, history)
+
+
+def _latest_checkpoint(storage: str, name: str) -> Path | None:
+    """The newest checkpoint folder of the run (by the step in its metrics), on a local file system."""
+    if "://" in storage:
+        return None
+    root = Path(storage) / name
+    best, best_step = None, -1
+    for candidate in root.glob("checkpoint_*"):
+        if not candidate.is_dir():  # Ray's checkpoint_manager_snapshot.json
+            continue
+        summary = candidate / "summary.json"
+        step = -1
+        if summary.is_file():
+            step = json.loads(summary.read_text()).get("steps", -1)
+        elif (candidate / "metrics.jsonl").is_file():
+            lines = (candidate / "metrics.jsonl").read_text().splitlines()
+            step = json.loads(lines[-1]).get("step", -1) if lines else -1
+        if best is None or step > best_step or (step == best_step and candidate.stat().st_mtime > best.stat().st_mtime):
+            best, best_step = candidate, step
+    return best
+
+
+def _prepare_data(config: Config, log) -> None:
+    from trainers.data.beton import PrepareSettings, prepare
+
+    if config.data.loader == "torch":
+        return
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return
+    cache = config.data.cache_dir or str(state_dir() / "data")
+    prepare(config.data.dataset, "all", cache, config.data.data_root, PrepareSettings(), progress=False,
+            log=lambda msg: None)
+
+
+def hostname() -> str:
+    return socket.gethostname()

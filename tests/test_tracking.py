@@ -1,0 +1,72 @@
+"""MLflow tracking helpers: store resolution and logging that survives an unreachable server."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from orchestrator import tracking
+from trainers.errors import UserError
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_default_store_is_an_absolute_sqlite_path_in_the_state_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SSLAB_HOME", str(tmp_path / "home"))
+    uri = tracking.resolve_tracking_uri(None)
+    assert uri == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+    assert tracking.artifact_location(uri) == (tmp_path / "home" / "mlflow" / "artifacts").as_uri()
+
+
+def test_relative_sqlite_becomes_absolute_and_file_store_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path / 'rel' / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    with pytest.raises(UserError, match="file store is not supported"):
+        tracking.resolve_tracking_uri(None)
+
+
+def test_unreachable_server_is_reported_not_raised():
+    problem = tracking.check_reachable(f"http://127.0.0.1:{_closed_port()}", timeout_s=2)
+    assert problem is not None and "unreachable" in problem
+
+
+def test_metric_logger_keeps_rows_while_the_server_is_down_and_replays_them_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    client = tracking.client(store)
+    exp = tracking.experiment_id(client, "t", store)
+    run_id = client.create_run(exp).info.run_id
+
+    messages = []
+    logger = tracking.MetricLogger(f"http://127.0.0.1:{_closed_port()}", run_id, log=messages.append, retry_s=3600)
+    for step in (1, 2, 3):
+        logger.log_row(step, {"step": step, "loss": 5.0 - step, "lr": 0.1})  # must not raise
+    assert len(messages) == 1 and "training continues" in messages[0]
+    assert [s for s, _ in logger.pending] == [1, 2, 3]
+
+    logger.uri, logger._client = store, None  # the server is back
+    assert logger.flush(force=True)
+    assert "replayed 3" in messages[-1]
+    logger.log_row(3, {"loss": 99.0})  # a restarted worker repeating step 3: skipped
+    logger.log_row(4, {"loss": 0.5})
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 0.5)]
+
+
+def test_replay_history_logs_only_missing_steps(tmp_path):
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    client = tracking.client(store)
+    run_id = client.create_run(tracking.experiment_id(client, "t", store)).info.run_id
+    rows = [{"step": s, "epoch": 0, "loss": float(s)} for s in range(1, 6)] + [{"step": 5, "knn_top1_k20": 0.4}]
+    assert tracking.replay_history(store, run_id, rows[:3], log=lambda *_: None)
+    assert tracking.replay_history(store, run_id, rows, log=lambda *_: None)
+    assert [m.step for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [1, 2, 3, 4, 5]
+    assert [m.value for m in client.get_metric_history(run_id, "knn_top1_k20")] == [0.4]
