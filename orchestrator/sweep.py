@@ -308,6 +308,7 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
     if parent_run_id is not None:
         try:
             client = tracking.client(uri)
+            _close_stopped_trials(client, uri, experiment_id, parent_run_id, setup["storage"], spec, log)
             for path in sorted(folder.glob("summary*")) + sorted(folder.glob("best_config.yaml")) + \
                     sorted(folder.glob("metric_vs_*.png")):
                 client.log_artifact(parent_run_id, str(path))
@@ -317,6 +318,34 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
         except Exception as exc:  # noqa: BLE001
             log(f"warning: could not finish the MLflow sweep run ({str(exc).splitlines()[0][:160]})")
     return SweepOutcome(name, folder, table, best, parent_run_id)
+
+
+def _close_stopped_trials(client, uri, experiment_id, parent_run_id, storage, spec, log) -> None:
+    """Trials that ASHA stopped were killed mid-run and could not close their MLflow child run: close
+    them here as KILLED, with their metrics and last checkpoint from the trial's storage."""
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for child in children:
+        if child.info.status != "RUNNING":
+            continue
+        name = child.data.tags.get(tracking.RUN_NAME_TAG, "")
+        folder = _latest_checkpoint(storage, name)
+        history = []
+        if folder is not None and (folder / "metrics.jsonl").is_file():
+            history = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x]
+        config = trial_config(spec.base, {k: _param_value(child.data.params.get(k)) for k in spec.space})
+        # a trial that reached its last step may still be stopped by the scheduler before it closed its run
+        completed = folder is not None and (folder / "summary.json").is_file()
+        if not completed:
+            client.set_tag(child.info.run_id, "stopped_by", spec.scheduler)
+        _finish_mlflow_run(uri, child.info.run_id, folder, config, history, "FINISHED" if completed else "KILLED",
+                           log)
+
+
+def _param_value(text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _write_summary(spec: SweepSpec, folder: Path, table: list[dict], best: dict | None) -> None:

@@ -140,9 +140,10 @@ asha: {grace_period: 1, reduction_factor: 2}
     assert len(outcome.table) == 4 and all(row["error"] is None for row in outcome.table)
     scores = [row["knn_top1_k20"] for row in outcome.table]
     assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
-    # ASHA stopped at least one trial after its first epoch; the best one ran both
-    assert sorted(row["iterations"] for row in outcome.table)[0] == 1
-    assert outcome.best["iterations"] == 2 or outcome.best["knn_top1_k20"] == max(scores)
+    # every trial either ran both epochs or was stopped by ASHA after the first (which ones depends on
+    # the order results arrive in); the best one is the top of the table
+    assert all(row["iterations"] in (1, 2) for row in outcome.table)
+    assert outcome.best["knn_top1_k20"] == max(scores)
     assert 0.05 <= outcome.best["method.temperature"] <= 0.2
     assert (outcome.folder / "summary.md").is_file()
     assert (outcome.folder / "metric_vs_method_temperature.png").is_file()
@@ -156,6 +157,13 @@ asha: {grace_period: 1, reduction_factor: 2}
     assert len(parents) == 1 and len(children) == 4
     assert sorted(float(c.data.params["method.temperature"]) for c in children) == \
         pytest.approx(sorted(row["method.temperature"] for row in outcome.table))
-    assert all(c.info.status == "FINISHED" for c in children)
+    # a trial ASHA stopped could not close its own run: the driver closes it as KILLED with what it logged
+    by_temperature = {round(row["method.temperature"], 6): row for row in outcome.table}
+    for child in children:
+        row = by_temperature[round(float(child.data.params["method.temperature"]), 6)]
+        expected = "KILLED" if row["iterations"] == 1 else "FINISHED"
+        assert child.info.status == expected, (row, child.info.status)
+        assert (child.data.tags.get("stopped_by") == "asha") == (expected == "KILLED")
+        assert child.data.metrics["knn_top1_k20"] == pytest.approx(row["knn_top1_k20"])
     parent_files = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"summary.md", "summary.json", "best_config.yaml"} <= parent_files
