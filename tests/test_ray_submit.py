@@ -43,7 +43,7 @@ def test_submit_wait_runs_a_job_and_returns_its_status(ray_head, tmp_path, capsy
     out = tmp_path / "job-run"
     command = ["pretrain", "--local", "--quiet", "--out-dir", str(out), "--set", "method.name=simclr",
                "--set", "data.dataset=digits", "--set", "data.crops=2x8", "--set", "data.batch_size=64",
-               "--set", "model.backbone=resnet_mini", "--set", "train.epochs=1", "--set", "knn.k=[20]"]
+               "--set", "model.backbone=resnet_mini", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0", "--set", "knn.k=[20]"]
     code = main(["submit", "--address", ray_head, "--python", sys.executable, "--name", "sslab-test-ok", "--wait",
                  "--", *command])
     captured = capsys.readouterr()
