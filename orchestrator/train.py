@@ -215,8 +215,8 @@ def worker_loop(loop_config: dict) -> None:
 def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: str, log) -> str | None:
     problem = tracking.check_reachable(uri)
     if problem:
-        log(f"warning: {problem}; training goes ahead without tracking and its metrics stay in the run's "
-            f"metrics.jsonl (replay with `sslab track replay --run {name}` once the server is back)")
+        log(f"warning: {problem}; training goes ahead without live tracking: its metrics stay in the run's "
+            f"metrics.jsonl and are logged at the end if the server answers by then")
         return None
     try:
         client = tracking.client(uri)
@@ -315,8 +315,15 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
         _prepare_data(config, log)
     run_id = _open_mlflow_run(config, name, options, uri, log)
     init_ray(options.address, log)
+    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    if run_id is not None:
+        try:
+            tracking.client(uri).set_tag(run_id, "ray_job_id", ray.get_runtime_context().get_job_id())
+        except Exception:  # noqa: BLE001 - a tag is not worth stopping for
+            pass
 
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
@@ -350,6 +357,8 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
         history = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines() if line]
     if checkpoint_dir is not None and (checkpoint_dir / "summary.json").is_file():
         metrics = json.loads((checkpoint_dir / "summary.json").read_text())
+    if run_id is None and history:  # the server did not answer at the start: replay the run if it does now
+        run_id = _open_mlflow_run(config, name, options, uri, log)
     if run_id is not None:
         _finish_mlflow_run(uri, run_id, checkpoint_dir, config, history, "FAILED" if error else "FINISHED", log)
     if error is not None:

@@ -91,6 +91,7 @@ def test_mlflow_run_and_restart_after_injected_fault(local_ray, tmp_path, monkey
     assert run.data.params["method.name"] == "swav" and run.data.params["method.prototypes"] == "30"
     assert run.data.params["data.batch_size"] == "32"
     assert run.data.tags["method"] == "swav" and run.data.tags["dataset"] == "fashion-mnist"
+    assert run.data.tags.get("ray_job_id") and run.data.tags.get("git_commit")
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(loss_steps) == list(range(1, 17)), "each step logged exactly once despite the restart"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")] == [16]

@@ -146,10 +146,14 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
     source = load_split(dataset, split, data_root)
     path = beton_path(out_dir, dataset, split, settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # several workers of one node may ask at once: one writes, the others wait and find it up to date
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # several workers of one node may ask at once: one writes, the others wait and find it up to date.
+    # The lock is on the folder itself, so no lock file is left beside the data.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
         return _prepare_locked(source, dataset, split, path, settings, num_workers, force, progress, log)
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def _prepare_locked(source, dataset, split, path, settings, num_workers, force, progress, log) -> Path:
