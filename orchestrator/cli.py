@@ -207,18 +207,28 @@ def _pretrain_on_ray(args, config) -> int:
     m = outcome.metrics
     rows = [("run", outcome.name), ("method", config.method_name), ("backbone", config.model.backbone),
             ("data set", config.data.dataset), ("workers", str(args.workers)),
-            ("steps", f"{outcome.steps:,} ({m.get('epochs_completed', 0)} epochs)")]
+            ("steps", f"{outcome.steps:,} ({m.get('epochs_completed', 0)} epochs)"), *_metric_rows(m),
+            ("checkpoint", str(outcome.checkpoint)), ("MLflow run", str(outcome.run_id)),
+            ("tracking URI", outcome.tracking_uri)]
+    _print_rows(rows)
+    return 0
+
+
+def _metric_rows(m: dict) -> list[tuple[str, str]]:
+    """Final loss, kNN top-1 per k and throughput, for the result tables."""
+    rows = []
     if "loss" in m:
         rows.append(("final loss", f"{m['loss']:.4f}"))
     for key in sorted(k for k in m if k.startswith("knn_top1")):
         rows.append((f"kNN top-1 ({key.rsplit('_', 1)[-1].replace('k', 'k=')})", f"{m[key]:.2%}"))
     if "img_per_s" in m:
         rows.append(("throughput", f"{m['img_per_s']:,.0f} img/s"))
-    rows += [("checkpoint", str(outcome.checkpoint)), ("MLflow run", str(outcome.run_id)),
-             ("tracking URI", outcome.tracking_uri)]
+    return rows
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    return 0
 
 
 def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -238,20 +248,12 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _print_result_table(config, result) -> None:
-    rows = [("method", config.method_name), ("backbone", config.model.backbone), ("data set", config.data.dataset),
-            ("steps", f"{result.steps:,} ({result.epochs_completed} epochs)")]
     m = result.metrics
-    if "loss" in m:
-        rows.append(("final loss", f"{m['loss']:.4f}"))
-    for key in sorted(k for k in m if k.startswith("knn_top1")):
-        rows.append((f"kNN top-1 ({key.rsplit('_', 1)[-1].replace('k', 'k=')})", f"{m[key]:.2%}"))
-    if "img_per_s" in m:
-        rows.append(("throughput", f"{m['img_per_s']:,.0f} img/s"))
-    rows.append(("wall time", f"{m.get('wall_s', 0):.0f} s"))
-    rows += [("run folder", str(result.out_dir)), ("checkpoint", str(result.checkpoint)),
-             ("backbone", str(result.backbone))]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    rows = [("method", config.method_name), ("backbone", config.model.backbone), ("data set", config.data.dataset),
+            ("steps", f"{result.steps:,} ({result.epochs_completed} epochs)"), *_metric_rows(m),
+            ("wall time", f"{m.get('wall_s', 0):.0f} s"), ("run folder", str(result.out_dir)),
+            ("checkpoint", str(result.checkpoint)), ("backbone", str(result.backbone))]
+    _print_rows(rows)
 
 
 def _add_pretrain(subparsers) -> None:
