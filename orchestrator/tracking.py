@@ -125,6 +125,12 @@ def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
         mlflow_client.log_batch(run_id, params=fresh[start:start + 100])
 
 
+def _metric_values(row: dict) -> dict[str, float]:
+    """The finite numbers of a history row, without its step/epoch bookkeeping."""
+    return {k: float(v) for k, v in row.items()
+            if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
 class MetricLogger:
     """Rank 0's metric stream into one MLflow run; see the module docstring."""
 
@@ -150,9 +156,7 @@ class MetricLogger:
     def log_row(self, step: int, row: dict) -> None:
         if self.run_id is None:
             return
-        values = {k: float(v) for k, v in row.items()
-                  if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(float(v))}
-        self.pending.append((int(step), values))
+        self.pending.append((int(step), _metric_values(row)))
         self.flush()
 
     def flush(self, force: bool = False) -> bool:
@@ -195,9 +199,7 @@ def replay_history(uri: str, run_id: str, rows: Iterable[dict], log: Callable[[s
     logger = MetricLogger(uri, run_id, log=log, retry_s=0.0)
     for row in rows:
         if "step" in row:
-            logger.pending.append((int(row["step"]), {k: float(v) for k, v in row.items()
-                                                      if k not in ("step", "epoch") and isinstance(v, (int, float))
-                                                      and math.isfinite(float(v))}))
+            logger.pending.append((int(row["step"]), _metric_values(row)))
     return logger.flush(force=True)
 
 
