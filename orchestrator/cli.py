@@ -194,7 +194,7 @@ def _cluster_options(args):
     return ClusterOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, address=args.address, storage=args.storage,
                           max_failures=args.max_failures, num_to_keep=args.num_to_keep,
-                          tracking_uri=args.tracking_uri, experiment=args.experiment)
+                          tracking_uri=args.tracking_uri, experiment=args.experiment, stage_data=args.stage_data)
 
 
 def _pretrain_on_ray(args, config) -> int:
@@ -240,6 +240,9 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster: auto, ray://head:10001, or local / unset for an embedded Ray on this machine")
     g.add_argument("--storage", default=None, help="run storage (shared folder or s3://...); default "
                                                    "<state dir>/ray_results")
+    g.add_argument("--stage-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="copy the .beton files through --storage/_data to each node's local disk, for nodes without "
+                        "a shared file system (default: on with --address, off for an embedded Ray)")
     g.add_argument("--max-failures", type=int, default=2, help="worker-group restarts before giving up (-1: no limit)")
     g.add_argument("--num-to-keep", type=int, default=2, help="checkpoints kept in storage (best by kNN top-1)")
     g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "

@@ -45,7 +45,8 @@ from trainers.errors import ConfigError
 
 from orchestrator import tracking
 from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, init_ray,
-                                plot_history, resolve_storage, unique_name, worker_loop)
+                                plot_history, prepare_or_stage, resolve_storage, unique_name,
+                                worker_loop)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
 SEARCHES = ("random", "grid", "optuna")
@@ -200,7 +201,8 @@ def run_trial(trial: dict) -> None:
     if gpu:
         resources["GPU"] = gpu
     loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"], "run_id": run_id,
-                   "tracking_uri": uri, "fault_at_step": None, "fault_marker": None}
+                   "tracking_uri": uri, "fault_at_step": None, "fault_marker": None,
+                   "staged_data": setup.get("staged_data")}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=setup["workers"], use_gpu=gpu > 0,
@@ -261,11 +263,9 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
              "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"}))
         log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
     init_ray(options.address, log)
-    if options.address in (None, "", "local"):
-        from orchestrator.train import _prepare_data
-
-        _prepare_data(spec.base, log)
-    setup = {"base": spec.base.to_dict(), "sweep_name": name, "env": _worker_env(), "tracking_uri": uri,
+    staged = prepare_or_stage(spec.base, options, storage, log)
+    setup = {"base": spec.base.to_dict(), "sweep_name": name, "env": {**_worker_env(), **options.worker_env},
+             "tracking_uri": uri, "staged_data": staged,
              "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),
              "workers": spec.workers_per_trial, "resources": spec.resources_per_worker}
     space = tune_space(spec)

@@ -45,6 +45,9 @@ class ClusterOptions:
     num_to_keep: int = 2
     tracking_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
+    # copy the .beton files through storage to each node's disk; None: on for a cluster, off for local Ray
+    stage_data: bool | None = None
+    worker_env: dict = field(default_factory=dict)  # extra environment variables for the workers
 
 
 @dataclass
@@ -140,6 +143,10 @@ def worker_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = from_dict(loop_config["config"])
+    if loop_config.get("staged_data"):
+        from orchestrator.staging import fetch_staged
+
+        fetch_staged(config, loop_config["staged_data"], log=lambda msg: print(f"[rank {rank}] {msg}", flush=True))
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         config.train.device = "cpu"
@@ -310,9 +317,7 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
     config.name = name
     storage = resolve_storage(options.storage)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
-    local = options.address in (None, "", "local")
-    if local:  # write the data files once here, not in every worker at the same time
-        _prepare_data(config, log)
+    staged = prepare_or_stage(config, options, storage, log)
     run_id = _open_mlflow_run(config, name, options, uri, log)
     init_ray(options.address, log)
     import ray
@@ -330,7 +335,8 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
     fault = os.environ.get(FAULT_ENV)
-    loop_config = {"config": config.to_dict(), "name": name, "env": _worker_env(), "run_id": run_id, "tracking_uri": uri,
+    loop_config = {"config": config.to_dict(), "name": name, "env": {**_worker_env(), **options.worker_env},
+                   "run_id": run_id, "tracking_uri": uri, "staged_data": staged,
                    "fault_at_step": int(fault) if fault else None,
                    "fault_marker": str(Path(storage) / name / "fault-injected") if fault and "://" not in storage
                    else None}
@@ -390,6 +396,20 @@ def _latest_checkpoint(storage: str, name: str) -> Path | None:
         if best is None or step > best_step or (step == best_step and candidate.stat().st_mtime > best.stat().st_mtime):
             best, best_step = candidate, step
     return best
+
+
+def prepare_or_stage(config: Config, options: ClusterOptions, storage: str, log) -> str | None:
+    """Write the data files once on the driver, not in every worker at the same time; on a cluster
+    (or when asked) also stage them through the run storage. Returns the staging URI or None."""
+    local = options.address in (None, "", "local")
+    stage = options.stage_data if options.stage_data is not None else not local
+    if stage:
+        from orchestrator.staging import stage_data
+
+        return stage_data(config, storage, log)
+    if local:
+        _prepare_data(config, log)
+    return None
 
 
 def _prepare_data(config: Config, log) -> None:

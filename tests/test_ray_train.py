@@ -60,7 +60,19 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(local_ray, tmp_pa
     from orchestrator.train import run_pretraining
 
     one = run_pretraining(tiny_config(), options(tmp_path), name="one", log=lambda *_: None)
-    two = run_pretraining(tiny_config(), options(tmp_path, workers=2), name="two", log=lambda *_: None)
+    # the second run stages its data files through the run storage and its workers fetch them into
+    # their own cache folder, as on nodes without a shared file system
+    node = tmp_path / "node-state"
+    two = run_pretraining(tiny_config(), options(tmp_path, workers=2, stage_data=True,
+                                                 worker_env={"SSLAB_HOME": str(node)}), name="two",
+                          log=lambda *_: None)
+    from trainers.data.beton import read_meta
+
+    for split in ("train", "test"):
+        staged = tmp_path / "ray" / "_data" / f"fashion-mnist-{split}.beton"
+        fetched = node / "data" / staged.name
+        assert fetched.is_file() and fetched.stat().st_size == staged.stat().st_size == read_meta(staged)["bytes"]
+        assert read_meta(fetched) == read_meta(staged), "the workers used the staged file, not one of their own"
     assert one.steps == two.steps == 512 // 32
     a, b = losses(one.history), losses(two.history)
     assert sorted(a) == sorted(b) == list(range(1, 17))

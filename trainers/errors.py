@@ -15,3 +15,7 @@ class DataError(UserError):
     """Missing, unreadable or malformed data (archive, image, .beton file)."""
 
     exit_code = 3
+
+
+class DataNotFoundError(DataError):
+    """The source data (archive, folder, data root) is not on this machine."""

@@ -23,7 +23,7 @@ from PIL import Image
 
 from trainers.data.datasets import DatasetSplit, load_split
 from trainers.data.sharding import check_rank, shard_indices
-from trainers.errors import ConfigError, DataError
+from trainers.errors import ConfigError, DataError, DataNotFoundError
 
 FORMAT_VERSION = 1  # bump when the written content changes for the same settings
 FORMATS = ("auto", "raw", "jpeg")
@@ -67,6 +67,13 @@ def _cache_key(split: DatasetSplit, settings: PrepareSettings) -> str:
     text = json.dumps({"fingerprint": split.fingerprint, "settings": asdict(settings),
                        "version": FORMAT_VERSION, "count": len(split)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def staged_copy_usable(path: Path, settings: PrepareSettings) -> bool:
+    """A complete file (size as its sidecar says) written by this format version with these settings."""
+    meta = read_meta(path)
+    return bool(meta and path.is_file() and path.stat().st_size == meta.get("bytes")
+                and meta.get("version", 1) == FORMAT_VERSION and meta.get("settings") == asdict(settings))
 
 
 def read_meta(path: str | Path) -> dict | None:
@@ -143,8 +150,15 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
                   force: bool = False, progress: bool = True, log=print) -> Path:
     """Write (or find up to date) the ``.beton`` of one split; returns its path."""
     settings.validate()
-    source = load_split(dataset, split, data_root)
     path = beton_path(out_dir, dataset, split, settings)
+    try:
+        source = load_split(dataset, split, data_root)
+    except DataNotFoundError as missing:
+        # a cluster node without the archives gets the file staged by the driver (orchestrator/staging.py)
+        if staged_copy_usable(path, settings):
+            log(f"using {path} as it is: the source data is not on this machine ({str(missing)[:80]}...)")
+            return path
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     # several workers of one node may ask at once: one writes, the others wait and find it up to date.
     # The lock is on the folder itself, so no lock file is left beside the data.
@@ -195,7 +209,7 @@ def _prepare_locked(source, dataset, split, path, settings, num_workers, force, 
         raise
     finally:
         error_log.unlink(missing_ok=True)
-    meta = {"key": key, "dataset": dataset, "split": split, "count": len(source),
+    meta = {"key": key, "version": FORMAT_VERSION, "dataset": dataset, "split": split, "count": len(source),
             "classes": source.classes, "num_classes": source.num_classes, "image_size": fixed,
             "mode": mode, "settings": asdict(settings), "source": source.source,
             "bytes": path.stat().st_size, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from trainers.errors import ConfigError, DataError
+from trainers.errors import ConfigError, DataError, DataNotFoundError
 from trainers.paths import default_data_root
 
 SPLITS = ("train", "test")
@@ -193,9 +193,9 @@ def _downloads_allowed() -> bool:
 
 def _require_root(data_root: Path | None, what: str) -> Path:
     if data_root is None:
-        raise DataError(f"no data root for {what}: pass --data-root DIR or set SSLAB_DATA_ROOT")
+        raise DataNotFoundError(f"no data root for {what}: pass --data-root DIR or set SSLAB_DATA_ROOT")
     if not data_root.is_dir():
-        raise DataError(f"data root {data_root} does not exist: pass --data-root DIR pointing at "
+        raise DataNotFoundError(f"data root {data_root} does not exist: pass --data-root DIR pointing at "
                         f"the folder that holds {what}")
     return data_root
 
@@ -280,7 +280,7 @@ def load_cifar10(split: str, data_root: Path | None) -> DatasetSplit:
                 return _cifar_from_batches(batches, split)
             except Exception:  # noqa: BLE001 - offline: fall through to the error below
                 pass
-    raise DataError("CIFAR-10 not found; looked for " + ", ".join(looked or ["a data root"]) +
+    raise DataNotFoundError("CIFAR-10 not found; looked for " + ", ".join(looked or ["a data root"]) +
                     ": pass --data-root DIR holding cifar10-jpg.tar.gz (or the official "
                     "cifar-10-batches-py folder), or run once with internet to download it")
 
@@ -299,7 +299,7 @@ def load_tiny_imagenet(split: str, data_root: Path | None) -> DatasetSplit:
         name = "tin200-train-100perclass.tar.gz" if split == "train" else "tin200-val.tar.gz"
         archive = root / name
         if not archive.is_file():
-            raise DataError(f"Tiny-ImageNet {split} archive {archive} not found: pass --data-root DIR "
+            raise DataNotFoundError(f"Tiny-ImageNet {split} archive {archive} not found: pass --data-root DIR "
                             f"holding {name} (or an extracted tiny-imagenet-200/ folder)")
         files = _archive(archive)
         source, fingerprint = str(archive), _file_fingerprint(archive)
@@ -390,7 +390,7 @@ def load_fashion_mnist(split: str, data_root: Path | None) -> DatasetSplit:
                 return DatasetSplit("fashion-mnist", split, ArrayImages(np.ascontiguousarray(images)), labels,
                                     list(FASHION_MNIST_CLASSES), str(folder),
                                     _dir_fingerprint([images_path, labels_path]))
-    raise DataError("Fashion-MNIST not found in " + ", ".join(map(str, candidates)) +
+    raise DataNotFoundError("Fashion-MNIST not found in " + ", ".join(map(str, candidates)) +
                     ": run `apt-get install dataset-fashion-mnist` (or put the four IDX files in "
                     "<data-root>/fashion-mnist/)")
 
@@ -419,7 +419,7 @@ def load_digits(split: str, data_root: Path | None) -> DatasetSplit:
 def load_image_folder(path: str, split: str) -> DatasetSplit:
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist: expected <path>/<class>/*.jpg "
+        raise DataNotFoundError(f"image folder {root} does not exist: expected <path>/<class>/*.jpg "
                         "or <path>/train/<class>/*.jpg and <path>/test/<class>/*.jpg")
     has_splits = (root / "train").is_dir()
     if split == "train":
