@@ -376,37 +376,6 @@ def _add_ui(subparsers) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-# --------------------------------------------------------------------------- demo
-def cmd_demo(args) -> int:
-    """The embedded default. For now: prepare Fashion-MNIST and preview its SwAV multi-crop views."""
-    from trainers.data.beton import PrepareSettings, prepare
-    from trainers.data.multicrop import build_multicrop_loader
-    from trainers.data.preview import preview
-
-    out = Path(args.out).expanduser().resolve()
-    paths = prepare("fashion-mnist", "all", args.cache_dir, args.data_root, PrepareSettings())
-    loader = build_multicrop_loader("fashion-mnist", "train", args.crops, "swav", batch_size=64,
-                                    device=args.device, loader="auto", cache_dir=args.cache_dir,
-                                    data_root=args.data_root, seed=args.seed)
-    facts = preview(loader, out / "preview.png", num_images=6, classes=loader.classes)
-    _print_json({"train": str(paths["train"]), "test": str(paths["test"]), **facts})
-    print(f"\nprepared Fashion-MNIST ({loader.num_samples:,} training images) with the {loader.kind} loader; "
-          f"views of the first batch drawn to {facts['png']}")
-    return 0
-
-
-def _add_demo(subparsers) -> None:
-    demo = subparsers.add_parser("demo", help="the embedded default job (what `make demo` runs)",
-                                 formatter_class=_Formatter)
-    demo.add_argument("--out", default=str(state_dir() / "demo"), help="output folder")
-    demo.add_argument("--crops", default="2x28+4x12", help="crop groups for the preview")
-    demo.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
-    demo.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device for the augmentation")
-    demo.add_argument("--seed", type=int, default=0, help="seed")
-    _add_data_root(demo)
-    demo.set_defaults(func=cmd_demo)
-
-
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -414,13 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised vision pretraining (SwAV, DINO, SDMP, SupCon/SimCLR) on FFCV multi-crop "
                     "batches, run by Ray and tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="{data,pretrain,sweep,submit,ui,demo}", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="{data,pretrain,sweep,pipeline,eval,submit,ui,demo}",
+                                       required=True)
     _add_data_commands(subparsers)
     _add_pretrain(subparsers)
     _add_sweep(subparsers)
     _add_submit(subparsers)
+    from pipelines.cli import add_eval_commands, add_pipeline_commands
+
+    add_pipeline_commands(subparsers, _Formatter)
+    add_eval_commands(subparsers, _Formatter, _add_data_root)
     _add_ui(subparsers)
-    _add_demo(subparsers)
     return parser
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class ClusterOptions:
     # copy the .beton files through storage to each node's disk; None: on for a cluster, off for local Ray
     stage_data: bool | None = None
     worker_env: dict = field(default_factory=dict)  # extra environment variables for the workers
+    run_tags: dict = field(default_factory=dict)  # extra MLflow tags (a pipeline's parent run id, stage)
 
 
 @dataclass
@@ -146,7 +148,8 @@ def worker_loop(loop_config: dict) -> None:
     if loop_config.get("staged_data"):
         from orchestrator.staging import fetch_staged
 
-        fetch_staged(config, loop_config["staged_data"], log=lambda msg: print(f"[rank {rank}] {msg}", flush=True))
+        fetch_staged(config, loop_config["staged_data"],
+                     log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True))
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         config.train.device = "cpu"
@@ -208,7 +211,7 @@ def worker_loop(loop_config: dict) -> None:
         return min(trainer.total_steps, t.max_steps) if t.max_steps is not None else trainer.total_steps
 
     trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False,
-                      log=lambda msg: print(f"[rank {rank}] {msg}", flush=True), on_log=on_log,
+                      log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True), on_log=on_log,
                       on_epoch_end=on_epoch_end, on_checkpoint=lambda s, m, p: report(s, m, p))
     result = trainer.fit()
     if metric_logger is not None:
@@ -243,7 +246,7 @@ def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: st
             job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("SSLAB_RAY_JOB_ID")
             if job_id:
                 tags["ray_job_id"] = job_id
-            run = client.create_run(exp_id, run_name=name, tags=tags)
+            run = client.create_run(exp_id, run_name=name, tags={**tags, **options.run_tags})
             run_id = run.info.run_id
             log(f"MLflow: run {run_id} in experiment '{options.experiment}' ({uri})")
         tracking.log_params(client, run_id, tracking.flat_params(config.flat()))

@@ -1,0 +1,185 @@
+"""``sslab pipeline run`` and ``sslab eval knn|linear|semi|transfer`` (registered by orchestrator/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainers.errors import UserError
+from trainers.paths import project_root
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- pipeline run
+def print_results(outcome) -> None:
+    from pipelines.report import accuracy_rows
+
+    rows = [(stage, label, f"{100 * value:.2f}%") for stage, _, label, value in accuracy_rows(outcome.stages)]
+    width = [max([len(r[i]) for r in rows] + [len(h)]) for i, h in enumerate(("stage", "metric", "value"))]
+    print(f"\n{'stage':<{width[0]}}  {'metric':<{width[1]}}  {'value':>{width[2]}}")
+    for stage, label, value in rows:
+        print(f"{stage:<{width[0]}}  {label:<{width[1]}}  {value:>{width[2]}}")
+    cached = sum(s.cached for s in outcome.stages)
+    print(f"\n{len(outcome.stages)} stages ({cached} cached); MLflow parent run {outcome.parent_run_id}")
+    report = Path(outcome.out_dir) / "report" / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
+    print(f"open the MLflow UI: sslab ui   (tracking URI {outcome.tracking_uri})")
+
+
+def cmd_pipeline_run(args) -> int:
+    from pipelines.runner import run_pipeline
+    from pipelines.spec import load_pipeline
+
+    spec = load_pipeline(args.config, args.set)
+    outcome = run_pipeline(spec, tracking_uri=args.tracking_uri, out_dir=args.out, resume=args.resume,
+                           address=args.address, log=_err)
+    if args.json:
+        print(json.dumps({k: v for k, v in outcome.as_json().items() if k in ("parent_run_id", "tracking_uri", "stages")}))
+    else:
+        print_results(outcome)
+    return 0
+
+
+def demo_config() -> Path:
+    root = project_root()
+    path = root / "configs" / "pipelines" / "demo.yaml" if root else None
+    if path is None or not path.is_file():
+        raise UserError("configs/pipelines/demo.yaml not found: run the demo from a checkout of the project "
+                        "(`make demo`), or pass --config to `sslab pipeline run`")
+    return path
+
+
+def cmd_demo(args) -> int:
+    args.config = str(demo_config())
+    return cmd_pipeline_run(args)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline key, e.g. stages.linear.epochs=10 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="RUN_ID",
+                   help="continue this pipeline parent run (default: the last run of the same pipeline and "
+                        "settings, else a new one)")
+    p.add_argument("--out", default=None, help="output folder (default <state dir>/pipelines/<name>)")
+    p.add_argument("--address", default=None, help="Ray address (default: the pipeline's ray.address, else local)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///<state dir>/mlflow/mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of the table")
+
+
+def add_pipeline_commands(subparsers, formatter) -> None:
+    pipeline = subparsers.add_parser("pipeline", help="pretrain -> kNN -> linear -> semi -> transfer -> report",
+                                     formatter_class=formatter)
+    sub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="{run}")
+    run = sub.add_parser("run", help="run (or resume) a pipeline; finished stages are cached",
+                         formatter_class=formatter)
+    run.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipelines/demo.yaml")
+    _add_run_arguments(run)
+    run.set_defaults(func=cmd_pipeline_run)
+
+    demo = subparsers.add_parser("demo", help="the embedded default: configs/pipelines/demo.yaml (what `make demo` runs)",
+                                 formatter_class=formatter)
+    _add_run_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+# --------------------------------------------------------------------------- eval
+def load_backbone_ref(ref: str, tracking_uri: str | None) -> Path:
+    """A backbone file from a path (file or run folder) or an MLflow run id."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "backbone.pt").is_file():
+        return path / "backbone.pt"
+    if path.is_file():
+        return path
+    if "/" in ref or ref.endswith(".pt"):
+        raise UserError(f"--backbone {ref}: no such file; pass a backbone.pt, a run folder holding one, or an "
+                        f"MLflow run id")
+    from mlflow.artifacts import download_artifacts
+
+    from orchestrator import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    problem = tracking.check_reachable(uri)
+    if problem:
+        raise UserError(f"--backbone {ref} looks like an MLflow run id but {problem}")
+    try:
+        return Path(download_artifacts(run_id=ref, artifact_path="backbone/backbone.pt", tracking_uri=uri))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"--backbone {ref}: not a file, and MLflow at {uri} has no run with backbone/backbone.pt "
+                        f"({str(exc).splitlines()[0][:100]})") from None
+
+
+def cmd_eval(args) -> int:
+    from pipelines.spec import DEFAULTS, _dataset_entry
+    from pipelines.stages import run_evaluation
+
+    backbone = load_backbone_ref(args.backbone, args.tracking_uri)
+    settings = dict(DEFAULTS.get(args.kind, {}))
+    for key in ("epochs", "lr", "weight_decay", "batch_size", "min_steps"):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    if args.kind == "transfer":
+        settings["datasets"] = [_dataset_entry(name, "eval") for name in args.dataset.split(",")]
+    else:
+        _dataset_entry(args.dataset, "eval")
+        settings["dataset"] = args.dataset
+    if args.kind == "semi" and args.fractions:
+        settings["fractions"] = [float(f) for f in args.fractions.split(",")]
+    result = run_evaluation(args.kind, settings, str(backbone), args.data_root, device=args.device, seed=args.seed,
+                            log=_err)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in result.get("files", {}).items():
+            (out / name).write_text(text)
+        (out / f"{args.kind}.json").write_text(json.dumps({"metrics": result["metrics"], "extra": result["extra"]},
+                                                          indent=1))
+    if args.json:
+        print(json.dumps(result["metrics"]))
+    else:
+        from pipelines.report import metric_label
+
+        width = max(len(metric_label(k)) for k in result["metrics"])
+        for key, value in result["metrics"].items():
+            print(f"{metric_label(key):<{width}}  {100 * value:6.2f}%")
+    return 0
+
+
+def add_eval_commands(subparsers, formatter, add_data_root) -> None:
+    evaluate = subparsers.add_parser("eval", help="evaluate a backbone: knn, linear, semi, transfer",
+                                     formatter_class=formatter)
+    sub = evaluate.add_subparsers(dest="kind", required=True, metavar="{knn,linear,semi,transfer}")
+    helps = {"knn": "weighted kNN on frozen features (k=20/T=0.07, k=200/T=0.1)",
+             "linear": "linear probe on frozen, pre-extracted features (SGD, cosine)",
+             "semi": "fine-tune on 1%% and 10%% of the labels (stratified), top-1 on the test split",
+             "transfer": "linear probe on other data sets (--dataset a,b,c)"}
+    for kind, text in helps.items():
+        p = sub.add_parser(kind, help=text, formatter_class=formatter)
+        p.add_argument("--backbone", required=True, help="backbone.pt, a run folder holding one, or an MLflow run id")
+        p.add_argument("--dataset", required=True, help="data set name" + (" (comma-separated)" if kind == "transfer" else ""))
+        p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+        p.add_argument("--seed", type=int, default=0, help="seed (subsets, initialisation, order)")
+        p.add_argument("--tracking-uri", default=None, help="MLflow store to fetch a backbone by run id from")
+        p.add_argument("--out", default=None, help="also write the result (and semi subsets) to this folder")
+        p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+        add_data_root(p)
+        if kind in ("linear", "transfer", "semi"):
+            from pipelines.spec import DEFAULTS
+
+            d = DEFAULTS[kind]
+            p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs")
+            p.add_argument("--lr", type=float, default=d["lr"], help="learning rate (batch 256, SGD + cosine)")
+            p.add_argument("--batch-size", type=int, default=d["batch_size"], help="batch size")
+            p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="weight decay")
+        if kind == "semi":
+            p.add_argument("--fractions", default="0.01,0.1", help="label fractions, comma-separated")
+            p.add_argument("--min-steps", type=int, default=DEFAULTS["semi"]["min_steps"],
+                           help="at least this many steps per fraction (small subsets)")
+        p.set_defaults(func=cmd_eval)

@@ -1,0 +1,409 @@
+"""Runs a pipeline: stages in order on Ray, one MLflow parent run, one child run per stage, cached.
+
+Caching: a stage's key is a hash of its kind, its resolved settings, the pipeline seed and data
+root, and the output hashes of its inputs (the backbone file's sha256, a sweep's best config, the
+data files' content keys). A stage whose key has a finished run tagged ``sslab.stage_done`` in the
+experiment is not run again: its result comes from the stage folder (or the run's ``result.json``).
+The ``done`` tag is written last, after the result and every artifact, so a stage killed midway is
+never taken for complete. Rerunning the same pipeline reuses its parent run; a stage that was
+interrupted reuses its own child run (pretraining resumes from its last Ray checkpoint).
+
+Only this driver talks to MLflow; evaluation stages run as Ray tasks and return their results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainers.errors import UserError
+from trainers.paths import state_dir
+
+from orchestrator import tracking
+from pipelines import stages as stage_impl
+from pipelines.spec import EVAL_KINDS, PipelineSpec, StageSpec
+
+FORMAT = 1  # bump when a stage's computation changes for the same settings (invalidates caches)
+PIPELINE_TAG, STAGE_TAG, HASH_TAG, DONE_TAG = "sslab.pipeline", "sslab.stage", "sslab.stage_hash", "sslab.stage_done"
+PARENT_TAG = "mlflow.parentRunId"
+FAULT_ENV = "SSLAB_PIPELINE_FAULT"  # tests: "<stage>" stops the driver inside that stage, as a kill would
+
+
+class InjectedStop(BaseException):
+    """Raised by the fault hook; a BaseException so that nothing marks the stage failed (like SIGKILL)."""
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    kind: str
+    run_id: str | None
+    status: str  # finished | failed
+    cached: bool
+    key: str
+    output_hash: str
+    result: dict
+    seconds: float = 0.0
+
+    @property
+    def metrics(self) -> dict:
+        return self.result.get("metrics", {})
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "run_id": self.run_id, "status": self.status,
+                "cached": self.cached, "metrics": self.metrics}
+
+
+@dataclass
+class PipelineOutcome:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    out_dir: str
+    stages: list[StageOutcome] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {"pipeline": self.name, "parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri,
+                "out_dir": self.out_dir, "stages": [s.as_json() for s in self.stages]}
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class PipelineRunner:
+    def __init__(self, spec: PipelineSpec, tracking_uri: str | None = None, out_dir: str | None = None,
+                 resume: str | None = None, address: str | None = None, log: Callable[[str], None] = print):
+        self.spec, self.resume, self.log = spec, resume, log
+        self.uri = tracking.resolve_tracking_uri(tracking_uri)
+        self.out = Path(out_dir or spec.output_dir or state_dir() / "pipelines" / spec.name).expanduser().resolve()
+        self.address = address if address is not None else spec.ray.get("address", "local")
+        self.outcomes: dict[str, StageOutcome] = {}
+        self._ray_ready = False
+
+    # ------------------------------------------------------------------ MLflow bookkeeping
+    def _open_parent(self):
+        problem = tracking.check_reachable(self.uri)
+        if problem:
+            raise UserError(f"{problem}: the pipeline keeps its stage cache in MLflow; start the server or pass "
+                            f"--tracking-uri (e.g. sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'})")
+        self.client = tracking.client(self.uri)
+        self.experiment_id = tracking.experiment_id(self.client, self.spec.experiment, self.uri)
+        digest = self.spec.digest()
+        if self.resume:
+            try:
+                run = self.client.get_run(self.resume)
+            except Exception:  # noqa: BLE001
+                raise UserError(f"--resume {self.resume}: no such MLflow run at {self.uri}; list the pipeline runs "
+                                f"with `sslab ui`") from None
+            if run.data.tags.get(tracking.KIND_TAG) != "pipeline":
+                raise UserError(f"--resume {self.resume} is not a pipeline run (it is a "
+                                f"{run.data.tags.get(tracking.KIND_TAG, 'plain')} run)")
+            parent_id = run.info.run_id
+        else:
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline' and "
+                f"tags.`{PIPELINE_TAG}` = '{self.spec.name}' and tags.`sslab.pipeline_hash` = '{digest}'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+            if runs:
+                parent_id = runs[0].info.run_id
+            else:
+                tags = {tracking.KIND_TAG: "pipeline", PIPELINE_TAG: self.spec.name, "sslab.pipeline_hash": digest}
+                commit = tracking.git_commit()
+                if commit:
+                    tags["git_commit"] = commit
+                parent_id = self.client.create_run(self.experiment_id, run_name=self.spec.name, tags=tags).info.run_id
+                tracking.log_params(self.client, parent_id, tracking.flat_params(
+                    {"pipeline": self.spec.name, "seed": self.spec.seed, "stages": [s.name for s in self.spec.stages],
+                     "config": self.spec.path or "", "data_root": self.spec.data_root or "default"}))
+        self.parent_id = parent_id
+        if self.client.get_run(parent_id).info.status != "RUNNING":
+            self.client.update_run(parent_id, status="RUNNING")
+        self.children = {r.data.tags.get(HASH_TAG): r for r in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")}
+        self.log(f"MLflow: pipeline run {parent_id} in experiment '{self.spec.experiment}' ({self.uri})")
+
+    def _finished_run(self, key: str):
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{HASH_TAG}` = '{key}' and "
+                                        f"tags.`{DONE_TAG}` = '1'", max_results=1)
+        return runs[0] if runs else None
+
+    def _child_run(self, stage: StageSpec, key: str) -> str:
+        existing = self.children.get(key)
+        if existing is not None:
+            self.client.update_run(existing.info.run_id, status="RUNNING")
+            return existing.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}/{stage.name}",
+                                     tags=self._stage_tags(stage, key))
+        return run.info.run_id
+
+    def _stage_tags(self, stage: StageSpec, key: str) -> dict:
+        return {PARENT_TAG: self.parent_id, tracking.KIND_TAG: f"stage:{stage.kind}", STAGE_TAG: stage.name,
+                PIPELINE_TAG: self.spec.name, HASH_TAG: key}
+
+    # ------------------------------------------------------------------ Ray
+    def _ray(self):
+        if not self._ray_ready:
+            from orchestrator.train import init_ray
+
+            init_ray(self.address, self.log, num_cpus=self.spec.ray.get("num_cpus"))
+            self._ray_ready = True
+        import ray
+
+        return ray
+
+    def _task(self, function, stage: StageSpec, *args):
+        ray = self._ray()
+        cpus = float(stage.resources.get("cpu", 1))
+        gpus = float(stage.resources.get("gpu", 0))
+        remote = ray.remote(function).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+        return ray.get(remote.remote(*args))
+
+    # ------------------------------------------------------------------ stages
+    def _settings(self, stage: StageSpec) -> dict:
+        settings = dict(stage.settings)
+        if stage.kind in ("knn", "linear", "semi") and not settings.get("dataset"):
+            settings["dataset"] = self.outcomes[stage.inputs["backbone"]].result["extra"]["dataset"]
+        return settings
+
+    def _key(self, stage: StageSpec, settings: dict) -> str:
+        inputs = {}
+        for role, value in stage.inputs.items():
+            names = value if isinstance(value, list) else [value]
+            inputs[role] = [self.outcomes[n].output_hash for n in names]
+        prepared = [o.output_hash for o in self.outcomes.values() if o.kind == "prepare"]
+        return _digest({"format": FORMAT, "kind": stage.kind, "settings": settings, "inputs": inputs,
+                        "prepared": prepared, "seed": self.spec.seed, "data_root": self.spec.data_root})
+
+    def run(self) -> PipelineOutcome:
+        self._open_parent()
+        outcome = PipelineOutcome(self.spec.name, self.parent_id, self.uri, str(self.out))
+        try:
+            for stage in self.spec.stages:
+                result = self._run_stage(stage)
+                self.outcomes[stage.name] = result
+                outcome.stages.append(result)
+        except Exception:
+            self.client.set_terminated(self.parent_id, status="FAILED")
+            raise
+        if not all(s.cached for s in outcome.stages):  # a rerun that did no work logs nothing new
+            summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
+            self._log_metrics(self.parent_id, summary)
+        self.client.set_terminated(self.parent_id, status="FINISHED")
+        (self.out / "pipeline.json").write_text(json.dumps(outcome.as_json(), indent=1))
+        return outcome
+
+    def _run_stage(self, stage: StageSpec) -> StageOutcome:
+        settings = self._settings(stage)
+        key = self._key(stage, settings)
+        folder = self.out / stage.name
+        done = self._finished_run(key)
+        if done is not None:
+            result = self._cached_result(done, folder, key)
+            if result is not None:
+                self.log(f"[{stage.name}] cached (MLflow run {done.info.run_id})")
+                if stage.kind == "pretrain":
+                    self._restore_backbone(done.info.run_id, folder, result)
+                return StageOutcome(stage.name, stage.kind, done.info.run_id, "finished", True, key,
+                                    result["output_hash"], result)
+        self.log(f"[{stage.name}] running ({stage.kind})")
+        started = time.time()
+        if folder.exists():
+            shutil.rmtree(folder)  # leftovers of an interrupted attempt are not outputs
+        folder.mkdir(parents=True)
+        run_id = None
+        try:
+            if stage.kind == "pretrain":
+                run_id, result = self._pretrain(stage, settings, key, folder)
+            else:
+                run_id = self._child_run(stage, key)
+                tracking.log_params(self.client, run_id, tracking.flat_params(
+                    {k: v for k, v in settings.items()}))
+                self._fault_hook(stage)
+                result = self._compute(stage, settings, folder)
+            result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)
+            self._record(run_id, stage, key, folder, result)
+        except Exception:
+            if run_id is not None:
+                self.client.set_terminated(run_id, status="FAILED")
+            raise
+        seconds = time.time() - started
+        self.log(f"[{stage.name}] done in {seconds:.0f} s " + " ".join(
+            f"{k}={v:.4f}" for k, v in result["metrics"].items() if isinstance(v, float)))
+        return StageOutcome(stage.name, stage.kind, run_id, "finished", False, key, result["output_hash"], result,
+                            seconds)
+
+    def _fault_hook(self, stage: StageSpec) -> None:
+        if os.environ.get(FAULT_ENV) == stage.name:
+            raise InjectedStop(f"{FAULT_ENV}: stopped inside stage {stage.name}")
+
+    def _compute(self, stage: StageSpec, settings: dict, folder: Path) -> dict:
+        data_root = self.spec.data_root
+        if stage.kind == "prepare":
+            return self._task(stage_impl.run_prepare, stage, settings, data_root, stage_impl.log_stderr)
+        if stage.kind in EVAL_KINDS:
+            source = self.outcomes[stage.inputs["backbone"]].result["extra"]["backbone_path"]
+            ray = self._ray()
+            backbone = ray.put(Path(source).read_bytes())
+            return self._task(_eval_task, stage, stage.kind, settings, backbone, data_root, self.spec.seed)
+        if stage.kind == "sweep":
+            return self._sweep(stage, settings, folder)
+        if stage.kind == "report":
+            from pipelines.report import write_report
+
+            inputs = [self.outcomes[name] for name in stage.inputs["inputs"]]
+            files = write_report(self.spec, inputs, folder, self.uri, self.parent_id)
+            for path in files:
+                self.client.log_artifact(self.parent_id, str(path), "report")
+            return {"metrics": {}, "extra": {"files": [p.name for p in files], "folder": str(folder)}, "files": {}}
+        raise AssertionError(stage.kind)
+
+    def _record(self, run_id: str, stage: StageSpec, key: str, folder: Path, result: dict) -> None:
+        """Write the stage's files and result, log them, and only then mark the stage done."""
+        for name, text in result.pop("files", {}).items():
+            (folder / name).write_text(text)
+            self.client.log_artifact(run_id, str(folder / name))
+        self._log_metrics(run_id, result["metrics"])
+        temp = folder / ".result.json.tmp"
+        temp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(temp, folder / "result.json")
+        self.client.log_artifact(run_id, str(folder / "result.json"))
+        self.client.set_tag(run_id, "sslab.output_hash", result["output_hash"])
+        self.client.set_terminated(run_id, status="FINISHED")
+        self.client.set_tag(run_id, DONE_TAG, "1")
+
+    def _log_metrics(self, run_id: str, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+        if rows:
+            self.client.log_batch(run_id, metrics=rows)
+
+    def _cached_result(self, run, folder: Path, key: str) -> dict | None:
+        local = folder / "result.json"
+        expected = run.data.tags.get("sslab.output_hash")
+        if local.is_file():
+            result = json.loads(local.read_text())
+            if result.get("output_hash") == expected:
+                return result
+        try:
+            from mlflow.artifacts import download_artifacts
+
+            path = download_artifacts(run_id=run.info.run_id, artifact_path="result.json", tracking_uri=self.uri)
+            result = json.loads(Path(path).read_text())
+        except Exception as exc:  # noqa: BLE001 - recompute rather than fail
+            self.log(f"warning: the cached result of run {run.info.run_id} is unreadable ({str(exc)[:100]}); "
+                     f"running the stage again")
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        local.write_text(json.dumps(result, indent=1))
+        return result
+
+    # ------------------------------------------------------------------ pretrain and sweep
+    def _pretrain_config(self, stage: StageSpec, settings: dict):
+        from trainers.config import apply_overrides, from_dict, load_config
+
+        if "from_sweep" in stage.inputs:
+            best = self.outcomes[stage.inputs["from_sweep"]].result["extra"]["best_config"]
+            config = from_dict(apply_overrides(best, settings.get("set") or []))
+        else:
+            config = load_config(settings["config"], settings.get("set") or [])
+        if self.spec.data_root:
+            config.data.data_root = self.spec.data_root
+        return config
+
+    def _cluster_options(self, stage: StageSpec, settings: dict, run_tags: dict | None = None):
+        import torch
+
+        from orchestrator.train import ClusterOptions
+
+        gpus = settings.get("gpus_per_worker")
+        if gpus is None:
+            gpus = 1.0 if torch.cuda.is_available() else 0.0
+        return ClusterOptions(workers=settings.get("workers", 1), gpus_per_worker=float(gpus),
+                              cpus_per_worker=float(settings.get("cpus_per_worker", 1.0)), address=self.address,
+                              storage=self.spec.ray.get("storage"), max_failures=settings.get("max_failures", 2),
+                              tracking_uri=self.uri, experiment=self.spec.experiment, run_tags=run_tags or {})
+
+    def _pretrain(self, stage: StageSpec, settings: dict, key: str, folder: Path):
+        from orchestrator.train import run_pretraining
+
+        config = self._pretrain_config(stage, settings)
+        if config.train.device == "auto":
+            import torch
+
+            config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._ray()
+        name = f"{self.spec.name}-{stage.name}-{key[:10]}"
+        options = self._cluster_options(stage, settings, self._stage_tags(stage, key))
+        self._fault_hook(stage)
+        outcome = run_pretraining(config, options, name=name, log=self.log)
+        if outcome.run_id is None:
+            raise UserError(f"stage {stage.name}: the pretraining run could not be recorded in MLflow at {self.uri}")
+        if not outcome.checkpoint or not (Path(outcome.checkpoint) / "backbone.pt").is_file():
+            raise UserError(f"stage {stage.name}: the pretraining run {name} left no backbone.pt in its checkpoint")
+        backbone = folder / "backbone.pt"
+        shutil.copy2(Path(outcome.checkpoint) / "backbone.pt", backbone)
+        sha = stage_impl.file_sha256(backbone)
+        metrics = {f"pretrain_{k}": v for k, v in outcome.metrics.items()
+                   if k == "loss" or k.startswith("knn_top1") or k == "img_per_s"}
+        history = [{k: v for k, v in row.items() if k in ("step", "loss") or k.startswith("knn_top1")}
+                   for row in outcome.history]
+        result = {"metrics": metrics, "output_hash": sha, "files": {},
+                  "extra": {"backbone_path": str(backbone), "backbone_sha256": sha, "dataset": config.data.dataset,
+                            "method": config.method_name, "backbone": config.model.backbone, "ray_run": name,
+                            "steps": outcome.steps, "checkpoint": outcome.checkpoint, "history": history}}
+        self.client.set_tag(outcome.run_id, "mlflow.runName", f"{self.spec.name}/{stage.name}")
+        return outcome.run_id, result
+
+    def _restore_backbone(self, run_id: str, folder: Path, result: dict) -> None:
+        """A cached pretrain stage: its backbone from the stage folder, else from the MLflow run."""
+        path = folder / "backbone.pt"
+        if path.is_file() and stage_impl.file_sha256(path) == result["output_hash"]:
+            result["extra"]["backbone_path"] = str(path)
+            return
+        from mlflow.artifacts import download_artifacts
+
+        folder.mkdir(parents=True, exist_ok=True)
+        downloaded = download_artifacts(run_id=run_id, artifact_path="backbone/backbone.pt", tracking_uri=self.uri)
+        shutil.copy2(downloaded, path)
+        result["extra"]["backbone_path"] = str(path)
+
+    def _sweep(self, stage: StageSpec, settings: dict, folder: Path) -> dict:
+        from orchestrator.sweep import load_sweep, run_sweep, trial_config
+
+        sweep = load_sweep(settings["config"], settings.get("set") or [])
+        if self.spec.data_root:
+            sweep.base.data.data_root = self.spec.data_root
+        self._ray()
+        outcome = run_sweep(sweep, self._cluster_options(stage, {}), name=f"{self.spec.name}-{stage.name}",
+                            log=self.log)
+        if outcome.best is None:
+            raise UserError(f"stage {stage.name}: the sweep finished without a trial reporting {sweep.metric}")
+        best = trial_config(sweep.base, {k: outcome.best[k] for k in sweep.space})
+        value = outcome.best.get(sweep.metric)
+        return {"metrics": {f"sweep_best_{sweep.metric}": float(value)} if isinstance(value, (int, float)) else {},
+                "extra": {"best_config": best.to_dict(), "best_trial": outcome.best, "sweep_run": outcome.parent_run_id},
+                "files": {}}
+
+
+def _eval_task(kind: str, settings: dict, backbone_bytes: bytes, data_root, seed: int) -> dict:
+    """Ray task body: write the backbone to a temp file on this node and run the evaluation there."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sslab-eval-") as folder:
+        path = Path(folder) / "backbone.pt"
+        path.write_bytes(backbone_bytes)
+        # the feature cache is keyed by the file's hash, so a temp path still hits it
+        return stage_impl.run_evaluation(kind, settings, str(path), data_root, seed=seed, log=stage_impl.log_stderr)
+
+
+def run_pipeline(spec: PipelineSpec, **kwargs) -> PipelineOutcome:
+    return PipelineRunner(spec, **kwargs).run()

@@ -1,0 +1,206 @@
+"""What each pipeline stage computes, in a plain Python process (the runner wraps them in Ray tasks).
+
+Every stage returns a JSON-able result ``{"metrics": {name: fraction}, "extra": {...}, "files":
+{name: text}}``: the runner logs metrics and files to the stage's MLflow run and keeps the result
+as the stage's output. Evaluations cache extracted features on the node (keyed by the backbone's
+hash, the data set, the split and the input size), so kNN, linear and transfer decode each split once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainers.errors import ConfigError, DataNotFoundError
+from trainers.paths import state_dir
+
+Log = Callable[[str], None]
+
+
+def log_stderr(message: str) -> None:
+    """Progress lines of Ray tasks: stderr, so that a driver's stdout stays for results (--json)."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def metric_key(dataset: str) -> str:
+    return dataset.replace("-", "_").replace(":", "_").replace("/", "_")
+
+
+def eval_device(requested: str | None = None) -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- prepare
+def run_prepare(settings: dict, data_root: str | None, log: Log = print) -> dict:
+    from trainers.data.beton import read_meta
+    from trainers.data.multicrop import default_cache_dir, ffcv_available
+
+    if not ffcv_available():
+        log("prepare: ffcv is not installed; the stages read the archives with the torch loader")
+        return {"metrics": {}, "extra": {"files": {}, "skipped": []}, "files": {}}
+    from trainers.data.beton import prepare
+
+    files, skipped = {}, []
+    for entry in settings["datasets"]:
+        try:
+            paths = prepare(entry["name"], "all", default_cache_dir(), data_root, progress=False, log=log)
+        except DataNotFoundError as exc:
+            if not entry["optional"]:
+                raise
+            log(f"prepare: skipping optional {entry['name']} ({str(exc)[:100]}...)")
+            skipped.append(entry["name"])
+            continue
+        files[entry["name"]] = {split: read_meta(path)["key"] for split, path in paths.items()}
+    return {"metrics": {}, "extra": {"files": files, "skipped": skipped}, "files": {}}
+
+
+# --------------------------------------------------------------------------- features
+def _load_backbone(path: str, device):
+    from trainers.loop import load_backbone
+
+    return load_backbone(path, device)
+
+
+def features(backbone_path: str, dataset: str, split: str, data_root: str | None, device, batch_size: int = 512,
+             log: Log = print):
+    """(features [N, D] float32 CPU, labels [N], class names) of a whole split, cached on this node."""
+    from trainers.data.augment import normalization_for
+    from trainers.evaluate import BackboneSpec, extract, load_images
+
+    backbone, _, info = _load_backbone(backbone_path, device)
+    sha = file_sha256(backbone_path)[:16]
+    cache = state_dir() / "features" / f"{sha}-{metric_key(dataset)}-{split}-{info['image_size']}.pt"
+    if cache.is_file():
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            return saved["features"], saved["labels"], saved["classes"]
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+            cache.unlink(missing_ok=True)
+    images = load_images(dataset, split, data_root=data_root, log=log)
+    mean, std = normalization_for(dataset)
+    spec = BackboneSpec(info["image_size"], mean, std, device, batch_size)
+    log(f"extracting {dataset} {split} features ({len(images.labels):,} images at {info['image_size']} px)")
+    values = extract(backbone, images, spec)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+    os.close(handle)
+    torch.save({"features": values, "labels": images.labels, "classes": images.classes}, temp)
+    os.replace(temp, cache)
+    return values, images.labels, images.classes
+
+
+# --------------------------------------------------------------------------- evaluations
+def run_knn(settings: dict, backbone_path: str, data_root, device, log: Log = print) -> dict:
+    from trainers.evaluate import knn_suite
+
+    dataset = settings["dataset"]
+    train_x, train_y, classes = features(backbone_path, dataset, "train", data_root, device, settings["batch_size"], log)
+    test_x, test_y, _ = features(backbone_path, dataset, "test", data_root, device, settings["batch_size"], log)
+    result = knn_suite(train_x, train_y, test_x, test_y, len(classes))
+    sweep = result.pop("knn_sweep")
+    return {"metrics": result, "extra": {"knn_sweep": {str(k): v for k, v in sweep.items()}, "dataset": dataset},
+            "files": {}}
+
+
+def _probe(settings: dict, backbone_path: str, dataset: str, data_root, device, prefix: str, seed: int, log: Log):
+    from trainers.evaluate import LinearSettings, linear_probe
+
+    batch = settings.get("feature_batch_size", 512)
+    train_x, train_y, classes = features(backbone_path, dataset, "train", data_root, device, batch, log)
+    test_x, test_y, _ = features(backbone_path, dataset, "test", data_root, device, batch, log)
+    probe = LinearSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
+                           batch_size=settings["batch_size"], seed=seed)
+    result = linear_probe(train_x, train_y, test_x, test_y, len(classes), probe, prefix=prefix, device=device)
+    return result, classes
+
+
+def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+    result, classes = _probe(settings, backbone_path, settings["dataset"], data_root, device, "linear", seed, log)
+    per_class = result.pop("per_class")
+    return {"metrics": result, "extra": {"per_class": dict(zip(classes, per_class)), "dataset": settings["dataset"]},
+            "files": {}}
+
+
+def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+    metrics, per_dataset, skipped = {}, {}, []
+    for entry in settings["datasets"]:
+        name = entry["name"]
+        try:
+            result, _ = _probe(settings, backbone_path, name, data_root, device, f"transfer_{metric_key(name)}", seed, log)
+        except DataNotFoundError as exc:
+            if not entry["optional"]:
+                raise
+            log(f"transfer: skipping optional {name} ({str(exc)[:100]}...)")
+            skipped.append(name)
+            continue
+        result.pop("per_class")
+        metrics.update(result)
+        per_dataset[name] = result[f"transfer_{metric_key(name)}_top1"]
+    if not per_dataset:
+        raise ConfigError("transfer: none of the listed data sets is on this machine: pass data_root or list one "
+                          "that is (digits always is)")
+    return {"metrics": metrics, "extra": {"top1": per_dataset, "skipped": skipped}, "files": {}}
+
+
+def fraction_name(fraction: float) -> str:
+    return f"semi{fraction * 100:g}".replace(".", "p")
+
+
+def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+    from trainers.data.augment import normalization_for
+    from trainers.evaluate import BackboneSpec, FinetuneSettings, finetune, load_images, stratified_subset
+
+    dataset = settings["dataset"]
+    train = load_images(dataset, "train", data_root=data_root, log=log)
+    test = load_images(dataset, "test", data_root=data_root, log=log)
+    mean, std = normalization_for(dataset)
+    metrics, files, extra = {}, {}, {}
+    for fraction in settings["fractions"]:
+        name = fraction_name(fraction)
+        indices = stratified_subset(train.labels.numpy(), fraction, seed)
+        backbone, dim, info = _load_backbone(backbone_path, device)  # each fraction starts from the pretrained weights
+        spec = BackboneSpec(info["image_size"], mean, std, device, 512)
+        tune = FinetuneSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
+                                batch_size=settings["batch_size"], min_steps=settings["min_steps"], seed=seed)
+        log(f"semi: fine-tuning on {len(indices):,} labels ({fraction:.0%}) of {dataset}")
+        result = finetune(backbone, dim, train, indices, test, spec, tune, prefix=name)
+        result.pop("per_class")
+        metrics.update(result)
+        files[f"{name}_indices.txt"] = "\n".join(map(str, indices.tolist())) + "\n"
+        extra[name] = {"labels": len(indices), "fraction": fraction}
+    return {"metrics": metrics, "extra": {"subsets": extra, "dataset": dataset}, "files": files}
+
+
+EVALUATIONS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "transfer": run_transfer}
+
+
+def run_evaluation(kind: str, settings: dict, backbone_path: str, data_root=None, device=None, seed: int = 0,
+                   log: Log = print) -> dict:
+    """One evaluation stage on a backbone file; ``device`` None: CUDA when there is one."""
+    device = eval_device(device)
+    if kind == "knn":
+        return run_knn(settings, backbone_path, data_root, device, log)
+    return EVALUATIONS[kind](settings, backbone_path, data_root, device, seed=seed, log=log)
+
+
+def result_digest(result: dict) -> str:
+    return hashlib.sha256(json.dumps({k: result.get(k) for k in ("metrics", "extra")}, sort_keys=True,
+                                     default=str).encode()).hexdigest()
