@@ -1,0 +1,157 @@
+"""The pipeline: YAML validation, and the demo on a reduced budget end to end on a local Ray.
+
+One Ray instance for the module. The end-to-end test runs the demo once (every stage), again
+(everything cached: no new MLflow runs, through the CLI with --json), and then a variant whose
+driver stops inside the linear stage and is rerun: one run per stage in the end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.spec import load_pipeline, parse_pipeline
+from trainers.errors import ConfigError
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "demo.yaml"
+SMALL = ["stages.prepare.datasets=[fashion-mnist, digits]",
+         "stages.pretrain.set=[data.crops=2x16+2x8, data.batch_size=64, data.train_subset=512, train.epochs=1, "
+         "optim.warmup_epochs=0, knn.every_epochs=1, knn.max_train=256, knn.max_test=128, 'knn.k=[20]', "
+         "train.log_every=2]",
+         "stages.pretrain.cpus_per_worker=1", "stages.linear.epochs=2", "stages.semi.epochs=1",
+         "stages.semi.min_steps=5", "stages.semi.batch_size=64", "stages.transfer.datasets=[digits]",
+         "stages.transfer.epochs=2"]
+
+
+def _raw(**stages):
+    return {"name": "t", "stages": stages}
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_raw(knn={}), "needs a backbone"),
+    (_raw(pretrian={"config": str(DEMO)}), "unknown kind 'pretrian' (did you mean 'pretrain'?)"),
+    (_raw(linear={"backbone": "pretrain"}), "is not an earlier stage"),
+    (_raw(prepare={"datasets": ["digits"]}, linear={"backbone": "prepare"}), "is a prepare stage, expected pretrain"),
+    (_raw(prepare={"datasets": ["digits"]}, report={"inputs": ["prepare", "knn"]}), "input 'knn' is not an earlier"),
+    (_raw(prepare={"datasets": ["digitz"]}), "digitz"),
+    (_raw(prepare={"datasets": ["digits"], "dataset": ["digits"]}), "did you mean 'datasets'"),
+    (_raw(prepare={}), "needs datasets"),
+    ({"stages": {"prepare": {"datasets": ["digits"]}}}, "needs a 'name'"),
+    ({"name": "t", "stages": {}, "sedd": 1}, "unknown pipeline key 'sedd'"),
+])
+def test_bad_pipelines_are_refused_with_one_line(raw, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        parse_pipeline(raw)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_demo_pipeline_parses_with_its_inputs():
+    spec = load_pipeline(DEMO)
+    assert [s.name for s in spec.stages] == ["prepare", "pretrain", "knn", "linear", "semi", "transfer", "report"]
+    assert spec.stage("linear").inputs == {"backbone": "pretrain"}
+    assert spec.stage("report").inputs["inputs"] == ["prepare", "pretrain", "knn", "linear", "semi", "transfer"]
+    assert Path(spec.stage("pretrain").settings["config"]).is_file()
+    assert spec.digest() != load_pipeline(DEMO, ["stages.linear.epochs=3"]).digest()
+    with pytest.raises(ConfigError, match="no stage 'linaer'"):
+        load_pipeline(DEMO, ["stages.linaer.epochs=3"])
+
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from orchestrator.train import init_ray
+
+    if not ray.is_initialized():
+        init_ray(None, num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def _runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sslab-pipelines")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys):
+    from orchestrator.cli import main
+    from pipelines.runner import FAULT_ENV, InjectedStop, run_pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    outcome = run_pipeline(load_pipeline(DEMO, SMALL), tracking_uri=uri, out_dir=str(out), log=lambda *_: None)
+    names = [s.name for s in outcome.stages]
+    assert names == ["prepare", "pretrain", "knn", "linear", "semi", "transfer", "report"]
+    assert not any(s.cached for s in outcome.stages)
+    m = {k: v for s in outcome.stages for k, v in s.metrics.items()}
+    # Fashion-MNIST and digits have 10 classes: chance is 0.1
+    for key in ("knn_top1", "knn_top1_k200", "linear_top1", "semi1_top1", "semi10_top1", "transfer_digits_top1"):
+        assert 0.3 < m[key] <= 1.0, (key, m[key])
+    assert m["knn_top5"] >= m["knn_top1"] and m["linear_top5"] >= m["linear_top1"]
+
+    client, runs = _runs(uri)
+    parents = [r for r in runs if r.data.tags.get("sslab.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
+    assert parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id]
+    assert sorted(r.data.tags["sslab.stage"] for r in children) == sorted(names)
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("sslab.stage_done") == "1" for r in children)
+    by_stage = {r.data.tags["sslab.stage"]: r for r in children}
+    assert by_stage["linear"].data.metrics["linear_top1"] == pytest.approx(m["linear_top1"])
+    assert by_stage["pretrain"].data.params["method.name"] == "swav"
+    assert {a.path for a in client.list_artifacts(by_stage["pretrain"].info.run_id, "backbone")} == \
+        {"backbone/backbone.pt"}
+    semi_files = {a.path for a in client.list_artifacts(by_stage["semi"].info.run_id)}
+    assert {"semi1_indices.txt", "semi10_indices.txt", "result.json"} <= semi_files
+    assert len((out / "semi" / "semi1_indices.txt").read_text().split()) == 600
+    report = {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/accuracy.png", "report/knn_vs_k.png",
+            "report/per_class.png", "report/pretraining_curves.png"} <= report
+    assert "linear probe top-1" in (out / "report" / "report.md").read_text()
+
+    # the same command again: every stage cached, no new run, same parent; --json for schedulers
+    capsys.readouterr()
+    args = ["pipeline", "run", "--config", str(DEMO), "--tracking-uri", uri, "--out", str(out), "--json"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["parent_run_id"] == outcome.parent_run_id and printed["tracking_uri"] == uri
+    assert [s["name"] for s in printed["stages"]] == names and all(s["cached"] for s in printed["stages"])
+    assert printed["stages"][3]["metrics"]["linear_top1"] == pytest.approx(m["linear_top1"])
+    _, again = _runs(uri)
+    assert len(again) == len(runs)
+
+    # other linear settings; the driver stops inside the linear stage, as if killed, then reruns
+    changed = load_pipeline(DEMO, SMALL + ["stages.linear.epochs=3"])
+    import os
+
+    os.environ[FAULT_ENV] = "linear"
+    try:
+        with pytest.raises(InjectedStop):
+            run_pipeline(changed, tracking_uri=uri, out_dir=str(out), log=lambda *_: None)
+    finally:
+        del os.environ[FAULT_ENV]
+    _, stopped = _runs(uri)
+    interrupted = [r for r in stopped if r.data.tags.get("sslab.stage") == "linear" and r.info.status == "RUNNING"]
+    assert len(interrupted) == 1 and "sslab.stage_done" not in interrupted[0].data.tags
+    resumed = run_pipeline(load_pipeline(DEMO, SMALL + ["stages.linear.epochs=3"]), tracking_uri=uri,
+                           out_dir=str(out), log=lambda *_: None)
+    cached = {s.name: s.cached for s in resumed.stages}
+    assert cached == {"prepare": True, "pretrain": True, "knn": True, "linear": False, "semi": True,
+                      "transfer": True, "report": False}
+    linear = next(s for s in resumed.stages if s.name == "linear")
+    assert linear.run_id == interrupted[0].info.run_id, "the interrupted stage's run is reused, not duplicated"
+    _, final = _runs(uri)
+    stage_runs = [r for r in final if "sslab.stage_hash" in r.data.tags]
+    hashes = [r.data.tags["sslab.stage_hash"] for r in stage_runs]
+    assert len(hashes) == len(set(hashes)), "exactly one run per stage"
+    assert all(r.info.status == "FINISHED" for r in stage_runs)
+    assert len(stage_runs) == 7 + 2  # the second pipeline added only its linear and report runs
