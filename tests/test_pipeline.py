@@ -155,3 +155,10 @@ def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys
     assert len(hashes) == len(set(hashes)), "exactly one run per stage"
     assert all(r.info.status == "FINISHED" for r in stage_runs)
     assert len(stage_runs) == 7 + 2  # the second pipeline added only its linear and report runs
+
+
+@pytest.mark.parametrize("path", sorted((DEMO.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_pipeline_parses(path):
+    spec = load_pipeline(path)
+    assert spec.stages[0].kind == "prepare" and spec.stages[-1].kind == "report"
+    assert any(s.kind == "pretrain" for s in spec.stages)
