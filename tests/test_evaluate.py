@@ -119,3 +119,27 @@ def test_each_evaluation_is_reproducible_on_a_fixed_backbone(random_backbone, tm
     subset = first["semi"]["files"]["semi10_indices.txt"].split()
     assert len(subset) == round(0.1 * 1347)
     assert len(first["linear"]["extra"]["per_class"]) == 10
+
+
+def test_eval_command_on_a_backbone_file(random_backbone, data_root, capsys, tmp_path):
+    import json
+
+    from orchestrator.cli import main
+
+    argv = ["eval", "knn", "--backbone", str(random_backbone), "--dataset", "digits", "--device", "cpu",
+            "--data-root", str(data_root), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert set(first) == {"knn_top1", "knn_top5", "knn_top1_k200", "knn_top5_k200"} and first["knn_top1"] > 0.5
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out) == first  # cached features, same numbers
+    assert main(["eval", "semi", "--backbone", str(random_backbone.parent), "--dataset", "digits", "--device", "cpu",
+                 "--fractions", "0.1", "--epochs", "1", "--min-steps", "5", "--out", str(tmp_path / "semi")]) == 0
+    table = capsys.readouterr().out
+    assert "fine-tuned on 10% labels, top-1" in table
+    assert len((tmp_path / "semi" / "semi10_indices.txt").read_text().split()) == 135
+
+    assert main(["eval", "linear", "--backbone", str(tmp_path / "missing" / "backbone.pt"), "--dataset", "digits"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --backbone") and "no such file" in error and error.count("\n") == 1
+    assert main(["eval", "knn", "--backbone", str(random_backbone), "--dataset", "digitz"]) == 2
+    assert "digitz" in capsys.readouterr().err

@@ -58,6 +58,17 @@ def test_demo_pipeline_parses_with_its_inputs():
         load_pipeline(DEMO, ["stages.linaer.epochs=3"])
 
 
+def test_unreachable_tracking_server_is_one_clear_error(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    code = main(["pipeline", "run", "--config", str(DEMO), "--tracking-uri", "http://127.0.0.1:9",
+                 "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error: ") and error.count("\n") == 1
+    assert "127.0.0.1:9" in error and "--tracking-uri" in error
+    assert not (tmp_path / "out").exists(), "nothing written before the store answers"
+
+
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 
@@ -162,3 +173,42 @@ def test_every_shipped_pipeline_parses(path):
     spec = load_pipeline(path)
     assert spec.stages[0].kind == "prepare" and spec.stages[-1].kind == "report"
     assert any(s.kind == "pretrain" for s in spec.stages)
+
+
+def test_sweep_stage_feeds_its_best_config_to_pretraining(local_ray, tmp_path):
+    from pipelines.runner import run_pipeline
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("""
+name: tiny
+set: [method.name=simclr, data.dataset=digits, data.crops=2x16, data.batch_size=64, model.backbone=resnet_mini,
+      train.epochs=1, optim.warmup_epochs=0, knn.every_epochs=1, "knn.k=[20]"]
+space:
+  method.temperature: {grid: [0.1, 0.5]}
+search: grid
+scheduler: fifo
+num_samples: 1
+max_concurrent_trials: 2
+resources_per_worker: {cpu: 1}
+""")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"""
+name: swept
+stages:
+  sweep: {{config: {sweep}}}
+  pretrain: {{from_sweep: sweep, set: [train.epochs=2]}}
+  knn: {{dataset: digits}}
+  report: {{}}
+""")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_pipeline(load_pipeline(pipeline), tracking_uri=uri, out_dir=str(tmp_path / "out"),
+                           log=lambda *_: None)
+    stages = {s.name: s for s in outcome.stages}
+    best = stages["sweep"].result["extra"]["best_config"]
+    assert best["method"]["temperature"] in (0.1, 0.5) and best["data"]["dataset"] == "digits"
+    trials = stages["sweep"].result["extra"]["best_trial"]
+    assert trials["method.temperature"] == best["method"]["temperature"]
+    pretrain = stages["pretrain"].result["extra"]
+    assert pretrain["method"] == "simclr" and pretrain["dataset"] == "digits"
+    assert pretrain["steps"] == 2 * (1347 // 64), "the pipeline's own overrides apply on top of the best config"
+    assert stages["knn"].metrics["knn_top1"] > 0.5
