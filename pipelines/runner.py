@@ -163,7 +163,13 @@ class PipelineRunner:
         cpus = float(stage.resources.get("cpu", 1))
         gpus = float(stage.resources.get("gpu", 0))
         remote = ray.remote(function).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
-        return ray.get(remote.remote(*args))
+        try:
+            return ray.get(remote.remote(*args))
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, UserError):  # one line for the user, not the task's traceback
+                raise cause from None
+            raise
 
     # ------------------------------------------------------------------ stages
     def _settings(self, stage: StageSpec) -> dict:

@@ -212,3 +212,19 @@ stages:
     assert pretrain["method"] == "simclr" and pretrain["dataset"] == "digits"
     assert pretrain["steps"] == 2 * (1347 // 64), "the pipeline's own overrides apply on top of the best config"
     assert stages["knn"].metrics["knn_top1"] > 0.5
+
+
+def test_a_failing_stage_is_one_line_and_marks_its_runs_failed(local_ray, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    pipeline = tmp_path / "broken.yaml"
+    pipeline.write_text(f"name: broken\nstages:\n  prepare: {{datasets: ['imagefolder:{tmp_path / 'absent'}']}}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = main(["pipeline", "run", "--config", str(pipeline), "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 3, lines
+    assert lines[-1].startswith("error: image folder") and "does not exist" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    _, runs = _runs(uri)
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the parent and the prepare stage
+    assert not (tmp_path / "out" / "prepare" / "result.json").exists()

@@ -1,0 +1,153 @@
+"""Pretraining throughput against the compute ceiling, per method and crop set (issue 6, target 1).
+
+For each (method, crops) case, measured in the same process on the same device:
+  ceiling  the backbone's forward + backward + optimizer step on random tensors of exactly the crops
+           the method trains on (globals and locals as separate groups), plus the EMA teacher's
+           forward on the global crops for DINO and SDMP; no loader, no augmentation, no head, no loss.
+  ours     the real ``Trainer``: FFCV loader + GPU augmentation + method (heads, loss, EMA, queue) +
+           optimizer step, steady state (the first logging window, which holds warm-up and
+           compilation, is dropped; the median of the others is reported).
+Both run eager, or both under torch.compile (--compile).
+
+One command:
+  python bench/throughput.py                     # CPU: resnet_mini, batch 64, a few steps (smoke)
+  python bench/throughput.py --device cuda       # GPU: resnet18 CIFAR stem, batch 512, bf16, channels_last
+Writes bench/results/throughput-<device>[-compiled].json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainers.backbones import build_backbone  # noqa: E402
+from trainers.config import load_config  # noqa: E402
+from trainers.data.augment import parse_crop_spec  # noqa: E402
+
+CASES = [("swav", "2x32"), ("dino", "2x32"), ("sdmp", "2x32"), ("supcon", "2x32"),
+         ("swav", "2x32+4x16"), ("dino", "2x32+6x16")]
+TEACHER_METHODS = {"dino", "sdmp"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ceiling(backbone_name: str, crops: str, batch: int, device: torch.device, steps: int, warmup: int,
+            teacher: bool, compile_model: bool, dtype) -> float:
+    """Images/s (a sample = all its crops) of backbone forward+backward+SGD step (+ teacher forward)."""
+    groups = parse_crop_spec(crops)
+    model, _ = build_backbone(backbone_name, groups[0][1])
+    model = model.to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False) if teacher else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile_model else model
+    teacher_forward = (torch.compile(ema) if compile_model else ema) if ema is not None else None
+    inputs = []
+    for count, size in groups:
+        x = torch.randn(count * batch, 3, size, size, device=device)
+        inputs.append(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if teacher_forward is not None:
+                with torch.no_grad():
+                    teacher_forward(inputs[0])
+            loss = sum(forward(x).float().mean() for x in inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return batch * steps / (time.perf_counter() - started)
+
+
+def ours(method: str, crops: str, batch: int, device: torch.device, backbone: str, window: int, windows: int,
+         compile_model: bool, data_root: str | None) -> tuple[float, list[float]]:
+    from trainers.loop import Trainer
+
+    overrides = [f"data.crops={crops}", f"data.batch_size={batch}", f"model.backbone={backbone}",
+                 f"train.max_steps={window * windows}", f"train.log_every={window}", "knn.every_epochs=0",
+                 f"train.device={device.type}", f"train.compile={str(compile_model).lower()}", "train.resume=null",
+                 f"train.out_dir={ROOT / '.state' / 'bench' / f'{method}-{crops}'}", "optim.warmup_epochs=0"]
+    if method == "swav":
+        overrides.append("method.queue_length=0")
+    if data_root:
+        overrides.append(f"data.data_root={data_root}")
+    config = load_config(ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml", overrides)
+    trainer = Trainer(config, progress=False, log=lambda *_: None)
+    result = trainer.fit()
+    rates = [row["img_per_s"] for row in result.history if "img_per_s" in row]
+    steady = rates[1:] or rates
+    return statistics.median(steady), rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both the ceiling and our backbone")
+    parser.add_argument("--cases", default=None, help="comma-separated method:crops, e.g. swav:2x32,dino:2x32+6x16")
+    parser.add_argument("--batch", type=int, default=None, help="default 512 on GPU, 64 on CPU")
+    parser.add_argument("--backbone", default=None, help="default resnet18 on GPU, resnet_mini on CPU")
+    parser.add_argument("--window", type=int, default=None, help="steps per timing window (default 50 GPU, 3 CPU)")
+    parser.add_argument("--windows", type=int, default=None, help="windows for ours; the first is dropped (default 4)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/throughput-<device>.json)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batch = args.batch or (512 if gpu else 64)
+    backbone = args.backbone or ("resnet18" if gpu else "resnet_mini")
+    window = args.window or (50 if gpu else 3)
+    windows = args.windows or 4
+    dtype = torch.bfloat16 if gpu else None
+    cases = [tuple(c.split(":")) for c in args.cases.split(",")] if args.cases else CASES
+    rows = []
+    for method, crops in cases:
+        top = ceiling(backbone, crops, batch, device, steps=window * 2, warmup=max(3, window // 5),
+                      teacher=method in TEACHER_METHODS, compile_model=args.compile, dtype=dtype)
+        mine, rates = ours(method, crops, batch, device, backbone, window, windows, args.compile, args.data_root)
+        rows.append({"method": method, "crops": crops, "ceiling_img_s": round(top, 1), "ours_img_s": round(mine, 1),
+                     "ratio": round(mine / top, 3), "ours_windows": [round(r, 1) for r in rates]})
+        print(f"{method:7s} {crops:10s} ceiling {top:10,.0f} img/s  ours {mine:10,.0f} img/s  {mine / top:6.1%}",
+              flush=True)
+    facts = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
+             "cpus": torch.get_num_threads(), "torch": torch.__version__, "batch": batch, "backbone": backbone,
+             "precision": "bf16" if gpu else "fp32", "compiled": args.compile, "window": window, "windows": windows,
+             "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
+        f"throughput-{device.type}{'-compiled' if args.compile else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    print(f"\n{facts['device']}, {backbone}, batch {batch}, {facts['precision']}, "
+          f"{'compiled' if args.compile else 'eager'}\n")
+    print("| method | crops | ceiling img/s | ours img/s | ours / ceiling |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['crops']} | {r['ceiling_img_s']:,.0f} | {r['ours_img_s']:,.0f} | {r['ratio']:.1%} |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
