@@ -1,0 +1,90 @@
+"""Time to accuracy (issue 6, target 3): wall clock from the first training step until the online kNN
+top-1 (k=200, T=0.1, cosine: lightly's protocol, full CIFAR-10 train bank and test split) passes a
+target, online kNN time included. Prints and saves the whole curve.
+
+  python bench/time_to_accuracy.py --method swav --device cuda                  # target 0.842, 8 min
+  python bench/time_to_accuracy.py --method dino --target 0.813 --device cuda
+  python bench/time_to_accuracy.py --device cpu --budget-s 300 --set model.backbone=resnet_mini   # smoke
+Set the recipe with --config / --set (defaults: configs/pretrain/<method>_cifar10.yaml with kNN every
+--knn-every epochs). Writes bench/results/tta-<method>-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainers.config import load_config  # noqa: E402
+
+LIGHTLY_200_EPOCHS = {"swav": 0.842, "dino": 0.813}  # lightly's published CIFAR-10 kNN, batch 512
+
+
+class Done(Exception):
+    pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="swav")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--target", type=float, default=None, help="kNN top-1 to reach (default: lightly's figure)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="stop after this many seconds of training")
+    parser.add_argument("--knn-every", type=int, default=2, help="epochs between online kNN evaluations")
+    args = parser.parse_args()
+    target = args.target or LIGHTLY_200_EPOCHS.get(args.method, 0.8)
+    config_path = args.config or ROOT / "configs" / "pretrain" / f"{args.method}_cifar10.yaml"
+    overrides = [f"train.device={args.device}", "knn.k=[200]", "knn.temperature=0.1", "knn.max_train=null",
+                 "knn.max_test=null", f"knn.every_epochs={args.knn_every}", "train.resume=null",
+                 f"train.out_dir={ROOT / '.state' / 'bench' / f'tta-{args.method}'}", *args.set]
+    config = load_config(config_path, overrides)
+
+    from trainers.loop import Trainer
+
+    curve: list[dict] = []
+    clock: dict = {}
+
+    def on_epoch_end(completed: int, metrics: dict, _path) -> None:
+        elapsed = time.perf_counter() - clock["start"]
+        if "knn_top1_k200" in metrics:
+            curve.append({"epoch": completed, "seconds": round(elapsed, 1), "knn_top1_k200": metrics["knn_top1_k200"]})
+            print(f"epoch {completed:4d}  {elapsed:7.1f} s  kNN top-1 (k=200) {metrics['knn_top1_k200']:.2%}", flush=True)
+            if metrics["knn_top1_k200"] >= target:
+                raise Done()
+        if elapsed > args.budget_s:
+            raise Done()
+
+    trainer = Trainer(config, progress=False, log=lambda *_: None, on_epoch_end=on_epoch_end)
+    setup_started = time.perf_counter()
+    trainer.setup()
+    setup_s = time.perf_counter() - setup_started
+    clock["start"] = time.perf_counter()
+    try:
+        trainer.fit()
+    except Done:
+        pass
+    reached = next((p for p in curve if p["knn_top1_k200"] >= target), None)
+    facts = {"method": args.method, "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+             "config": str(config_path), "overrides": overrides, "target": target, "budget_s": args.budget_s,
+             "setup_s": round(setup_s, 1), "reached_at_s": reached["seconds"] if reached else None,
+             "best": max((p["knn_top1_k200"] for p in curve), default=None), "date": time.strftime("%Y-%m-%d")}
+    out = ROOT / "bench" / "results" / f"tta-{args.method}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"facts": facts, "curve": curve}, indent=1))
+    verdict = f"reached {target:.1%} at {reached['seconds']:.0f} s" if reached else \
+        f"did not reach {target:.1%} within {args.budget_s:.0f} s (best {facts['best'] or 0:.1%})"
+    print(f"\n{args.method}: {verdict}; setup {setup_s:.0f} s not counted; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
