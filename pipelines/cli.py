@@ -116,7 +116,7 @@ def load_backbone_ref(ref: str, tracking_uri: str | None) -> Path:
 
 
 def cmd_eval(args) -> int:
-    from pipelines.spec import DEFAULTS, _dataset_entry
+    from pipelines.spec import DEFAULTS, dataset_entry
     from pipelines.stages import run_evaluation
 
     backbone = load_backbone_ref(args.backbone, args.tracking_uri)
@@ -126,9 +126,9 @@ def cmd_eval(args) -> int:
         if value is not None:
             settings[key] = value
     if args.kind == "transfer":
-        settings["datasets"] = [_dataset_entry(name, "eval") for name in args.dataset.split(",")]
+        settings["datasets"] = [dataset_entry(name, "eval") for name in args.dataset.split(",")]
     else:
-        _dataset_entry(args.dataset, "eval")
+        dataset_entry(args.dataset, "eval")
         settings["dataset"] = args.dataset
     if args.kind == "semi" and args.fractions:
         settings["fractions"] = [float(f) for f in args.fractions.split(",")]

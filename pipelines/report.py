@@ -42,6 +42,15 @@ def accuracy_rows(outcomes) -> list[tuple[str, str, str, float]]:
     return rows
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plots(outcomes, folder: Path) -> list[Path]:
     import matplotlib
 
@@ -65,10 +74,7 @@ def _plots(outcomes, folder: Path) -> list[Path]:
         for i, r in enumerate(rows[::-1]):
             ax.text(100 * r[3] + 0.5, i, f"{100 * r[3]:.1f}", va="center", fontsize=8)
         ax.set(xlabel="top-1 accuracy (%)", xlim=(0, 105), title="accuracy")
-        fig.tight_layout()
-        fig.savefig(folder / "accuracy.png", dpi=110)
-        plt.close(fig)
-        paths.append(folder / "accuracy.png")
+        paths.append(_save(fig, folder / "accuracy.png"))
     linear = by_kind.get("linear")
     if linear is not None and linear.result["extra"].get("per_class"):
         per_class = linear.result["extra"]["per_class"]
@@ -76,20 +82,14 @@ def _plots(outcomes, folder: Path) -> list[Path]:
         ax.bar(range(len(per_class)), [100 * v for v in per_class.values()], color="#55a868")
         ax.set_xticks(range(len(per_class)), list(per_class), rotation=60, ha="right", fontsize=7)
         ax.set(ylabel="top-1 (%)", ylim=(0, 100), title="linear probe, per class")
-        fig.tight_layout()
-        fig.savefig(folder / "per_class.png", dpi=110)
-        plt.close(fig)
-        paths.append(folder / "per_class.png")
+        paths.append(_save(fig, folder / "per_class.png"))
     knn = by_kind.get("knn")
     if knn is not None and knn.result["extra"].get("knn_sweep"):
         sweep = {int(k): v for k, v in knn.result["extra"]["knn_sweep"].items()}
         fig, ax = plt.subplots(figsize=(5, 3.4))
         ax.plot(list(sweep), [100 * v for v in sweep.values()], marker="o")
         ax.set(xscale="log", xlabel="k", ylabel="kNN top-1 (%)", title="kNN top-1 against k (T=0.07)")
-        fig.tight_layout()
-        fig.savefig(folder / "knn_vs_k.png", dpi=110)
-        plt.close(fig)
-        paths.append(folder / "knn_vs_k.png")
+        paths.append(_save(fig, folder / "knn_vs_k.png"))
     return paths
 
 

@@ -229,8 +229,7 @@ class PipelineRunner:
                 run_id, result = self._pretrain(stage, settings, key, folder)
             else:
                 run_id = self._child_run(stage, key)
-                tracking.log_params(self.client, run_id, tracking.flat_params(
-                    {k: v for k, v in settings.items()}))
+                tracking.log_params(self.client, run_id, tracking.flat_params(settings))
                 self._fault_hook(stage)
                 result = self._compute(stage, settings, folder)
             result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)

@@ -215,12 +215,12 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
         datasets = values.get("datasets")
         if not datasets:
             raise ConfigError(f"stage '{name}' needs datasets: [name, ...]")
-        values["datasets"] = [_dataset_entry(d, name) for d in datasets]
+        values["datasets"] = [dataset_entry(d, name) for d in datasets]
     if kind == "transfer":
         datasets = values.get("datasets")
         if not datasets:
             raise ConfigError(f"stage '{name}' needs datasets: [name or {{name: ..., optional: true}}, ...]")
-        values["datasets"] = [_dataset_entry(d, name) for d in datasets]
+        values["datasets"] = [dataset_entry(d, name) for d in datasets]
     if kind == "semi":
         fractions = values["fractions"]
         if not isinstance(fractions, list) or not fractions or not all(isinstance(f, (int, float)) and 0 < f <= 1
@@ -235,7 +235,7 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
     return StageSpec(name, kind, values, inputs, resources)
 
 
-def _dataset_entry(entry, stage: str) -> dict:
+def dataset_entry(entry, stage: str) -> dict:
     from trainers.data.datasets import check_dataset_name
 
     if isinstance(entry, str):

@@ -108,7 +108,7 @@ def features(backbone_path: str, dataset: str, split: str, data_root: str | None
 
 
 # --------------------------------------------------------------------------- evaluations
-def run_knn(settings: dict, backbone_path: str, data_root, device, log: Log = print) -> dict:
+def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
     from trainers.evaluate import knn_suite
 
     dataset = settings["dataset"]
@@ -196,8 +196,6 @@ def run_evaluation(kind: str, settings: dict, backbone_path: str, data_root=None
                    log: Log = print) -> dict:
     """One evaluation stage on a backbone file; ``device`` None: CUDA when there is one."""
     device = eval_device(device)
-    if kind == "knn":
-        return run_knn(settings, backbone_path, data_root, device, log)
     return EVALUATIONS[kind](settings, backbone_path, data_root, device, seed=seed, log=log)
 
 

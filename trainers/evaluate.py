@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.errors import ConfigError
-from trainers.knn import knn_accuracy, prepare_eval_images
+from trainers.knn import prepare_eval_images
 
 KNN_SWEEP = (1, 5, 10, 20, 50, 100, 200)
 
@@ -125,6 +124,16 @@ def knn_suite(train_features, train_labels, test_features, test_labels, num_clas
             "knn_sweep": {k: top1[f"k{k}"] / n for k in KNN_SWEEP}}
 
 
+def _cosine_sgd_step(optimizer, base_lrs, step: int, total: int, loss: torch.Tensor) -> None:
+    """One update at the cosine-decayed learning rate of ``step`` (of ``total``)."""
+    scale = 0.5 * (1 + math.cos(math.pi * step / total))
+    for group, lr in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = lr * scale
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 # --------------------------------------------------------------------------- linear probe
 @dataclass
 class LinearSettings:
@@ -180,12 +189,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = F.cross_entropy(layer(x_train[index]), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _cosine_sgd_step(optimizer, [settings.lr], step, total, loss)
             loss_sum += loss.detach()
             step += 1
         if progress is not None:
@@ -286,12 +291,8 @@ def finetune(backbone: torch.nn.Module, feature_dim: int, train: ImageSet, indic
             index = order[i * batch:(i + 1) * batch]
             x = prepare_eval_images(images[index].to(device), spec.image_size, mean, std)
             x = random_resized_flip(x, settings.crop_scale, generator)
-            for group, lr in zip(optimizer.param_groups, base):
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = F.cross_entropy(model(x), labels[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _cosine_sgd_step(optimizer, base, step, total, loss)
             loss_sum += loss.detach()
             step += 1
         if progress is not None:
@@ -303,10 +304,3 @@ def finetune(backbone: torch.nn.Module, feature_dim: int, train: ImageSet, indic
             x = prepare_eval_images(test.images[start:start + spec.batch_size].to(device), spec.image_size, mean, std)
             logits.append(model(x).float().cpu())
     return accuracy_report(torch.cat(logits), test.labels, test.num_classes, prefix)
-
-
-def save_indices(indices: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(map(str, indices.tolist())) + "\n")
-    return path
