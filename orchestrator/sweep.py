@@ -297,10 +297,14 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
     for result in results:
         params = {k: v for k, v in (result.config or {}).items() if k != "__sweep__"}
         metrics = result.metrics or {}
-        table.append({"trial": getattr(result, "path", "") and Path(result.path).name, **params,
-                      spec.metric: metrics.get(spec.metric), "iterations": metrics.get("training_iteration"),
-                      "steps": metrics.get("step"), "checkpoint": metrics.get("checkpoint_path"),
-                      "error": str(result.error).splitlines()[0][:200] if result.error else None})
+        row = {"trial": getattr(result, "path", "") and Path(result.path).name, **params,
+               spec.metric: metrics.get(spec.metric), "iterations": metrics.get("training_iteration"),
+               "steps": metrics.get("step"),
+               "checkpoint": result.checkpoint.path if getattr(result, "checkpoint", None) else None,
+               "error": str(result.error).splitlines()[0][:200] if result.error else None}
+        if metrics.get("trial_id"):
+            _complete_from_storage(row, spec.metric, _latest_checkpoint(setup["storage"], f"{name}-{metrics['trial_id']}"))
+        table.append(row)
     sign = -1 if spec.mode == "max" else 1
     table.sort(key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0.0)))
     best = next((r for r in table if r[spec.metric] is not None and not r["error"]), None)
@@ -318,6 +322,23 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
         except Exception as exc:  # noqa: BLE001
             log(f"warning: could not finish the MLflow sweep run ({str(exc).splitlines()[0][:160]})")
     return SweepOutcome(name, folder, table, best, parent_run_id)
+
+
+def _complete_from_storage(row: dict, metric: str, checkpoint: Path | None) -> None:
+    """A trial can finish its last epoch while the scheduler is stopping it: Tune then keeps the
+    result of an earlier epoch, though the trial's storage holds the finished run. Report what the
+    trial actually reached, so the table agrees with its MLflow run and its checkpoint."""
+    if checkpoint is None:
+        return
+    row["checkpoint"] = str(checkpoint)
+    if not (checkpoint / "summary.json").is_file():
+        return
+    summary = json.loads((checkpoint / "summary.json").read_text())
+    if summary.get("steps", -1) <= (row.get("steps") or -1):
+        return
+    row.update(iterations=summary.get("epochs_completed", row["iterations"]), steps=summary["steps"])
+    if summary.get(metric) is not None:
+        row[metric] = summary[metric]
 
 
 def _close_stopped_trials(client, uri, experiment_id, parent_run_id, storage, spec, log) -> None:

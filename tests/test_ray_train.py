@@ -7,6 +7,7 @@ One Ray instance serves the whole module; runs are tiny (a Fashion-MNIST subset,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -178,5 +179,33 @@ asha: {grace_period: 1, reduction_factor: 2}
         assert child.info.status == expected, (row, child.info.status)
         assert (child.data.tags.get("stopped_by") == "asha") == (expected == "KILLED")
         assert child.data.metrics["knn_top1_k20"] == pytest.approx(row["knn_top1_k20"])
+    best_checkpoint = outcome.best["checkpoint"]
+    assert best_checkpoint and (tmp_path / "ray") in Path(best_checkpoint).parents
+    assert (Path(best_checkpoint) / "backbone.pt").is_file() == (outcome.best["iterations"] == 2)
     parent_files = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"summary.md", "summary.json", "best_config.yaml"} <= parent_files
+
+
+def test_a_trial_that_finished_while_being_stopped_reports_its_last_epoch(tmp_path):
+    """Tune may stop a trial after its first epoch's result while the trial completes its last epoch:
+    the sweep table must then show what the trial reached (as its MLflow run and checkpoint do)."""
+    from orchestrator.sweep import _complete_from_storage
+    from orchestrator.train import _latest_checkpoint
+
+    run = tmp_path / "trials" / "tiny-abc_00001"
+    for index, (steps, knn, done) in enumerate([(8, 0.50, False), (16, 0.62, True)]):
+        folder = run / f"checkpoint_{index:06d}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": steps, "knn_top1_k20": knn}) + "\n")
+        if done:
+            (folder / "summary.json").write_text(json.dumps({"steps": steps, "epochs_completed": 2,
+                                                             "knn_top1_k20": knn}))
+    row = {"knn_top1_k20": 0.50, "iterations": 1, "steps": 8, "checkpoint": None}
+    _complete_from_storage(row, "knn_top1_k20", _latest_checkpoint(str(tmp_path / "trials"), "tiny-abc_00001"))
+    assert row == {"knn_top1_k20": 0.62, "iterations": 2, "steps": 16, "checkpoint": str(run / "checkpoint_000001")}
+
+    stopped = {"knn_top1_k20": 0.50, "iterations": 1, "steps": 8, "checkpoint": None}
+    (run / "checkpoint_000001" / "summary.json").unlink()
+    (run / "checkpoint_000001").rename(run / "old")
+    _complete_from_storage(stopped, "knn_top1_k20", _latest_checkpoint(str(tmp_path / "trials"), "tiny-abc_00001"))
+    assert stopped == {"knn_top1_k20": 0.50, "iterations": 1, "steps": 8, "checkpoint": str(run / "checkpoint_000000")}
