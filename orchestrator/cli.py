@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
 from trainers.errors import UserError
 from trainers.paths import DATA_ROOT_ENV, default_data_root, state_dir
@@ -194,7 +193,8 @@ def _cluster_options(args):
     return ClusterOptions(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, address=args.address, storage=args.storage,
                           max_failures=args.max_failures, num_to_keep=args.num_to_keep,
-                          tracking_uri=args.tracking_uri, experiment=args.experiment, stage_data=args.stage_data)
+                          tracking_uri=args.tracking_uri, experiment=args.experiment, stage_data=args.stage_data,
+                          resource_timeout_s=args.resource_timeout, require_tracking=args.require_tracking)
 
 
 def _pretrain_on_ray(args, config) -> int:
@@ -248,6 +248,12 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                                                         "sqlite:///<state dir>/mlflow/mlflow.db)")
     g.add_argument("--experiment", default="sslab", help="MLflow experiment")
+    g.add_argument("--require-tracking", action="store_true",
+                   help="refuse to start when the MLflow server does not answer (default: train anyway, keep the "
+                        "metrics in metrics.jsonl and log them when the server answers)")
+    g.add_argument("--resource-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for the cluster to offer the requested CPUs/GPUs before failing (an "
+                        "autoscaler adding nodes); default 0 for the embedded Ray, 600 with --address")
 
 
 def _print_result_table(config, result) -> None:
@@ -322,6 +328,14 @@ def cmd_submit(args) -> int:
     command = list(args.command or [])
     if command[:1] == ["--"]:
         command = command[1:]
+    if args.list_files:
+        from orchestrator.submit import upload_listing
+        from trainers.paths import project_root
+
+        files = upload_listing(args.working_dir or project_root())
+        print("\n".join(files))
+        print(f"{len(files)} file(s) would be uploaded", file=sys.stderr)
+        return 0
     return submit(command, address=args.address, name=args.name, wait=args.wait, gpus=args.gpus, cpus=args.cpus,
                   tracking_uri=args.tracking_uri, env=args.env or [], python=args.python,
                   working_dir=args.working_dir, log=lambda msg: print(msg, file=sys.stderr))
@@ -341,6 +355,8 @@ def _add_submit(subparsers) -> None:
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable for the job")
     p.add_argument("--python", default="python", help="Python interpreter on the cluster")
     p.add_argument("--working-dir", default=None, help="project folder to send (default: this checkout)")
+    p.add_argument("--list-files", action="store_true",
+                   help="print the files the job would upload (data, state and credentials are never sent) and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sslab arguments")
     p.set_defaults(func=cmd_submit)
 

@@ -17,8 +17,19 @@ from typing import Callable
 from trainers.errors import UserError
 from trainers.paths import project_root
 
-EXCLUDES = [".state/", ".venv/", ".git/", ".benchdata*", ".devicekit/", "*.beton", "*.tar.gz", "**/__pycache__/",
-            ".pytest_cache/", ".ruff_cache/", "bench/results/", "*.egg-info/"]
+# Never uploaded with a job (gitwildmatch patterns, as Ray applies them; .gitignore is honoured too,
+# but a job must not depend on it): state and data, environments and caches, and anything that
+# looks like a credential. Secrets reach jobs through --env / the runtime env or Kubernetes Secrets.
+EXCLUDES = [
+    # state, data, build outputs
+    ".state/", ".venv/", "/venv/", ".git/", ".benchdata*", ".devicekit/", "/data/", "mlruns/", "*.beton",
+    "*.beton.json", "*.tar.gz", "*.tgz", "*.zip", "*.npz", "*.pt", "*.pth", "*.ckpt", "*.db", "*.sqlite",
+    "**/__pycache__/", ".pytest_cache/", ".ruff_cache/", "bench/results/", "*.egg-info/",
+    # credentials
+    ".env", ".env.*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", ".netrc", ".pgpass",
+    "auth_token", ".ray/", ".aws/", ".ssh/", ".kube/", "*kubeconfig*", "*credentials*", "*.secret", "*secret*.yaml",
+    "*secrets*.yaml", "!cluster/kuberay/secrets.example.yaml",
+]
 PASS_THROUGH = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "SSLAB_HOME", "SSLAB_DATA_ROOT")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -38,6 +49,21 @@ def job_env(tracking_uri: str | None, extra: list[str]) -> dict[str, str]:
         key, value = item.split("=", 1)
         env[key] = value
     return env
+
+
+def upload_listing(root: str | Path) -> list[str]:
+    """The files a job submitted from ``root`` would carry, as Ray packs them (with EXCLUDES and
+    ``root``'s .gitignore)."""
+    import tempfile
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    with tempfile.TemporaryDirectory(prefix="sslab-package-") as folder:
+        target = Path(folder) / "package.zip"
+        create_package(str(root), target, include_gitignore=True, excludes=EXCLUDES)
+        with zipfile.ZipFile(target) as archive:
+            return sorted(n for n in archive.namelist() if not n.endswith("/"))
 
 
 def submit(args: list[str], address: str | None = None, name: str | None = None, wait: bool = False,

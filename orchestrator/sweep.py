@@ -29,23 +29,20 @@ Sweep YAML::
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from trainers.config import Config, apply_overrides, from_dict, load_config
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, UserError
 
 from orchestrator import tracking
-from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, init_ray,
-                                plot_history, prepare_or_stage, resolve_storage, unique_name,
+from orchestrator.train import (FATAL_NOTE, ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env,
+                                check_resources, init_ray, prepare_or_stage, resolve_storage, unique_name,
                                 worker_loop)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
@@ -201,7 +198,9 @@ def run_trial(trial: dict) -> None:
     if gpu:
         resources["GPU"] = gpu
     loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"], "run_id": run_id,
-                   "tracking_uri": uri, "fault_at_step": None, "fault_marker": None,
+                   "tracking_uri": uri, "fault": None, "fault_marker": None,
+                   "run_folder": f"{setup['storage']}/{trial_name}",
+                   "fatal_marker": None if "://" in setup["storage"] else f"{setup['storage']}/{trial_name}/{FATAL_NOTE}",
                    "staged_data": setup.get("staged_data")}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config,
@@ -245,10 +244,17 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
     name = name or unique_name(spec.name)
     storage = resolve_storage(options.storage)
     folder = Path(storage) / name if "://" not in storage else Path(tracking.state_dir()) / "sweeps" / name
-    folder.mkdir(parents=True, exist_ok=True)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     parent_run_id, experiment_id = None, None
     problem = tracking.check_reachable(uri)
+    if problem and options.require_tracking:
+        raise UserError(f"{problem}; start the server or fix --tracking-uri (or drop --require-tracking)")
+    init_ray(options.address, log)
+    # one trial must fit on the cluster (the others queue behind it)
+    check_resources(replace(options, workers=spec.workers_per_trial,
+                            cpus_per_worker=float(spec.resources_per_worker.get("cpu", 1)),
+                            gpus_per_worker=float(spec.resources_per_worker.get("gpu", 0))), log=log)
+    folder.mkdir(parents=True, exist_ok=True)
     if problem:
         log(f"warning: {problem}; the sweep runs without MLflow tracking")
     else:
@@ -262,7 +268,6 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
             {"search": spec.search, "scheduler": spec.scheduler, "metric": spec.metric, "mode": spec.mode,
              "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"}))
         log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
-    init_ray(options.address, log)
     staged = prepare_or_stage(spec.base, options, storage, log)
     setup = {"base": spec.base.to_dict(), "sweep_name": name, "env": {**_worker_env(), **options.worker_env},
              "tracking_uri": uri, "staged_data": staged,

@@ -131,6 +131,9 @@ def _metric_values(row: dict) -> dict[str, float]:
             if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(float(v))}
 
 
+GAP_TAG = "sslab.tracking_gaps"  # steps whose metrics reached MLflow late, after an outage
+
+
 class MetricLogger:
     """Rank 0's metric stream into one MLflow run; see the module docstring."""
 
@@ -139,6 +142,7 @@ class MetricLogger:
         self.pending: list[tuple[int, dict]] = []
         self.last_step: dict[str, int] = {}
         self.warned = False
+        self.down_since: float | None = None
         self.next_try = 0.0
         self._client = None
 
@@ -178,6 +182,8 @@ class MetricLogger:
                 self._mlflow().log_batch(self.run_id, metrics=metrics[start:start + 1000])
         except Exception as exc:  # noqa: BLE001 - any tracking failure must leave training running
             self.next_try = time.monotonic() + self.retry_s
+            if self.down_since is None:
+                self.down_since = time.time()
             if not self.warned:
                 self.warned = True
                 self.log(f"warning: MLflow ({self.uri}) did not take metrics ({str(exc).splitlines()[0][:160]}); "
@@ -187,9 +193,16 @@ class MetricLogger:
         for step, values in self.pending:
             for key in values:
                 self.last_step[key] = max(self.last_step.get(key, -1), step)
-        if self.warned:
-            self.log(f"MLflow answers again: replayed {len(self.pending)} kept row(s)")
-            self.warned = False
+        if self.down_since is not None:
+            steps = [step for step, _ in self.pending]
+            gap = f"steps {min(steps)}-{max(steps)} sent {time.time() - self.down_since:.0f} s late"
+            self.log(f"MLflow answers again: replayed {len(self.pending)} kept row(s) ({gap})")
+            try:  # the outage stays visible in the run, not only in a log file
+                previous = self._mlflow().get_run(self.run_id).data.tags.get(GAP_TAG)
+                self._mlflow().set_tag(self.run_id, GAP_TAG, f"{previous}; {gap}" if previous else gap)
+            except Exception:  # noqa: BLE001
+                pass
+            self.warned, self.down_since = False, None
         self.pending.clear()
         return True
 

@@ -31,7 +31,25 @@ from trainers.paths import state_dir
 
 from orchestrator import tracking
 
-FAULT_ENV = "SSLAB_FAULT_AT_STEP"  # fault injection for tests: rank 0 raises once at this step
+# Fault injection for tests: "11" makes rank 0 raise once at step 11; "kill:5,9,14" makes rank 0's
+# process SIGKILL itself once at each listed step (a marker file per step, in the run's storage).
+FAULT_ENV = "SSLAB_FAULT_AT_STEP"
+FATAL_NOTE = "fatal-error.txt"  # in <storage>/<name>/: a user error that a restart would only repeat
+
+
+def parse_fault(text: str | None) -> tuple[str, list[int]] | None:
+    """(kind, steps) of a ``SSLAB_FAULT_AT_STEP`` value; kind is "raise" or "kill"."""
+    if not text:
+        return None
+    kind, _, steps = text.rpartition(":")
+    kind = kind or "raise"
+    try:
+        numbers = sorted({int(s) for s in steps.split(",") if s.strip()})
+    except ValueError:
+        numbers = []
+    if kind not in ("raise", "kill") or not numbers or numbers[0] < 1:
+        raise ConfigError(f"{FAULT_ENV}={text!r} is not a fault plan: use STEP, or kill:STEP[,STEP...] with steps >= 1")
+    return kind, numbers
 CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "backbone.pt", "summary.json")
 
 
@@ -48,6 +66,10 @@ class ClusterOptions:
     experiment: str = tracking.DEFAULT_EXPERIMENT
     # copy the .beton files through storage to each node's disk; None: on for a cluster, off for local Ray
     stage_data: bool | None = None
+    # how long to wait for the cluster to offer the requested CPUs/GPUs (an autoscaler adding nodes);
+    # None: 0 s for the embedded Ray (nothing will appear), 600 s for a cluster
+    resource_timeout_s: float | None = None
+    require_tracking: bool = False  # refuse to start when MLflow does not answer (default: train, replay later)
     worker_env: dict = field(default_factory=dict)  # extra environment variables for the workers
     run_tags: dict = field(default_factory=dict)  # extra MLflow tags (a pipeline's parent run id, stage)
 
@@ -104,12 +126,68 @@ def init_ray(address: str | None, log: Callable[[str], None] = print, num_cpus: 
         ray.init(include_dashboard=False, log_to_driver=True, num_cpus=num_cpus,
                  runtime_env={"env_vars": env}, logging_level="WARNING")
         return
+    problem = _probe_address(address)
+    if problem:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({problem}): start it with `ray start --head` "
+                        f"or pass --address local for an embedded Ray")
     try:
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": _worker_env()},
                  logging_level="WARNING")
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0][:120]}): start it with "
                         f"`ray start --head` or pass --address local for an embedded Ray") from None
+
+
+def _probe_address(address: str) -> str | None:
+    """A TCP connect to HOST:PORT of ``ray://HOST:PORT`` or ``HOST:PORT`` (ray.init would retry a dead
+    address for a long time); None when it answers or the address names no port ("auto")."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if not match:
+        return None
+    host, port = match.group(1), int(match.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def check_resources(options: ClusterOptions, per_trial_workers: int | None = None,
+                    log: Callable[[str], None] = print) -> None:
+    """Fail fast when the cluster cannot place the workers, instead of waiting forever for them.
+
+    The embedded Ray is checked at once; a cluster gets ``resource_timeout_s`` (default 10 minutes) for
+    an autoscaler to add nodes. One worker's bundle must fit on one node; all workers on the cluster."""
+    import ray
+
+    workers = per_trial_workers or options.workers
+    need = {"CPU": options.cpus_per_worker, "GPU": options.gpus_per_worker}
+    local = options.address in (None, "", "local")
+    timeout = options.resource_timeout_s if options.resource_timeout_s is not None else (0.0 if local else 600.0)
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+        fits_node = any(all(n.get(k, 0.0) >= v for k, v in need.items() if v > 0) for n in nodes)
+        fits_all = all(total[k] >= v * workers for k, v in need.items() if v > 0)
+        if fits_node and fits_all:
+            return
+        if time.monotonic() >= deadline:
+            have = f"{total['CPU']:g} CPU and {total['GPU']:g} GPU over {len(nodes)} node(s)"
+            largest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+            asked = (f"{workers} worker(s) x {options.cpus_per_worker:g} CPU"
+                     + (f" + {options.gpus_per_worker:g} GPU" if options.gpus_per_worker else ""))
+            per_node = "" if fits_node else f"; no node has {options.gpus_per_worker:g} GPU for one worker " \
+                                            f"(largest: {largest:g})"
+            waited = f" after waiting {timeout:.0f} s" if timeout else ""
+            raise UserError(f"the cluster cannot place {asked}: it has {have}{per_node}{waited}; lower --workers, "
+                            f"--gpus-per-worker or --cpus-per-worker, or add nodes (--resource-timeout waits for "
+                            f"an autoscaler)")
+        if not announced:
+            log(f"waiting up to {timeout:.0f} s for the cluster to offer {workers} x {need} ...")
+            announced = True
+        time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
 
 
 def _worker_env() -> dict:
@@ -168,18 +246,16 @@ def worker_loop(loop_config: dict) -> None:
     metric_logger = None
     if rank == 0 and loop_config.get("run_id"):
         metric_logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-    fault_step = loop_config.get("fault_at_step")
-    fault_marker = Path(loop_config["fault_marker"]) if loop_config.get("fault_marker") else None
+    fault = loop_config.get("fault")  # (kind, steps) or None
+    fault_folder = Path(loop_config["fault_marker"]) if loop_config.get("fault_marker") else None
     last_knn: dict = {}
     trainer: Trainer | None = None
 
     def on_log(step: int, row: dict) -> None:
         if metric_logger is not None:
             metric_logger.log_row(step, row)
-        if fault_step is not None and step >= fault_step and fault_marker is not None and not fault_marker.exists():
-            fault_marker.parent.mkdir(parents=True, exist_ok=True)
-            fault_marker.write_text(f"injected at step {step}\n")
-            raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
+        if fault is not None and fault_folder is not None:
+            _inject_fault(fault[0], fault[1], step, fault_folder)
 
     def report(step: int, metrics: dict, path: Path | None, final: bool = False) -> None:
         knn = {k: v for k, v in metrics.items() if k.startswith("knn_")}
@@ -197,7 +273,12 @@ def worker_loop(loop_config: dict) -> None:
                 for name in CHECKPOINT_FILES[1:]:
                     if (out_dir / name).is_file():
                         shutil.copy2(out_dir / name, staged / name)
-                ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                try:
+                    ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                except OSError as exc:  # the run storage is full or read-only; Ray has kept the last upload
+                    from trainers.checkpoint import storage_error
+
+                    raise storage_error(loop_config.get("run_folder") or "the run storage", exc) from None
         else:
             ray.train.report(payload, checkpoint=None)
 
@@ -210,15 +291,67 @@ def worker_loop(loop_config: dict) -> None:
         t = trainer.config.train
         return min(trainer.total_steps, t.max_steps) if t.max_steps is not None else trainer.total_steps
 
-    trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False,
-                      log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True), on_log=on_log,
-                      on_epoch_end=on_epoch_end, on_checkpoint=lambda s, m, p: report(s, m, p))
-    result = trainer.fit()
+    # a user error (NaN loss, bad data) happens again after a restart: the first worker to meet it leaves
+    # a note in the run's storage, and restarted workers stop at once instead of training up to it again
+    fatal = Path(loop_config["fatal_marker"]) if loop_config.get("fatal_marker") else None
+    if fatal is not None and fatal.is_file():
+        note = json.loads(fatal.read_text())
+        error = UserError(note["message"])
+        error.exit_code = note["exit_code"]
+        raise error
+    try:
+        trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False,
+                          log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True), on_log=on_log,
+                          on_epoch_end=on_epoch_end, on_checkpoint=lambda s, m, p: report(s, m, p))
+        # the worker's own checkpoint folder is scratch: point at what survives it
+        if loop_config.get("run_folder"):
+            trainer.resume_hint = (f"the run resumes from its last checkpoint in {loop_config['run_folder']} "
+                                   f"(rerun with --name {loop_config['name']})")
+        result = trainer.fit()
+    except UserError as exc:
+        if fatal is not None:
+            fatal.parent.mkdir(parents=True, exist_ok=True)
+            fatal.write_text(json.dumps({"message": str(exc), "exit_code": exc.exit_code}))
+        raise
     if metric_logger is not None:
         metric_logger.flush(force=True)
     final_path = result.checkpoint if rank == 0 else None  # fit() always checkpoints its last step
     report(result.steps, result.metrics, final_path, final=True)
     shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError inside what Ray raises for failed workers (``WorkerGroupError.worker_failures``,
+    causes, ``RayTaskError``), so that the user sees the worker's one line, not Ray's wrapper."""
+    seen, todo = set(), [error]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        wrapped = getattr(current, "cause", None)  # RayTaskError: the worker's own exception
+        if isinstance(current, UserError) and wrapped is None:
+            return current
+        todo += [wrapped, getattr(current, "__cause__", None)]
+        todo += list((getattr(current, "worker_failures", None) or {}).values())
+    return None
+
+
+def _inject_fault(kind: str, steps: list[int], step: int, folder: Path) -> None:
+    """Fail once at each planned step (tests of restarts): the marker is written before the fault,
+    so the restarted worker group goes past that step."""
+    due = [s for s in steps if s <= step and not (folder / f"fault-{s}").exists()]
+    if not due:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for planned in due:
+        (folder / f"fault-{planned}").write_text(f"{kind} at step {step}\n")
+    if kind == "kill":
+        import signal
+
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: like the OOM killer or a lost node
+    raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
 
 
 # --------------------------------------------------------------------------- driver side
@@ -320,9 +453,15 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
     config.name = name
     storage = resolve_storage(options.storage)
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
+    if options.require_tracking:
+        problem = tracking.check_reachable(uri)
+        if problem:
+            raise UserError(f"{problem}; start the server or fix --tracking-uri (or drop --require-tracking to "
+                            f"train now and log the metrics when it answers)")
+    init_ray(options.address, log)
+    check_resources(options, log=log)
     staged = prepare_or_stage(config, options, storage, log)
     run_id = _open_mlflow_run(config, name, options, uri, log)
-    init_ray(options.address, log)
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -337,12 +476,14 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
-    fault = os.environ.get(FAULT_ENV)
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    fatal_marker = str(Path(storage) / name / FATAL_NOTE) if "://" not in storage else None
+    if fatal_marker:
+        Path(fatal_marker).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
     loop_config = {"config": config.to_dict(), "name": name, "env": {**_worker_env(), **options.worker_env},
-                   "run_id": run_id, "tracking_uri": uri, "staged_data": staged,
-                   "fault_at_step": int(fault) if fault else None,
-                   "fault_marker": str(Path(storage) / name / "fault-injected") if fault and "://" not in storage
-                   else None}
+                   "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
+                   "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
+                   else None, "fatal_marker": fatal_marker, "run_folder": f"{storage}/{name}"}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
@@ -358,9 +499,9 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
         f"{f', {options.gpus_per_worker:g} GPU' if use_gpu else ''}), storage {storage}/{name}")
     error = None
     try:
-        result = trainer.fit()
+        trainer.fit()  # the outcome is read back from the run's checkpoints below
     except Exception as exc:  # noqa: BLE001 - report it, close the MLflow run as failed, re-raise
-        error, result = exc, None
+        error = exc
     checkpoint_dir, history, metrics = _latest_checkpoint(storage, name), [], {}
     if checkpoint_dir is not None and (checkpoint_dir / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines() if line]
@@ -368,10 +509,17 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
         metrics = json.loads((checkpoint_dir / "summary.json").read_text())
     if run_id is None and history:  # the server did not answer at the start: replay the run if it does now
         run_id = _open_mlflow_run(config, name, options, uri, log)
+        if run_id is not None:
+            steps = [row["step"] for row in history if "step" in row]
+            try:
+                tracking.client(uri).set_tag(run_id, tracking.GAP_TAG, f"steps {min(steps)}-{max(steps)} sent at "
+                                             f"the end (the server did not answer at the start)")
+            except Exception:  # noqa: BLE001 - a tag is not worth failing for
+                pass
     if run_id is not None:
         _finish_mlflow_run(uri, run_id, checkpoint_dir, config, history, "FAILED" if error else "FINISHED", log)
     if error is not None:
-        cause = getattr(error, "__cause__", None) or error
+        cause = user_error_in(error) or getattr(error, "__cause__", None) or error
         if isinstance(cause, UserError):
             raise cause
         raise UserError(f"training failed after {options.max_failures} restart(s): {str(cause).splitlines()[0][:300]} "

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,10 @@ from pipelines.spec import EVAL_KINDS, PipelineSpec, StageSpec
 FORMAT = 1  # bump when a stage's computation changes for the same settings (invalidates caches)
 PIPELINE_TAG, STAGE_TAG, HASH_TAG, DONE_TAG = "sslab.pipeline", "sslab.stage", "sslab.stage_hash", "sslab.stage_done"
 PARENT_TAG = "mlflow.parentRunId"
-FAULT_ENV = "SSLAB_PIPELINE_FAULT"  # tests: "<stage>" stops the driver inside that stage, as a kill would
-
-
-class InjectedStop(BaseException):
-    """Raised by the fault hook; a BaseException so that nothing marks the stage failed (like SIGKILL)."""
+# Fault injection for tests: "<stage>:kill" makes the driver SIGKILL itself once that stage's outputs are
+# written and logged but before the stage is marked done: the worst moment for a resume to tell a
+# finished stage from a half-written one.
+FAULT_ENV = "SSLAB_PIPELINE_FAULT"
 
 
 @dataclass
@@ -230,7 +230,6 @@ class PipelineRunner:
             else:
                 run_id = self._child_run(stage, key)
                 tracking.log_params(self.client, run_id, tracking.flat_params(settings))
-                self._fault_hook(stage)
                 result = self._compute(stage, settings, folder)
             result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)
             self._record(run_id, stage, key, folder, result)
@@ -245,8 +244,12 @@ class PipelineRunner:
                             seconds)
 
     def _fault_hook(self, stage: StageSpec) -> None:
-        if os.environ.get(FAULT_ENV) == stage.name:
-            raise InjectedStop(f"{FAULT_ENV}: stopped inside stage {stage.name}")
+        if os.environ.get(FAULT_ENV) == f"{stage.name}:kill":
+            import signal
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _compute(self, stage: StageSpec, settings: dict, folder: Path) -> dict:
         data_root = self.spec.data_root
@@ -274,12 +277,14 @@ class PipelineRunner:
         for name, text in result.pop("files", {}).items():
             (folder / name).write_text(text)
             self.client.log_artifact(run_id, str(folder / name))
-        self._log_metrics(run_id, result["metrics"])
+        logged = self.client.get_run(run_id).data.metrics  # a resumed stage's run may hold them already
+        self._log_metrics(run_id, {k: v for k, v in result["metrics"].items() if logged.get(k) != v})
         temp = folder / ".result.json.tmp"
         temp.write_text(json.dumps(result, indent=1, default=str))
         os.replace(temp, folder / "result.json")
         self.client.log_artifact(run_id, str(folder / "result.json"))
         self.client.set_tag(run_id, "sslab.output_hash", result["output_hash"])
+        self._fault_hook(stage)
         self.client.set_terminated(run_id, status="FINISHED")
         self.client.set_tag(run_id, DONE_TAG, "1")
 
@@ -348,7 +353,6 @@ class PipelineRunner:
         self._ray()
         name = f"{self.spec.name}-{stage.name}-{key[:10]}"
         options = self._cluster_options(stage, settings, self._stage_tags(stage, key))
-        self._fault_hook(stage)
         outcome = run_pretraining(config, options, name=name, log=self.log)
         if outcome.run_id is None:
             raise UserError(f"stage {stage.name}: the pretraining run could not be recorded in MLflow at {self.uri}")

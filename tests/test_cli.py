@@ -108,3 +108,14 @@ def test_print_config_shows_resolved_method_options(capsys):
                  "--set", "method.teacher_temperature=0.05"]) == 0
     out = capsys.readouterr().out
     assert "teacher_temperature: 0.05" in out and "center_momentum: 0.9" in out
+
+
+def test_local_dashboards_listen_on_localhost_only(capsys):
+    assert main(["ui", "--dry-run"]) == 0
+    command = capsys.readouterr().out.split()
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    import inspect
+
+    from orchestrator.train import init_ray
+
+    assert "include_dashboard=False" in inspect.getsource(init_ray)  # the embedded Ray starts no dashboard

@@ -118,3 +118,35 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_disk_full_mid_run_is_one_line_and_the_run_resumes_from_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from orchestrator.cli import main
+
+    args = ["pretrain", "--local", "--quiet", "--out-dir", str(tmp_path / "run"), "--set", "method.name=supcon",
+            "--set", "data.dataset=digits", "--set", "data.crops=2x8", "--set", "data.batch_size=64",
+            "--set", "model.backbone=resnet_mini", "--set", "train.epochs=2", "--set", "optim.warmup_epochs=0",
+            "--set", "knn.every_epochs=0", "--set", "train.checkpoint_every_steps=5"]
+    real_save, calls = torch.save, []
+
+    def fills_up(obj, f, *a, **k):  # the third checkpoint write finds the disk full
+        calls.append(1)
+        if len(calls) >= 3:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    assert main(args) == StorageError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write checkpoint") and str(tmp_path / "run") in err[-1]
+    assert "No space left on device" in err[-1] and "GiB free" in err[-1]
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "backbone.pt").exists()
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
+    # writes 1 and 2 were last.pt at steps 5 and 10; the failed third one left the step-10 file intact
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 10
+    monkeypatch.undo()
+    assert main(args) == 0  # space freed: the same command resumes and finishes
+    assert "resumed from" in capsys.readouterr().err
+    steps_per_epoch = 1347 // 64  # the digits train split, full batches
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2 * steps_per_epoch

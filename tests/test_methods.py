@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.backbones import build_backbone
+from trainers.errors import ConfigError
 from trainers.losses import dino_loss, sdmp_targets, supcon_loss, swav_loss
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext, ema_update
@@ -57,10 +58,12 @@ def test_swav_step_is_the_swav_loss_of_its_scores():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
-def test_swav_queue_rounded_filled_and_used_only_when_full():
+def test_swav_queue_of_whole_batches_filled_and_used_only_when_full():
     ctx = context(((2, 16),), batch=8, epochs=3, steps=4)
-    swav = build("swav", SwAVConfig(prototypes=20, queue_length=20, queue_start_epoch=1), ctx)
-    assert swav.queue_length == 16 and swav.queue.shape == (2, 16, 128)  # rounded down to 2 x batch 8
+    with pytest.raises(ConfigError, match="not a multiple of the global batch 8.*use 16 or 24"):
+        build("swav", SwAVConfig(prototypes=20, queue_length=20, queue_start_epoch=1), ctx)
+    swav = build("swav", SwAVConfig(prototypes=20, queue_length=16, queue_start_epoch=1), ctx)
+    assert swav.queue_length == 16 and swav.queue.shape == (2, 16, 128)  # 2 x batch 8
     for step in range(4):  # epoch 0: queue not started
         swav.training_step(views_for(ctx, seed=step), None, step)
     assert swav.queue.abs().sum() == 0

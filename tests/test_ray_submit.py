@@ -65,3 +65,26 @@ def test_submit_to_no_cluster_is_one_line(capsys):
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--", "data", "list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the Ray job server" in err[0] and "ray start --head" in err[0]
+
+
+def test_a_job_never_uploads_data_state_or_credentials(tmp_path, capsys):
+    from orchestrator.submit import upload_listing
+
+    sent = ["pyproject.toml", "trainers/loop.py", "trainers/data/beton.py", "orchestrator/cli.py",
+            "configs/pretrain/swav_cifar10.yaml", "cluster/kuberay/secrets.example.yaml", "README.md"]
+    kept = [".state/runs/a/checkpoints/last.pt", ".state/mlflow/mlflow.db", ".venv/bin/python", ".git/config",
+            "data/cifar10-jpg.tar.gz", "cache/cifar10-train.beton", "cache/cifar10-train.beton.json",
+            "runs/backbone.pt", "mlruns/0/meta.yaml", ".env", "deploy/prod.env", "certs/server.pem", "certs/server.key",
+            "id_rsa", ".ray/auth_token", ".aws/credentials", ".kube/config", "cluster/kuberay/my-secrets.yaml",
+            "bench/results/x.json", "trainers/__pycache__/loop.cpython-311.pyc", "gcp-credentials.json"]
+    for name in sent + kept:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    listing = upload_listing(tmp_path)  # no .gitignore here: the exclude list alone must hold
+    assert sorted(listing) == sorted(sent)
+
+    # the same list from the command line, for the real checkout
+    assert main(["submit", "--list-files"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert "trainers/loop.py" in printed and "orchestrator/submit.py" in printed
+    assert not [p for p in printed if p.startswith((".state/", ".venv/", ".git/")) or p.endswith(".beton")]

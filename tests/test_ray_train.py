@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainers.config import load_config
+from trainers.errors import UserError
 
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
@@ -88,14 +90,26 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(local_ray, tmp_pa
     assert a[16] < a[1] - 0.1 and b[16] < b[1] - 0.1, (a, b)
 
 
-def test_mlflow_run_and_restart_after_injected_fault(local_ray, tmp_path, monkeypatch):
+def test_three_sigkills_mid_epoch_give_the_uninterrupted_run_and_one_mlflow_run(local_ray, tmp_path, monkeypatch):
     from orchestrator.train import FAULT_ENV, run_pretraining
+    from trainers.checkpoint import load_checkpoint
 
-    monkeypatch.setenv(FAULT_ENV, "11")  # rank 0 raises once at step 11; last checkpoint at step 8
-    config = tiny_config("swav", **{"train.checkpoint_every_steps": 4, "method.prototypes": 30})
-    outcome = run_pretraining(config, options(tmp_path, max_failures=1), name="faulty", log=lambda *_: None)
-    assert (tmp_path / "ray" / "faulty" / "fault-injected").is_file()
-    assert outcome.steps == 16 and sorted(losses(outcome.history)) == list(range(1, 17))
+    def config():
+        return tiny_config("swav", **{"train.checkpoint_every_steps": 4, "method.prototypes": 30})
+
+    reference = run_pretraining(config(), options(tmp_path / "reference"), name="reference", log=lambda *_: None)
+    # rank 0's process kills itself (SIGKILL: no exception, no cleanup) at steps 6, 10 and 15 of the
+    # 16-step epoch; the checkpoints are at steps 4, 8 and 12, so each restart redoes 2-3 steps
+    monkeypatch.setenv(FAULT_ENV, "kill:6,10,15")
+    outcome = run_pretraining(config(), options(tmp_path, max_failures=3), name="faulty", log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "ray" / "faulty" / "faults").iterdir()) == \
+        ["fault-10", "fault-15", "fault-6"]
+    assert outcome.steps == reference.steps == 16 and sorted(losses(outcome.history)) == list(range(1, 17))
+    assert losses(outcome.history) == losses(reference.history)
+    final = load_checkpoint(f"{outcome.checkpoint}/last.pt")["model"]
+    expected = load_checkpoint(f"{reference.checkpoint}/last.pt")["model"]
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected), "the same final weights as without kills"
 
     client, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
@@ -106,7 +120,7 @@ def test_mlflow_run_and_restart_after_injected_fault(local_ray, tmp_path, monkey
     assert run.data.tags["method"] == "swav" and run.data.tags["dataset"] == "fashion-mnist"
     assert run.data.tags.get("ray_job_id") and run.data.tags.get("git_commit")
     loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(loss_steps) == list(range(1, 17)), "each step logged exactly once despite the restart"
+    assert sorted(loss_steps) == list(range(1, 17)), "each step logged exactly once despite the restarts"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")] == [16]
     assert 0.0 < run.data.metrics["knn_top1_k20"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -120,8 +134,8 @@ def test_mlflow_run_and_restart_after_injected_fault(local_ray, tmp_path, monkey
     assert dim == 256 and info["method"] == "swav"
 
     # rerunning the same name resumes the finished run: no new steps, still one MLflow run
-    again = run_pretraining(tiny_config("swav", **{"train.checkpoint_every_steps": 4, "method.prototypes": 30}),
-                            options(tmp_path), name="faulty", log=lambda *_: None)
+    monkeypatch.delenv(FAULT_ENV)
+    again = run_pretraining(config(), options(tmp_path), name="faulty", log=lambda *_: None)
     assert again.steps == 16
     _, runs = mlflow_runs(tmp_path)
     assert len(runs) == 1
@@ -209,3 +223,38 @@ def test_a_trial_that_finished_while_being_stopped_reports_its_last_epoch(tmp_pa
     (run / "checkpoint_000001").rename(run / "old")
     _complete_from_storage(stopped, "knn_top1_k20", _latest_checkpoint(str(tmp_path / "trials"), "tiny-abc_00001"))
     assert stopped == {"knn_top1_k20": 0.50, "iterations": 1, "steps": 8, "checkpoint": str(run / "checkpoint_000000")}
+
+
+def test_non_finite_loss_on_ray_stops_without_replaying_the_run(local_ray, tmp_path):
+    """A NaN loss comes back after every restart: the first worker to meet it leaves a note, the
+    restarted group stops at once, and the user gets one error naming the step and the resume point."""
+    from orchestrator.train import FATAL_NOTE, run_pretraining
+    from trainers.loop import NonFiniteLossError
+
+    config = tiny_config("swav", **{"method.prototypes": 30, "optim.lr": "1.0e+30", "train.checkpoint_every_steps": 2})
+    with pytest.raises(UserError) as err:
+        run_pretraining(config, options(tmp_path, max_failures=2), name="nan", log=lambda *_: None)
+    message = str(err.value)
+    assert "at step" in message and "of swav" in message and "lower optim.lr" in message
+    assert f"{tmp_path / 'ray'}/nan" in message and "--name nan" in message
+    assert err.value.exit_code == NonFiniteLossError.exit_code
+    note = json.loads((tmp_path / "ray" / "nan" / FATAL_NOTE).read_text())
+    assert note["message"] == message
+    client, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_tracking_server_down_at_the_start_gets_the_whole_run_when_it_answers(local_ray, tmp_path, monkeypatch):
+    from orchestrator import tracking
+    from orchestrator.train import run_pretraining
+
+    answers = iter([f"MLflow server {tmp_path} is unreachable (test)"])  # down once, then up
+    monkeypatch.setattr(tracking, "check_reachable", lambda uri, timeout_s=5.0: next(answers, None))
+    messages = []
+    outcome = run_pretraining(tiny_config("simclr"), options(tmp_path), name="late", log=messages.append)
+    assert any("training goes ahead without live tracking" in m for m in messages)
+    assert outcome.steps == 16 and outcome.run_id is not None
+    client, runs = mlflow_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [outcome.run_id] and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(outcome.run_id, "loss")) == list(range(1, 17))
+    assert runs[0].data.tags[tracking.GAP_TAG] == "steps 1-16 sent at the end (the server did not answer at the start)"

@@ -54,7 +54,8 @@ def test_metric_logger_keeps_rows_while_the_server_is_down_and_replays_them_once
 
     logger.uri, logger._client = store, None  # the server is back
     assert logger.flush(force=True)
-    assert "replayed 3" in messages[-1]
+    assert "replayed 3" in messages[-1] and "steps 1-3" in messages[-1]
+    assert client.get_run(run_id).data.tags[tracking.GAP_TAG].startswith("steps 1-3 sent")
     logger.log_row(3, {"loss": 99.0})  # a restarted worker repeating step 3: skipped
     logger.log_row(4, {"loss": 0.5})
     history = client.get_metric_history(run_id, "loss")

@@ -24,6 +24,15 @@ class StorageError(UserError):
     exit_code = 4
 
 
+def storage_error(path: str | Path, exc: OSError, what: str = "checkpoint") -> StorageError:
+    """One line naming the path, the reason and the free space where it was going."""
+    path = Path(path)
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free on that file system" if folder else "folder missing"
+    return StorageError(f"cannot write {what} {path}: {exc.strerror or exc} ({free}); the previous checkpoint is "
+                        f"unchanged: free space or choose another location, then rerun to resume")
+
+
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     path = Path(path)
     try:
@@ -41,9 +50,7 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-        raise StorageError(f"cannot write checkpoint {path}: {exc.strerror or exc} ({free / 2**30:.2f} GiB free "
-                           f"on that file system); the previous checkpoint is unchanged") from None
+        raise storage_error(path, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

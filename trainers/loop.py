@@ -74,6 +74,11 @@ def check_config(config: Config, world_size: int = 1) -> None:
         if count and size > global_size:
             raise ConfigError(f"data.crops '{config.data.crops}': local crops of {size} px are larger than the "
                               f"global crops ({global_size} px); list the global (largest) group first")
+    for key in ("global_scale", "local_scale"):
+        scale = getattr(config.data, key)
+        if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ConfigError(f"data.{key} {list(scale)} must be [min, max] with 0 < min <= max <= 1 (fractions of "
+                              f"the image area), e.g. [0.14, 1.0] for global and [0.05, 0.14] for local crops")
     if config.data.batch_size < 1:
         raise ConfigError(f"data.batch_size must be positive, got {config.data.batch_size}")
     if config.data.batch_size % world_size:
@@ -142,6 +147,7 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.out_dir = Path(out_dir or config.train.out_dir or default_out_dir(config.name)).expanduser().resolve()
         self.history: list[dict] = []
+        self.resume_hint: str | None = None  # where a run resumes from, when not this process's checkpoint
 
     # ------------------------------------------------------------------ setup
     def _precision(self):
@@ -166,7 +172,7 @@ class Trainer:
         self.channels_last = t.channels_last and self.device.type == "cuda"
         cls = method_class(c.method_name)
         options = c.method_options()
-        from trainers.data.multicrop import build_canvas_loader, build_multicrop_loader
+        from trainers.data.multicrop import build_multicrop_loader
 
         per_rank = c.data.batch_size // self.world_size
         crop_overrides = {k: v for k, v in (("global_scale", c.data.global_scale),
@@ -365,8 +371,9 @@ class Trainer:
     def _non_finite(self, step: int, value: float) -> NonFiniteLossError:
         name = self.config.method_name
         lr = float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
-        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
-            "no checkpoint was written yet"
+        where = self.resume_hint or (
+            f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
+            "no checkpoint was written yet")
         return NonFiniteLossError(
             f"loss became {value} at step {step} (epoch {step // self.steps_per_epoch}) of {name} with lr {lr:.4g}: "
             f"lower optim.lr or lengthen optim.warmup_epochs, set optim.clip_grad (e.g. 3.0), use "

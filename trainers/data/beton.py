@@ -301,7 +301,8 @@ class FfcvCanvasLoader:
         if canvas_size is None:
             if info["image_size"] is None:
                 raise DataError(f"{path} holds images of mixed sizes (up to {info['max_side']} px) and a fixed "
-                                "canvas is needed: pass canvas_size (--canvas-size N)")
+                                "canvas is needed: pass --canvas-size N (data.canvas_size in a config), e.g. "
+                                f"{min(info['max_side'], 256)}")
             decoder = SimpleRGBImageDecoder()
             self.canvas = info["image_size"]
         elif info["image_size"] == (canvas_size, canvas_size):

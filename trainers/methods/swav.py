@@ -68,6 +68,11 @@ class SwAV(Method):
             require(o.queue_length >= ctx.global_batch,
                     f"method.queue_length {o.queue_length} is smaller than the global batch {ctx.global_batch}: "
                     f"use 0 (no queue) or at least {ctx.global_batch}")
+            lower, upper = o.queue_length // ctx.global_batch * ctx.global_batch, \
+                -(-o.queue_length // ctx.global_batch) * ctx.global_batch
+            require(o.queue_length % ctx.global_batch == 0,
+                    f"method.queue_length {o.queue_length} is not a multiple of the global batch {ctx.global_batch} "
+                    f"(the queue holds whole batches): use {lower} or {upper}")
             require(0 <= o.queue_start_epoch < ctx.epochs,
                     f"method.queue_start_epoch {o.queue_start_epoch} is beyond the last epoch ({ctx.epochs - 1}): "
                     "the queue would never be used; lower it or set method.queue_length=0")
@@ -79,8 +84,8 @@ class SwAV(Method):
         self.student = SwAVNet(backbone, ctx.feature_dim, options)
         self.freeze_steps = ctx.steps_per_epoch if options.freeze_prototypes_steps is None \
             else options.freeze_prototypes_steps
-        # the queue holds whole global batches; each rank keeps its own share of the rows
-        rounded = options.queue_length - options.queue_length % ctx.global_batch
+        # the queue holds whole global batches (check() refuses other lengths); each rank keeps its share
+        rounded = options.queue_length
         self.queue_length = rounded
         local_rows = rounded // ctx.world_size
         self.register_buffer("queue", torch.zeros(len(options.assign_crops), local_rows, options.out_dim))
