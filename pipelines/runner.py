@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainers.errors import UserError
-from trainers.paths import state_dir
+from trainers.paths import state_dir, write_text_atomic
 
 from orchestrator import tracking
 from pipelines import stages as stage_impl
@@ -202,7 +202,7 @@ class PipelineRunner:
             summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
             self._log_metrics(self.parent_id, summary)
         self.client.set_terminated(self.parent_id, status="FINISHED")
-        (self.out / "pipeline.json").write_text(json.dumps(outcome.as_json(), indent=1))
+        write_text_atomic(self.out / "pipeline.json", json.dumps(outcome.as_json(), indent=1))
         return outcome
 
     def _run_stage(self, stage: StageSpec) -> StageOutcome:

@@ -29,7 +29,7 @@ from trainers.methods import method_class
 from trainers.methods.base import MethodContext
 from trainers.optim import (OPTIMIZERS, build_optimizer, clip_gradients, cosine_schedule, parameter_groups,
                             set_hyperparameters)
-from trainers.paths import state_dir
+from trainers.paths import state_dir, write_text_atomic
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINT_FORMAT = 1
@@ -504,7 +504,7 @@ class Trainer:
             final_metrics.update({k: v for k, v in row.items() if k not in ("step", "epoch")})
         final_metrics["wall_s"] = time.perf_counter() - wall_start
         if self.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(  # "this run finished": written last
                 {"steps": self.step, "epochs_completed": self.step // self.steps_per_epoch, **final_metrics}, indent=1))
         return TrainResult(self.out_dir, self.step, self.step // self.steps_per_epoch, final_metrics,
                            self.last_checkpoint, backbone_path, list(self.history))

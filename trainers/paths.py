@@ -42,3 +42,16 @@ def default_data_root() -> Path | None:
         if candidate.is_dir():
             return candidate.resolve()
     return None
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write to a temporary name beside ``path``, then rename: a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
