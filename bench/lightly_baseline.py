@@ -47,11 +47,14 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.split.images[index])), int(self.split.labels[index])
 
 
-def build(method: str, crops: str, backbone_name: str, device):
+def build(method: str, crops: str, backbone_name: str, device, spec: dict | None = None):
+    """lightly's transform, heads and loss for ``method``, sized like our recipe (``spec``: our config's
+    ``method`` section, default configs/pretrain/<method>_cifar10.yaml) so only the code differs."""
     from lightly.loss import DINOLoss, SwaVLoss
     from lightly.models.modules import DINOProjectionHead, SwaVProjectionHead, SwaVPrototypes
     from lightly.transforms import DINOTransform, SwaVTransform
 
+    spec = spec if spec is not None else recipe(method)
     groups = parse_crop_spec(crops)
     backbone, dim = build_backbone(backbone_name, groups[0][1])
     if method == "swav":
@@ -59,10 +62,11 @@ def build(method: str, crops: str, backbone_name: str, device):
         counts = tuple(c for c, _ in groups) if len(groups) > 1 else (groups[0][0], 0)
         transform = SwaVTransform(crop_sizes=sizes, crop_counts=counts, crop_min_scales=(0.14, 0.05),
                                   crop_max_scales=(1.0, 0.14))
-        head = torch.nn.Sequential(SwaVProjectionHead(dim, 2048, 128))
-        prototypes = SwaVPrototypes(128, 3000)
+        head = SwaVProjectionHead(dim, spec["hidden_dim"] or dim, spec["out_dim"])
+        prototypes = SwaVPrototypes(spec["out_dim"], spec["prototypes"])
         model = torch.nn.ModuleDict({"backbone": backbone, "head": head, "prototypes": prototypes}).to(device)
-        loss_fn = SwaVLoss()
+        loss_fn = SwaVLoss(temperature=spec["temperature"], sinkhorn_iterations=spec["sinkhorn_iterations"],
+                           sinkhorn_epsilon=spec["epsilon"])
         n_global = groups[0][0]
 
         def step_loss(views, _step):
@@ -75,13 +79,19 @@ def build(method: str, crops: str, backbone_name: str, device):
         return model, transform, step_loss, None
     local = groups[1] if len(groups) > 1 else (0, groups[0][1] // 2)
     transform = DINOTransform(global_crop_size=groups[0][1], local_crop_size=local[1], n_local_views=local[0])
-    student = torch.nn.ModuleDict({"backbone": backbone, "head": DINOProjectionHead(dim, 2048, 256, 65536)}).to(device)
+
+    def head():
+        return DINOProjectionHead(dim, spec["hidden_dim"], spec["bottleneck_dim"], spec["out_dim"],
+                                  batch_norm=spec["head_batch_norm"])
+
+    student = torch.nn.ModuleDict({"backbone": backbone, "head": head()}).to(device)
     # the head's weight_norm cannot be deep-copied: a fresh head with the student's weights
-    teacher = torch.nn.ModuleDict({"backbone": copy.deepcopy(backbone),
-                                   "head": DINOProjectionHead(dim, 2048, 256, 65536)}).to(device)
+    teacher = torch.nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": head()}).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    loss_fn = DINOLoss(output_dim=65536, warmup_teacher_temp_epochs=0).to(device)
+    loss_fn = DINOLoss(output_dim=spec["out_dim"], warmup_teacher_temp_epochs=0,
+                       teacher_temp=spec["warmup_teacher_temperature"], student_temp=spec["student_temperature"],
+                       center_momentum=spec["center_momentum"]).to(device)
 
     def step_loss(views, _step):
         with torch.no_grad():
@@ -92,9 +102,16 @@ def build(method: str, crops: str, backbone_name: str, device):
     def after_step():
         from lightly.models.utils import update_momentum
 
-        update_momentum(student, teacher, m=0.996)
+        update_momentum(student, teacher, m=spec["teacher_momentum"])
 
     return student, transform, step_loss, after_step
+
+
+def recipe(method: str) -> dict:
+    """Our recipe's resolved ``method`` section (heads, temperatures) for configs/pretrain/<method>_cifar10.yaml."""
+    from trainers.config import load_config
+
+    return load_config(ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml").to_dict()["method"]
 
 
 def measure(method, crops, batch, device, backbone_name, workers, window, windows, data_root):

@@ -7,11 +7,14 @@ For each (method, crops) case, measured in the same process on the same device:
   ours     the real ``Trainer``: FFCV loader + GPU augmentation + method (heads, loss, EMA, queue) +
            optimizer step, steady state (the first logging window, which holds warm-up and
            compilation, is dropped; the median of the others is reported).
+  lightly  (--lightly) lightly 1.6.0's SwAV / DINO on the same backbone, crops, batch and head sizes with
+           its PIL transforms in a torchvision DataLoader (bench/lightly_baseline.py), for target 2.
 Both run eager, or both under torch.compile (--compile).
 
 One command:
   python bench/throughput.py                     # CPU: resnet_mini, batch 64, a few steps (smoke)
   python bench/throughput.py --device cuda       # GPU: resnet18 CIFAR stem, batch 512, bf16, channels_last
+  python bench/throughput.py --lightly           # + lightly in the same run (pip install lightly==1.6.0)
 Writes bench/results/throughput-<device>[-compiled].json and prints a markdown table.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from trainers.backbones import build_backbone  # noqa: E402
 from trainers.config import load_config  # noqa: E402
@@ -113,6 +118,10 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=None, help="steps per timing window (default 50 GPU, 3 CPU)")
     parser.add_argument("--windows", type=int, default=None, help="windows for ours; the first is dropped (default 4)")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--lightly", action="store_true",
+                        help="also measure lightly 1.6.0 on the SwAV/DINO cases (needs pip install lightly==1.6.0)")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="DataLoader workers for lightly (default: every core)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/throughput-<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -123,28 +132,51 @@ def main() -> int:
     windows = args.windows or 4
     dtype = torch.bfloat16 if gpu else None
     cases = [tuple(c.split(":")) for c in args.cases.split(",")] if args.cases else CASES
+    baseline = None
+    if args.lightly:
+        try:
+            import lightly  # noqa: F401
+
+            import lightly_baseline as baseline
+        except ImportError:
+            print("--lightly needs lightly: pip install lightly==1.6.0 (a benchmark baseline, not a project "
+                  "dependency)", file=sys.stderr)
+            return 2
+    loader_workers = args.loader_workers if args.loader_workers is not None else (os.cpu_count() or 1)
     rows = []
     for method, crops in cases:
         top = ceiling(backbone, crops, batch, device, steps=window * 2, warmup=max(3, window // 5),
                       teacher=method in TEACHER_METHODS, compile_model=args.compile, dtype=dtype)
         mine, rates = ours(method, crops, batch, device, backbone, window, windows, args.compile, args.data_root)
-        rows.append({"method": method, "crops": crops, "ceiling_img_s": round(top, 1), "ours_img_s": round(mine, 1),
-                     "ratio": round(mine / top, 3), "ours_windows": [round(r, 1) for r in rates]})
-        print(f"{method:7s} {crops:10s} ceiling {top:10,.0f} img/s  ours {mine:10,.0f} img/s  {mine / top:6.1%}",
-              flush=True)
+        row = {"method": method, "crops": crops, "ceiling_img_s": round(top, 1), "ours_img_s": round(mine, 1),
+               "ratio": round(mine / top, 3), "ours_windows": [round(r, 1) for r in rates]}
+        line = f"{method:7s} {crops:10s} ceiling {top:10,.0f} img/s  ours {mine:10,.0f} img/s  {mine / top:6.1%}"
+        if baseline is not None and method in ("swav", "dino"):
+            theirs, their_rates = baseline.measure(method, crops, batch, device, backbone, loader_workers, window,
+                                                   windows, args.data_root)
+            row.update(lightly_img_s=round(theirs, 1), ours_vs_lightly=round(mine / theirs, 2),
+                       lightly_windows=[round(r, 1) for r in their_rates])
+            line += f"  lightly {theirs:10,.0f} img/s  ours {mine / theirs:5.1f}x"
+        rows.append(row)
+        print(line, flush=True)
     facts = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
              "cpus": torch.get_num_threads(), "torch": torch.__version__, "batch": batch, "backbone": backbone,
              "precision": "bf16" if gpu else "fp32", "compiled": args.compile, "window": window, "windows": windows,
              "date": time.strftime("%Y-%m-%d")}
+    if baseline is not None:
+        facts.update(lightly=lightly.__version__, lightly_loader_workers=loader_workers)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
         f"throughput-{device.type}{'-compiled' if args.compile else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
     print(f"\n{facts['device']}, {backbone}, batch {batch}, {facts['precision']}, "
           f"{'compiled' if args.compile else 'eager'}\n")
-    print("| method | crops | ceiling img/s | ours img/s | ours / ceiling |\n|---|---|---|---|---|")
+    print("| method | crops | ceiling img/s | ours img/s | ours / ceiling | lightly img/s | ours / lightly |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['crops']} | {r['ceiling_img_s']:,.0f} | {r['ours_img_s']:,.0f} | {r['ratio']:.1%} |")
+        theirs = (f"{r['lightly_img_s']:,.0f} | {r['ours_vs_lightly']:.1f}x" if "lightly_img_s" in r else "- | -")
+        print(f"| {r['method']} | {r['crops']} | {r['ceiling_img_s']:,.0f} | {r['ours_img_s']:,.0f} | {r['ratio']:.1%} "
+              f"| {theirs} |")
     print(f"\nwrote {out}")
     return 0
 
