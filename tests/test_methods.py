@@ -58,6 +58,18 @@ def test_swav_step_is_the_swav_loss_of_its_scores():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_swav_warns_when_prototypes_do_not_outnumber_the_embedding_dimensions():
+    import warnings
+
+    ctx = context(((2, 16),))
+    with pytest.warns(UserWarning, match=r"method.prototypes 100 is not more than method.out_dim 128.*e.g. 384"):
+        method_class("swav").check(SwAVConfig(prototypes=100), ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method_class("swav").check(SwAVConfig(prototypes=300), ctx)
+        method_class("swav").check(SwAVConfig(prototypes=20, out_dim=16), ctx)
+
+
 def test_swav_queue_of_whole_batches_filled_and_used_only_when_full():
     ctx = context(((2, 16),), batch=8, epochs=3, steps=4)
     with pytest.raises(ConfigError, match="not a multiple of the global batch 8.*use 16 or 24"):

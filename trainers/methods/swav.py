@@ -7,6 +7,7 @@ prototypes frozen for the first epoch, no queue (batch-4096 recipe; the batch-25
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,12 @@ class SwAV(Method):
                     f"method.queue_start_epoch {o.queue_start_epoch} is beyond the last epoch ({ctx.epochs - 1}): "
                     "the queue would never be used; lower it or set method.queue_length=0")
         require(o.queue_length >= 0, f"method.queue_length must be >= 0, got {o.queue_length}")
+        if o.prototypes <= o.out_dim:
+            # measured on CIFAR-10 (BENCHMARKS.md, CPU learning check): 100 prototypes for a 128-d embedding
+            # stayed on the ln K plateau, since an embedding can score all prototypes equally
+            warnings.warn(f"method.prototypes {o.prototypes} is not more than method.out_dim {o.out_dim}: SwAV "
+                          f"tends to collapse to uniform codes then; use more prototypes (e.g. "
+                          f"{max(3 * o.out_dim, 300)}) or a smaller out_dim", UserWarning, stacklevel=2)
 
     def __init__(self, options: SwAVConfig, ctx: MethodContext, backbone: nn.Module):
         super().__init__(options, ctx)
@@ -85,9 +92,8 @@ class SwAV(Method):
         self.freeze_steps = ctx.steps_per_epoch if options.freeze_prototypes_steps is None \
             else options.freeze_prototypes_steps
         # the queue holds whole global batches (check() refuses other lengths); each rank keeps its share
-        rounded = options.queue_length
-        self.queue_length = rounded
-        local_rows = rounded // ctx.world_size
+        self.queue_length = options.queue_length
+        local_rows = options.queue_length // ctx.world_size
         self.register_buffer("queue", torch.zeros(len(options.assign_crops), local_rows, options.out_dim))
         self.queue_start_step = options.queue_start_epoch * ctx.steps_per_epoch
 
