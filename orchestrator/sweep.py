@@ -41,9 +41,8 @@ from trainers.config import Config, apply_overrides, from_dict, load_config
 from trainers.errors import ConfigError, UserError
 
 from orchestrator import tracking
-from orchestrator.train import (FATAL_NOTE, ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env,
-                                check_resources, init_ray, prepare_or_stage, resolve_storage, unique_name,
-                                worker_loop)
+from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, check_resources,
+                                init_ray, prepare_or_stage, resolve_storage, run_markers, unique_name, worker_loop)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
 SEARCHES = ("random", "grid", "optuna")
@@ -199,8 +198,7 @@ def run_trial(trial: dict) -> None:
         resources["GPU"] = gpu
     loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"], "run_id": run_id,
                    "tracking_uri": uri, "fault": None, "fault_marker": None,
-                   "run_folder": f"{setup['storage']}/{trial_name}",
-                   "fatal_marker": None if "://" in setup["storage"] else f"{setup['storage']}/{trial_name}/{FATAL_NOTE}",
+                   **run_markers(setup["storage"], trial_name),
                    "staged_data": setup.get("staged_data")}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config,

@@ -50,6 +50,15 @@ def parse_fault(text: str | None) -> tuple[str, list[int]] | None:
     if kind not in ("raise", "kill") or not numbers or numbers[0] < 1:
         raise ConfigError(f"{FAULT_ENV}={text!r} is not a fault plan: use STEP, or kill:STEP[,STEP...] with steps >= 1")
     return kind, numbers
+
+
+def run_markers(storage: str, name: str) -> dict:
+    """The run's folder in storage, and the fatal-error note its restarted workers read (None for URI
+    storage, which the workers cannot read as a file)."""
+    fatal = str(Path(storage) / name / FATAL_NOTE) if "://" not in storage else None
+    return {"run_folder": f"{storage}/{name}", "fatal_marker": fatal}
+
+
 CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "backbone.pt", "summary.json")
 
 
@@ -477,13 +486,13 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
     fault = parse_fault(os.environ.get(FAULT_ENV))
-    fatal_marker = str(Path(storage) / name / FATAL_NOTE) if "://" not in storage else None
-    if fatal_marker:
-        Path(fatal_marker).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
+    markers = run_markers(storage, name)
+    if markers["fatal_marker"]:
+        Path(markers["fatal_marker"]).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
     loop_config = {"config": config.to_dict(), "name": name, "env": {**_worker_env(), **options.worker_env},
                    "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
                    "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
-                   else None, "fatal_marker": fatal_marker, "run_folder": f"{storage}/{name}"}
+                   else None, **markers}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,

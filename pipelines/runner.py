@@ -279,9 +279,7 @@ class PipelineRunner:
             self.client.log_artifact(run_id, str(folder / name))
         logged = self.client.get_run(run_id).data.metrics  # a resumed stage's run may hold them already
         self._log_metrics(run_id, {k: v for k, v in result["metrics"].items() if logged.get(k) != v})
-        temp = folder / ".result.json.tmp"
-        temp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(temp, folder / "result.json")
+        write_text_atomic(folder / "result.json", json.dumps(result, indent=1, default=str))
         self.client.log_artifact(run_id, str(folder / "result.json"))
         self.client.set_tag(run_id, "sslab.output_hash", result["output_hash"])
         self._fault_hook(stage)
