@@ -5,6 +5,11 @@ Rows (each a path x case):
   torch    PIL decode in DataLoader worker processes -> the same canvases -> the same MultiCropAugment
   classic  the usual recipe: torchvision PIL transforms per view in DataLoader workers (float views on the CPU,
            then copied to the device). The baseline most SSL repos use; not our code path.
+  decode   the ffcv loader alone: uint8 canvases on the device, no views (the decoder's ceiling)
+  crop     the ffcv loader + the random-resized crops and flips only (no colour, blur or solarization)
+  ceiling  no data at all: the backbone's forward + backward + SGD step on random tensors of the case's crops
+           (--ceiling-backbone: ResNet-18 for CIFAR-10 and ResNet-50 for 2x224+6x96 on a GPU, bf16,
+           channels_last; resnet_mini on a CPU), the rate the loader has to keep up with
 Cases: CIFAR-10 2x32 and 2x32+4x16 (raw 32 px), Tiny-ImageNet upsampled to 256 px JPEG files 2x224+6x96.
 
 One command:  python bench/loader.py            (CPU: small sizes; GPU: batch 512 and more batches)
@@ -22,10 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for  # noqa: E402
 from trainers.data.beton import FfcvCanvasLoader, PrepareSettings, prepare_split  # noqa: E402
@@ -38,6 +46,12 @@ CASES = {
     "cifar10-2x32+4x16": dict(dataset="cifar10", crops="2x32+4x16", method="swav"),
     "tin256-2x224+6x96": dict(dataset="tin256", crops="2x224+6x96", method="dino"),
 }
+PATHS = ("ffcv", "torch", "classic", "decode", "crop", "ceiling")
+
+
+def crops_only(groups):
+    """The same crop groups with every colour, blur and solarize probability at 0 (crops and flips stay)."""
+    return [dataclasses.replace(g, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0) for g in groups]
 
 
 def upsampled_tiny_imagenet(cache: Path, data_root, count: int) -> str:
@@ -125,7 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tin-images", type=int, default=20_000 if gpu else 2_000,
                         help="Tiny-ImageNet images to upsample for the ImageNet-like case")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
-    parser.add_argument("--paths", default="ffcv,torch,classic", help="comma-separated: ffcv, torch, classic")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from {', '.join(PATHS)}")
+    parser.add_argument("--ceiling-backbone", default=None,
+                        help="backbone of the ceiling row (default: resnet18 / resnet50 at 224 px on a GPU, "
+                             "resnet_mini on a CPU)")
     parser.add_argument("--data-root", default=str(default_data_root()) if default_data_root() else None)
     parser.add_argument("--cache-dir", default=str(state_dir() / "bench"))
     parser.add_argument("--out", default=None, help="JSON results (default bench/results/loader-<device>.json)")
@@ -153,12 +170,32 @@ def main(argv=None) -> int:
             return views
 
         for path in args.paths.split(","):
-            if path == "ffcv":
+            if path == "ceiling":
+                from throughput import ceiling
+
+                backbone = args.ceiling_backbone or (("resnet50" if canvas else "resnet18") if gpu else "resnet_mini")
+                rate = ceiling(backbone, case["crops"], batch_size, device, steps=args.batches, warmup=args.warmup,
+                               teacher=False, compile_model=False, dtype=torch.bfloat16 if gpu else None)
+                rows.append(dict(case=case_name, path=path, crops=case["crops"], batch_size=batch_size,
+                                 images=args.batches * batch_size, img_per_s=round(rate, 1), backbone=backbone))
+                print(f"{case_name:<20} {path:<8} {rate:>10,.0f} img/s  ({backbone} forward+backward+step)", flush=True)
+                continue
+            if path in ("ffcv", "decode", "crop"):
                 beton = prepare_split(dataset, "train", cache, args.data_root, PrepareSettings(), progress=False,
                                       log=lambda *_: None)
                 loader = FfcvCanvasLoader(beton, batch_size, device, canvas_size=canvas, seed=0,
                                           num_workers=args.workers)
-                step = augment_step
+                if path == "ffcv":
+                    step = augment_step
+                elif path == "decode":
+                    def step(batch):
+                        return batch[0]
+                else:
+                    crop = MultiCropAugment(crops_only(groups), mean, std, seed=0, dtype=augment.dtype,
+                                            channels_last=gpu).to(device)
+
+                    def step(batch, crop=crop):
+                        return crop(batch[0])
             elif path == "torch":
                 loader = TorchCanvasLoader(load_split(dataset, "train", args.data_root), batch_size, device,
                                            canvas_size=canvas, seed=0, num_workers=args.workers)
@@ -173,8 +210,11 @@ def main(argv=None) -> int:
                     views, _ = batch
                     return [v.to(device, non_blocking=True) for v in views]
             else:
-                raise SystemExit(f"unknown path {path}: use ffcv, torch or classic")
-            rate, images = measure(endless(loader), step, args.warmup, args.batches, batch_size, device)
+                raise SystemExit(f"unknown path {path}: use {', '.join(PATHS)}")
+            # decoding alone is so fast that the 3 batches ffcv prefetches during warm-up would dominate a
+            # short window: time at least 50 batches there
+            timed = max(args.batches, 50) if path == "decode" else args.batches
+            rate, images = measure(endless(loader), step, args.warmup, timed, batch_size, device)
             row = dict(case=case_name, path=path, crops=case["crops"], batch_size=batch_size, images=images,
                        img_per_s=round(rate, 1))
             print(f"{case_name:<20} {path:<8} {rate:>10,.0f} img/s", flush=True)
@@ -190,7 +230,8 @@ def main(argv=None) -> int:
     print(f"\n{meta['device']}, {meta['cpu_count']} cores, torch {meta['torch']}, {meta['date']}\n")
     print("| case | path | batch | img/s |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {row['path']} | {row['batch_size']} | {row['img_per_s']:,.0f} |")
+        what = f"{row['path']} ({row['backbone']})" if "backbone" in row else row["path"]
+        print(f"| {row['case']} | {what} | {row['batch_size']} | {row['img_per_s']:,.0f} |")
     print(f"\nwrote {out}")
     return 0
 

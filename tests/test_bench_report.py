@@ -68,3 +68,15 @@ def test_a_missing_results_folder_is_one_line_and_exit_2(tmp_path, capsys):
     report = load_report()
     assert report.main(["--results", str(tmp_path / "nowhere")]) == 2
     assert "run a benchmark first" in capsys.readouterr().err
+
+
+def test_loader_rows_show_decode_crops_and_headroom_over_the_backbone(tmp_path):
+    report = load_report()
+    rows = [{"case": "tin256-2x224+6x96", "path": path, "img_per_s": rate} for path, rate in
+            [("decode", 20000.0), ("crop", 12000.0), ("ffcv", 7200.0), ("torch", 2400.0), ("classic", 160.0),
+             ("ceiling", 1260.0)]]
+    write(tmp_path, "loader-cuda.json", {"meta": {"device": "NVIDIA H100", "workers": 16, "date": "2026-11-23"},
+                                         "rows": rows})
+    text, checks = report.build_report(tmp_path)
+    assert "| tin256-2x224+6x96 | 20,000 | 12,000 | 7,200 | 2,400 | 160 | 1,260 | 45.0x | 5.7x |" in text
+    assert verdicts(checks)["4: loader tin256-2x224+6x96"] == ("45.0x", "met")
