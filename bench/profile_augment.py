@@ -1,7 +1,9 @@
 """Where the GPU augmentation spends its time: torch.profiler over MultiCropAugment alone.
 
 python bench/profile_augment.py --crops 2x224+6x96 --method dino --batch-size 128 --canvas 256
-Prints img/s of the augmentation alone and the top operators by device (or CPU) time.
+Prints img/s of the augmentation alone, the kernels it launches per call (the cost at small crops,
+where the GPU runs each kernel faster than the host launches the next) and the top operators by
+device (or CPU) time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_count import count_kernels  # noqa: E402
 from trainers.data.augment import MultiCropAugment, method_crop_groups  # noqa: E402
 
 
@@ -41,6 +45,14 @@ def main() -> int:
     sync()
     rate = args.iters * args.batch_size / (time.perf_counter() - started)
     print(f"{args.crops} batch {args.batch_size} canvas {args.canvas}: {rate:,.0f} img/s (augmentation alone)")
+    kernels, operators = count_kernels(augment, images)
+    sync()
+    started = time.perf_counter()
+    for _ in range(5):
+        augment(images)
+    host_ms = (time.perf_counter() - started) / 5 * 1e3  # no sync: on a GPU this is the launch cost alone
+    print(f"{kernels} kernels per call ({len(augment.groups)} crop groups); host time per call {host_ms:.2f} ms")
+    print("  " + ", ".join(f"{name} {count}" for name, count in operators.most_common()))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

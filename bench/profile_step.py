@@ -167,7 +167,7 @@ def main() -> int:
     print(f"\n| operator family | share of {clock} |\n|---|---|")
     for k, v in result["time_by_family"].items():
         print(f"| {k} | {v:.1%} |")
-    print(f"\n| operator | family | ms/step | calls/step |\n|---|---|---|---|")
+    print("\n| operator | family | ms/step | calls/step |\n|---|---|---|---|")
     for row in result["top_ops"]:
         print(f"| `{row['op']}` | {row['family']} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} |")
     print(f"\nwrote {out}")

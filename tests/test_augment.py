@@ -189,3 +189,62 @@ def test_no_crops_at_all():
         MultiCropAugment([CropGroup(count=0, size=16)])
     with pytest.raises(ConfigError, match="global_scale|scale"):
         method_crop_groups("swav", "2x32", global_scale=(0.0, 1.0))
+
+
+def test_hue_shift_matches_torchvision_on_grays_blacks_and_ties():
+    from torchvision.transforms.functional import adjust_hue
+
+    pixels = torch.tensor([[0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 0.2], [0.3, 0.9, 0.9], [0.7, 0.1, 0.7],
+                           [1.0, 0.0, 0.0], [0.2, 0.4, 0.6], [1.0, 1.0, 1.0]])
+    images = pixels.t().reshape(1, 3, 2, 4).expand(5, 3, 2, 4).contiguous()
+    shifts = torch.tensor([0.0, 0.5, -0.5, 0.17, -0.33])
+    ours = _shift_hue(images, shifts)
+    for i, shift in enumerate(shifts.tolist()):
+        assert torch.allclose(ours[i], adjust_hue(images[i], shift), atol=1e-5), shift
+
+
+@pytest.mark.parametrize("op,reference", [(0, "adjust_brightness"), (1, "adjust_contrast"),
+                                          (2, "adjust_saturation"), (3, "adjust_hue")])
+def test_each_jitter_operation_matches_torchvision(op, reference):
+    import torchvision.transforms.functional as TF
+
+    strengths = [0.0, 0.0, 0.0, 0.0]
+    strengths[op] = 0.4
+    group = CropGroup(count=2, size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                      **{**PLAIN, "jitter_p": 0.5, "jitter": tuple(strengths)})
+    augment = MultiCropAugment([group], **IDENTITY_NORM, seed=0, record=True)
+    canvases = random_canvases(n=64, size=8)
+    views = torch.cat(augment(canvases))
+    factors = augment.record.jitter[0][:, op]
+    neutral = 0.0 if op == 3 else 1.0
+    assert 0.3 < float((factors != neutral).float().mean()) < 0.7  # jitter_p 0.5, per view
+    images = canvases.permute(0, 3, 1, 2).float().div(255).repeat(2, 1, 1, 1)  # view-major, as the views
+    # torchvision's tensor grayscale weighs red 0.2989, ours (PIL's) 0.299: up to 4e-5 apart on [0, 1]
+    tolerance = 1e-4 if op in (1, 2) else 1e-5
+    for image, view, factor in zip(images, views, factors.tolist()):
+        assert torch.allclose(view, getattr(TF, reference)(image, factor), atol=tolerance)
+
+
+def count_augment_kernels(groups, batch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_count.py"
+    spec = importlib.util.spec_from_file_location("kernel_count", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    augment = MultiCropAugment(groups, seed=0)
+    canvases = random_canvases(n=batch, size=32)
+    augment(canvases)  # per-group constants are built on the first call
+    return module.count_kernels(augment, canvases)[0]
+
+
+def test_the_augmentation_launches_a_fixed_small_number_of_kernels_per_crop_group():
+    # no per-sample or per-view Python loops: the count depends on the groups, not on the batch or views
+    two_views = count_augment_kernels(method_crop_groups("dino", "2x32"), batch=4)
+    assert count_augment_kernels(method_crop_groups("dino", "2x32"), batch=64) == two_views
+    assert count_augment_kernels(method_crop_groups("dino", "8x32"), batch=4) == two_views
+    multi_crop = count_augment_kernels(method_crop_groups("dino", "2x32+6x16"), batch=4)
+    assert multi_crop < 2 * two_views + 5
+    # every operation on, DINO's globals: 184 kernels before this was reduced (2026-11-23), 82 after
+    assert two_views <= 90, two_views

@@ -164,75 +164,80 @@ def method_crop_groups(method: str, spec: str, **overrides) -> list[CropGroup]:
 
 
 # --------------------------------------------------------------------------- random geometry
+BOX_ATTEMPTS = 10
+
+
+def central_crop_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float]:
+    """(w, h) of the fallback crop: the whole image with its aspect ratio clamped into ``ratio``."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return float(width), width / ratio[0]
+    if in_ratio > ratio[1]:
+        return height * ratio[1], float(height)
+    return float(width), float(height)
+
+
+def crop_boxes(area: torch.Tensor, log_aspect: torch.Tensor, position: torch.Tensor, limits: torch.Tensor,
+               fallback: torch.Tensor) -> torch.Tensor:
+    """Random-resized-crop boxes [n, 4] as (x0, y0, x1, y1) from already drawn values.
+
+    ``area`` [n, attempts] in pixels and ``log_aspect`` [n, attempts] are the candidate draws (the
+    first candidate that fits wins, as torchvision tries up to 10 times), ``position`` [n, 2] in [0, 1)
+    places the box inside ``limits`` (width, height). No candidate fits: the ``fallback`` (w, h) box,
+    centred. Every step works on the whole batch: a fixed number of kernels, however many boxes.
+    """
+    aspect = log_aspect.exp()
+    w = (area * aspect).sqrt()
+    size = torch.stack([w, w / aspect], dim=-1)  # [n, attempts, (w, h)]
+    fits = (size <= limits).all(dim=-1)
+    first = fits.to(torch.uint8).argmax(dim=1)  # first fitting attempt (0 if none)
+    any_fit = fits.any(dim=1, keepdim=True)
+    chosen = size.gather(1, first.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)
+    chosen = torch.where(any_fit, chosen, fallback)
+    free = limits - chosen
+    corner = torch.where(any_fit, position * free, free * 0.5)
+    return torch.cat([corner, corner + chosen], dim=1)
+
+
 def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                      generator: torch.Generator, device, attempts: int = 10) -> torch.Tensor:
+                      generator: torch.Generator, device, attempts: int = BOX_ATTEMPTS) -> torch.Tensor:
     """Random-resized-crop boxes [n, 4] as (x0, y0, x1, y1) in pixels, continuous coordinates.
 
     As torchvision: area fraction ~ U(scale), log aspect ratio ~ U(log ratio); the first of
     ``attempts`` draws that fits wins, else a central crop with the ratio clamped into range.
     """
     area = float(height * width)
-    shape = (n, attempts)
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(shape, generator=generator, device=device))
+    u = torch.rand((n, 2 * attempts + 2), generator=generator, device=device)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(shape, generator=generator, device=device))
-    w = torch.sqrt(target * aspect)
-    h = torch.sqrt(target / aspect)
-    fits = (w <= width) & (h <= height)
-    first = torch.argmax(fits.to(torch.uint8), dim=1, keepdim=True)  # first fitting attempt (0 if none)
-    any_fit = fits.any(dim=1)
-    w = torch.gather(w, 1, first).squeeze(1)
-    h = torch.gather(h, 1, first).squeeze(1)
-    # fallback: central crop of the whole image with the aspect ratio clamped into range
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = float(width), width / ratio[0]
-    elif in_ratio > ratio[1]:
-        fw, fh = height * ratio[1], float(height)
-    else:
-        fw, fh = float(width), float(height)
-    w = torch.where(any_fit, w, torch.full_like(w, fw))
-    h = torch.where(any_fit, h, torch.full_like(h, fh))
-    u = torch.rand((n, 2), generator=generator, device=device)
-    x0 = torch.where(any_fit, u[:, 0] * (width - w), (width - w) / 2)
-    y0 = torch.where(any_fit, u[:, 1] * (height - h), (height - h) / 2)
-    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+    return crop_boxes(area * (scale[0] + (scale[1] - scale[0]) * u[:, :attempts]),
+                      log_lo + (log_hi - log_lo) * u[:, attempts:2 * attempts], u[:, 2 * attempts:],
+                      torch.tensor([float(width), float(height)], device=device),
+                      torch.tensor(central_crop_size(height, width, ratio), device=device))
 
 
 # --------------------------------------------------------------------------- colour operations
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    # factor * image + (1 - factor) * other, clamped: brightness, contrast and saturation alike
-    factor = factor.view(-1, 1, 1, 1)
-    return (other + factor * (images - other)).clamp_(0.0, 1.0)
+# Each operation is a handful of whole-batch kernels: at 32 px the GPU finishes a kernel faster than
+# the host can launch the next, so the count of kernels (not their size) sets the augmentation's cost.
+def _gray(images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    if weights is None:
+        weights = torch.tensor(GRAY_WEIGHTS, device=images.device, dtype=images.dtype)
+    return (images * weights.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
 
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by ``shift`` (fraction of a turn) in HSV space, per sample."""
-    maxc, _ = images.max(dim=1)
-    minc, _ = images.min(dim=1)
-    delta = maxc - minc
-    r, g, b = images.unbind(1)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue = torch.where(maxc == r, (g - b) / safe,
-                      torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    # HSV -> RGB: channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + 6.0 * hue.unsqueeze(1), 6.0)
+    """Rotate hue by ``shift`` (fraction of a turn) in HSV space, per sample (torchvision's adjust_hue)."""
+    maxc, channel = images.max(dim=1)  # ties go to the first channel: red, then green, as torchvision
+    delta = maxc - images.amin(dim=1)
+    # hue in sixths of a turn: (g - b) / delta, 2 + (b - r) / delta or 4 + (r - g) / delta
+    differences = images.roll(-1, dims=1) - images.roll(-2, dims=1)  # (g - b, b - r, r - g)
+    sixths = differences.gather(1, channel.unsqueeze(1)).squeeze(1) / delta.clamp_min(1e-12)
+    sixths = torch.add(sixths, channel, alpha=2.0) + (6.0 * shift).view(-1, 1, 1)
+    # HSV -> RGB: channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6,
+    # and v*s is delta (s = delta / v)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(offsets + sixths.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    value = maxc.unsqueeze(1)
-    return value - value * sat.unsqueeze(1) * ramp
-
-
-def _uniform(n: int, lo: float, hi: float, generator, device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+    return torch.addcmul(maxc.unsqueeze(1), delta.unsqueeze(1), ramp, value=-1.0)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -242,18 +247,15 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) 
     """
     n, c, h, w = images.shape
     radius = max(1, min(math.ceil(3.0 * max_sigma), h - 1, w - 1))
-    taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma)).to(images.dtype)
-    kernel = torch.exp(-0.5 * (taps.view(1, -1) / safe_sigma.view(-1, 1)) ** 2)
+    squared_taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype).square_()
+    # sigma 0 -> 1e-3: exp(-0.5 / 1e-6) is exactly 0 in float32, so the kernel is exactly (0, .., 1, .., 0)
+    coefficient = -0.5 / sigma.to(images.dtype).clamp_min(1e-3).square()
+    kernel = torch.exp(coefficient.view(-1, 1) * squared_taps)
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    delta = (taps == 0).to(images.dtype).expand_as(kernel)
-    kernel = torch.where((sigma > 0).view(-1, 1), kernel, delta)
-    kernel = kernel.repeat_interleave(c, dim=0)  # [n*c, taps]
+    kernel = kernel.view(n, 1, -1).expand(n, c, -1).reshape(n * c, 1, 1, -1)
     flat = images.reshape(1, n * c, h, w)
-    flat = F.pad(flat, (radius, radius, 0, 0), mode="reflect")
-    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
-    flat = F.pad(flat, (0, 0, radius, radius), mode="reflect")
-    flat = F.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel, groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.transpose(2, 3), groups=n * c)
     return flat.view(n, c, h, w)
 
 
@@ -267,6 +269,8 @@ class AugmentRecord:
     grayscale: list[torch.Tensor] = field(default_factory=list)
     solarize: list[torch.Tensor] = field(default_factory=list)
     blur_sigma: list[torch.Tensor] = field(default_factory=list)
+    # [n, 4] brightness, contrast, saturation factors and hue shift (1, 1, 1, 0 where jitter was off)
+    jitter: list[torch.Tensor] = field(default_factory=list)
 
 
 class MultiCropAugment(torch.nn.Module):
@@ -287,6 +291,11 @@ class MultiCropAugment(torch.nn.Module):
         self.groups = list(groups)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std)
+        self.register_buffer("norm_scale", 1.0 / self.std, persistent=False)
+        self.register_buffer("norm_bias", -self.mean / self.std, persistent=False)
+        self.register_buffer("gray_weights", torch.tensor(GRAY_WEIGHTS, dtype=torch.float32), persistent=False)
+        self._constants: dict = {}  # per (group, batch, device): tensors the hot path would otherwise rebuild
         self.seed = seed
         self.dtype = dtype
         self.channels_last = channels_last
@@ -330,97 +339,129 @@ class MultiCropAugment(torch.nn.Module):
             images = images.permute(0, 3, 1, 2)
         elif images.shape[1] != 3:
             raise ConfigError(f"expected 3 colour channels, got shape {tuple(images.shape)}")
-        if images.dtype == torch.uint8:
-            return images.float().div_(255.0)
-        return images.float()
+        # one copy into a contiguous float32 NCHW canvas (roi_align reads NCHW)
+        canvas = images.to(dtype=torch.float32, memory_format=torch.contiguous_format)
+        return canvas.div_(255.0) if images.dtype == torch.uint8 else canvas
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        canvas = self.to_float_nchw(images).contiguous()
+        canvas = self.to_float_nchw(images)
         batch, _, height, width = canvas.shape
         device = canvas.device
         generator = self.generator(device)
         if self.record is not None:
             self.record = AugmentRecord()
         outputs = []
-        for group in self.groups:
+        for index, group in enumerate(self.groups):
             if group.count == 0:
                 continue
-            views = self._group(canvas, group, batch, height, width, generator)
+            views = self._group(canvas, index, group, batch, height, width, generator)
             views = views.view(group.count, batch, 3, group.size, group.size)
             outputs.append(views)
         if self.stack_groups:
             return outputs
         return [view for group_views in outputs for view in group_views.unbind(0)]
 
-    def _group(self, canvas, group: CropGroup, batch, height, width, generator) -> torch.Tensor:
+    # Columns of the one uniform draw per group and call (view-major rows: index = view * B + sample).
+    _AREA = slice(0, BOX_ATTEMPTS)
+    _ASPECT = slice(BOX_ATTEMPTS, 2 * BOX_ATTEMPTS)
+    _POSITION = slice(2 * BOX_ATTEMPTS, 2 * BOX_ATTEMPTS + 2)
+    _DECISIONS = slice(2 * BOX_ATTEMPTS + 2, 2 * BOX_ATTEMPTS + 7)  # flip, jitter, grayscale, blur, solarize
+    _JITTER = slice(2 * BOX_ATTEMPTS + 7, 2 * BOX_ATTEMPTS + 11)  # brightness, contrast, saturation, hue
+    _SIGMA = 2 * BOX_ATTEMPTS + 11
+    _COLUMNS = 2 * BOX_ATTEMPTS + 12
+
+    def _group_constants(self, index: int, group: CropGroup, batch: int, height: int, width: int, device) -> dict:
+        """Per-group tensors built once per (batch size, canvas size, device) instead of every call."""
+        key = (index, batch, height, width, device)
+        if key not in self._constants:
+            area = float(height * width)
+            log_lo, log_hi = math.log(group.ratio[0]), math.log(group.ratio[1])
+            offset = [0.0] * self._COLUMNS
+            scale = [1.0] * self._COLUMNS
+            for column in range(BOX_ATTEMPTS):
+                offset[column], scale[column] = area * group.scale[0], area * (group.scale[1] - group.scale[0])
+                offset[BOX_ATTEMPTS + column], scale[BOX_ATTEMPTS + column] = log_lo, log_hi - log_lo
+            for column, strength in enumerate(group.jitter):
+                lo, hi = (max(0.0, 1.0 - strength), 1.0 + strength) if column < 3 else (-strength, strength)
+                offset[self._JITTER.start + column], scale[self._JITTER.start + column] = lo, hi - lo
+            offset[self._SIGMA], scale[self._SIGMA] = group.blur_sigma[0], group.blur_sigma[1] - group.blur_sigma[0]
+            # decision thresholds: one probability per view, repeated over the batch
+            per_view = [[group.flip_p] * group.count] + [list(group.per_view(name)) for name in
+                                                         ("jitter_p", "grayscale_p", "blur_p", "solarize_p")]
+            thresholds = torch.tensor(per_view, dtype=torch.float32).t().repeat_interleave(batch, dim=0)
+            n = group.count * batch
+            self._constants[key] = dict(
+                offset=torch.tensor(offset, device=device), scale=torch.tensor(scale, device=device),
+                thresholds=thresholds.to(device),
+                neutral_jitter=torch.tensor([1.0, 1.0, 1.0, 0.0], device=device),
+                limits=torch.tensor([float(width), float(height)], device=device),
+                fallback=torch.tensor(central_crop_size(height, width, group.ratio), device=device),
+                sample_index=torch.arange(batch, dtype=torch.float32).repeat(group.count).view(n, 1).to(device),
+                jitter=any(st > 0 for st in group.jitter) and max(group.per_view("jitter_p")) > 0,
+                blur=max(group.per_view("blur_p")) > 0, solarize=max(group.per_view("solarize_p")) > 0,
+                grayscale=max(group.per_view("grayscale_p")) > 0, flip=group.flip_p > 0)
+        return self._constants[key]
+
+    def _group(self, canvas, index: int, group: CropGroup, batch, height, width, generator) -> torch.Tensor:
         n = group.count * batch
         device = canvas.device
+        const = self._group_constants(index, group, batch, height, width, device)
+        # one draw for every random number of the group: box candidates, decisions, strengths
+        uniform = torch.rand((n, self._COLUMNS), generator=generator, device=device)
+        values = torch.addcmul(const["offset"], uniform, const["scale"])
+        decisions = uniform[:, self._DECISIONS] < const["thresholds"]
+        flips, jitter_on, gray_on, blur_on, solarize_on = decisions.unbind(1)
 
-        def view_probability(name: str) -> torch.Tensor:
-            values = torch.tensor(group.per_view(name), device=device)
-            return values.repeat_interleave(batch)  # views are view-major: index = view * B + sample
-
-        def draw(probability: torch.Tensor) -> torch.Tensor:
-            return torch.rand(n, generator=generator, device=device) < probability
-
-        boxes = sample_crop_boxes(n, height, width, group.scale, group.ratio, generator, device)
-        sample_index = torch.arange(batch, device=device, dtype=boxes.dtype).repeat(group.count)
-        rois = torch.cat([sample_index.unsqueeze(1), boxes], dim=1)
+        boxes = crop_boxes(values[:, self._AREA], values[:, self._ASPECT], values[:, self._POSITION], const["limits"],
+                           const["fallback"])
+        rois = torch.cat([const["sample_index"], boxes], dim=1)
         out = roi_align(canvas, rois, output_size=(group.size, group.size), spatial_scale=1.0,
                         sampling_ratio=-1, aligned=True)
-        flips = torch.rand(n, generator=generator, device=device) < group.flip_p
-        out = torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
+        if const["flip"]:
+            out = torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
 
-        jitter_on = draw(view_probability("jitter_p"))
-        strengths = group.jitter
-        if any(s > 0 for s in strengths) and max(group.per_view("jitter_p")) > 0:
+        factors = None
+        if const["jitter"]:
+            factors = torch.where(jitter_on.unsqueeze(1), values[:, self._JITTER], const["neutral_jitter"])
             # the order is drawn on the host generator: no device sync in the hot path
             order = torch.randperm(4, generator=self._order_generator).tolist()
-            factors = []
-            for op, strength in enumerate(strengths):
-                if op < 3:
-                    value = _uniform(n, max(0.0, 1.0 - strength), 1.0 + strength, generator, device)
-                    factors.append(torch.where(jitter_on, value, torch.ones_like(value)))
-                else:
-                    value = _uniform(n, -strength, strength, generator, device)
-                    factors.append(torch.where(jitter_on, value, torch.zeros_like(value)))
             for op in order:
-                if strengths[op] == 0:
+                if group.jitter[op] == 0:
                     continue
-                if op == 0:  # brightness: blend with black
-                    out = _blend(out, torch.zeros_like(out[:, :1]), factors[0])
+                factor = factors[:, op].reshape(-1, 1, 1, 1)
+                if op == 0:  # brightness: scale towards black
+                    out = (out * factor).clamp_(0.0, 1.0)
                 elif op == 1:  # contrast: blend with the mean gray level of each image
-                    out = _blend(out, _gray(out).mean(dim=(2, 3), keepdim=True), factors[1])
+                    mean_gray = (out.mean(dim=(2, 3)) * self.gray_weights).sum(dim=1).view(-1, 1, 1, 1)
+                    out = torch.lerp(mean_gray.expand_as(out), out, factor).clamp_(0.0, 1.0)
                 elif op == 2:  # saturation: blend with the grayscale image
-                    out = _blend(out, _gray(out), factors[2])
-                else:
-                    shifted = _shift_hue(out, factors[3])
-                    out = torch.where((factors[3] != 0).view(-1, 1, 1, 1), shifted, out)
+                    out = torch.lerp(_gray(out, self.gray_weights).expand_as(out), out, factor).clamp_(0.0, 1.0)
+                else:  # hue; samples without jitter keep their exact values (no HSV round trip)
+                    out = torch.where(factor != 0, _shift_hue(out, factors[:, 3]), out)
 
-        gray_on = draw(view_probability("grayscale_p"))
-        out = torch.where(gray_on.view(-1, 1, 1, 1), _gray(out).expand_as(out), out)
+        if const["grayscale"]:
+            out = torch.where(gray_on.view(-1, 1, 1, 1), _gray(out, self.gray_weights).expand_as(out), out)
 
-        blur_on = draw(view_probability("blur_p"))
-        sigma = _uniform(n, group.blur_sigma[0], group.blur_sigma[1], generator, device)
-        sigma = torch.where(blur_on, sigma, torch.zeros_like(sigma))
-        if max(group.per_view("blur_p")) > 0:
+        sigma = torch.where(blur_on, values[:, self._SIGMA], 0.0)
+        if const["blur"]:
             out = _gaussian_blur(out, sigma, group.blur_sigma[1])
 
-        solarize_on = draw(view_probability("solarize_p"))
-        out = torch.where(solarize_on.view(-1, 1, 1, 1) & (out >= group.solarize_threshold), 1.0 - out, out)
+        if const["solarize"]:
+            flip_values = solarize_on.view(-1, 1, 1, 1) & (out >= group.solarize_threshold)
+            out = torch.where(flip_values, 1.0 - out, out)
 
-        out = (out - self.mean) / self.std
         if self.record is not None:
             self.record.boxes.append(boxes)
             self.record.flips.append(flips)
             self.record.grayscale.append(gray_on)
             self.record.solarize.append(solarize_on)
             self.record.blur_sigma.append(sigma)
-        out = out.to(self.dtype)
-        if self.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+            self.record.jitter.append(factors if factors is not None else const["neutral_jitter"].expand(n, 4))
+        # normalize, cast and lay out in one pass each
+        out = torch.addcmul(self.norm_bias, out, self.norm_scale)
+        return out.to(dtype=self.dtype, memory_format=torch.channels_last if self.channels_last
+                      else torch.contiguous_format)
 
     def extra_repr(self) -> str:
         return f"crops={crop_spec_string(self.groups)}, seed={self.seed}, dtype={self.dtype}"
