@@ -161,3 +161,42 @@ def test_sdmp_targets():
     logits = torch.randn(5, 5, generator=rng(0))
     expected = -(source * torch.log_softmax(logits, 1)).sum(1).mean()
     assert torch.isclose(soft_cross_entropy(logits, source), expected)
+
+
+def test_multi_crop_losses_take_stacked_crops_and_give_the_pairwise_gradients():
+    # the losses sum every (target crop, other crop) pair at once; the gradients must equal the pair loop's
+    student = torch.randn(8, 12, 20, generator=rng(40), dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 12, 20, generator=rng(41), dtype=torch.float64)
+    center = torch.randn(20, generator=rng(42), dtype=torch.float64) * 0.1
+    stacked = dino_loss(student, teacher, center, 0.1, 0.04)
+    (grad,) = torch.autograd.grad(stacked, student)
+    crops = [s.detach().clone().requires_grad_(True) for s in student]
+    total = 0.0
+    for i in range(2):
+        target = torch.softmax((teacher[i] - center) / 0.04, dim=1)
+        for v in range(8):
+            if v != i:
+                total = total - (target * torch.log_softmax(crops[v] / 0.1, dim=1)).sum(1).mean()
+    total = total / 14
+    total.backward()
+    assert abs(float(stacked) - float(total)) < 1e-10
+    assert torch.allclose(grad, torch.stack([c.grad for c in crops]), atol=1e-12)
+    assert abs(float(dino_loss(list(student.detach()), list(teacher), center)) - float(stacked)) < 1e-10
+
+    prototypes = normalized(30, 16, seed=50)
+    scores = torch.stack([normalized(24, 16, seed=51 + c) @ prototypes.t() for c in range(6)]).requires_grad_(True)
+    ours = swav_loss(scores, 0.1, 0.05, 3, (0, 1))
+    (swav_grad,) = torch.autograd.grad(ours, scores)
+    as_list = [s.detach().clone().requires_grad_(True) for s in scores]
+    reference = 0.0
+    for a in (0, 1):
+        codes = reference_sinkhorn(scores[a].detach(), 0.05, 3)
+        for v in range(6):
+            if v != a:
+                reference = reference - (codes * torch.log_softmax(as_list[v].double() / 0.1, dim=1)).sum(1).mean() / 5
+    reference = reference / 2
+    reference.backward()
+    assert abs(float(ours) - float(reference)) < 1e-5
+    assert torch.allclose(swav_grad, torch.stack([s.grad for s in as_list]), atol=1e-6)
+    with pytest.raises(ValueError, match="crops, B, D"):
+        dino_loss(student[0], teacher, center)

@@ -56,3 +56,42 @@ def test_gradient_clipping(mode):
         assert norms[2] / norms[0] == pytest.approx(200.0, rel=1e-4)  # directions kept
     else:
         assert torch.allclose(norms, torch.tensor([0.5 * math.sqrt(10), 3.0, 3.0]), atol=1e-4)
+
+
+def reference_lars_step(params, grads, buffers, lr, momentum, weight_decay, eta, exclude):
+    """LARS written out per parameter, the way the formula reads."""
+    new_params, new_buffers = [], []
+    for param, grad, buffer in zip(params, grads, buffers):
+        update = grad.clone()
+        if not exclude:
+            update = update + weight_decay * param
+            p_norm, u_norm = param.norm(), update.norm()
+            if p_norm > 0 and u_norm > 0:
+                update = update * (eta * p_norm / u_norm)
+        buffer = update.clone() if buffer is None else momentum * buffer + update
+        new_params.append(param - lr * buffer)
+        new_buffers.append(buffer)
+    return new_params, new_buffers
+
+
+def test_lars_over_many_parameters_and_steps_matches_the_per_parameter_formula():
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(8, 4), (16,), (3, 3, 2, 2), (5,), (7, 2)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=generator)) for s in shapes]
+    params[3].data.zero_()  # a zero weight: trust ratio 1 (no division by a zero norm)
+    decay, excluded = [params[0], params[2], params[3]], [params[1], params[4]]
+    opt = LARS([{"params": decay}, {"params": excluded, "lars_exclude": True, "weight_decay": 0.0}],
+               lr=0.3, momentum=0.9, weight_decay=0.05, eta=0.02)
+    expected = {"decay": ([p.detach().clone() for p in decay], [None] * 3),
+                "excluded": ([p.detach().clone() for p in excluded], [None] * 2)}
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        for name, group, exclude in (("decay", decay, False), ("excluded", excluded, True)):
+            values, buffers = expected[name]
+            expected[name] = reference_lars_step(values, [p.grad for p in group], buffers, 0.3, 0.9, 0.05, 0.02,
+                                                 exclude)
+        opt.step()
+    for name, group in (("decay", decay), ("excluded", excluded)):
+        for param, want in zip(group, expected[name][0]):
+            assert torch.allclose(param, want, atol=1e-5)

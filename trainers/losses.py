@@ -76,49 +76,58 @@ def swav_loss(scores: Sequence[torch.Tensor], temperature: float = 0.1, epsilon:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if queue is not None and len(queue) != len(assign_crops):
         raise ValueError(f"queue needs one score tensor per assign crop ({len(assign_crops)}), got {len(queue)}")
-    log_probs = [F.log_softmax(_float32(s) / temperature, dim=1) for s in scores]
-    total = scores[0].new_zeros((), dtype=torch.float32)
+    stacked = _stack_crops(scores, "scores")
+    log_probs = F.log_softmax(_float32(stacked) / temperature, dim=-1)  # [V, B, K], one kernel for all crops
+    summed = log_probs.sum(dim=0)
+    total = log_probs.new_zeros(())
     for slot, crop in enumerate(assign_crops):
-        batch = scores[crop].shape[0]
+        batch = stacked.shape[1]
         with torch.no_grad():
-            source = scores[crop].detach()
+            source = stacked[crop].detach()
             if queue is not None:
                 source = torch.cat([queue[slot].detach().to(source.dtype), source])
             codes = sinkhorn(source, epsilon, sinkhorn_iterations)[-batch:]
-        sub_loss = total.new_zeros(())
-        for view, log_prob in enumerate(log_probs):
-            if view != crop:
-                sub_loss = sub_loss - (codes * log_prob).sum(dim=1).mean()
-        total = total + sub_loss / (len(scores) - 1)
+        # codes predicted from every other crop: sum over all crops minus the crop itself
+        others = summed - log_probs[crop]
+        total = total - (codes * others).sum(dim=1).mean() / (len(scores) - 1)
     return total / len(assign_crops)
 
 
 # --------------------------------------------------------------------------- DINO
-def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
-              student_temperature: float = 0.1, teacher_temperature: float = 0.04) -> torch.Tensor:
+def _stack_crops(crops: Sequence[torch.Tensor] | torch.Tensor, name: str) -> torch.Tensor:
+    """[crops, B, D] from a list of [B, D] tensors, or a tensor already shaped so (no copy then)."""
+    if isinstance(crops, torch.Tensor):
+        if crops.ndim != 3:
+            raise ValueError(f"{name}: expected [crops, B, D] or a list of [B, D] tensors, got {tuple(crops.shape)}")
+        return crops
+    return torch.stack(list(crops))
+
+
+def dino_loss(student: Sequence[torch.Tensor] | torch.Tensor, teacher: Sequence[torch.Tensor] | torch.Tensor,
+              center: torch.Tensor, student_temperature: float = 0.1, teacher_temperature: float = 0.04) -> torch.Tensor:
     """DINO self-distillation loss (Caron et al., 2021, "Emerging Properties in Self-Supervised
     Vision Transformers", Eq. 3; student temperature 0.1, teacher 0.04 after warm-up).
 
-    ``student``: [B, D] logits for every crop (globals first); ``teacher``: [B, D] logits for the
-    global crops; ``center`` [D]. H(P_t, P_s) = -sum softmax((t - center) / tau_t) *
-    log_softmax(s / tau_s), averaged over the batch and over every (teacher i, student v) pair
-    with v != i. The teacher side carries no gradient.
+    ``student``: [B, D] logits for every crop (globals first), as a list or one [V, B, D] tensor;
+    ``teacher``: [B, D] logits for the global crops (list or [G, B, D]); ``center`` [D].
+    H(P_t, P_s) = -sum softmax((t - center) / tau_t) * log_softmax(s / tau_s), averaged over the batch
+    and over every (teacher i, student v) pair with v != i. The teacher side carries no gradient.
     """
     if student_temperature <= 0 or teacher_temperature <= 0:
         raise ValueError("DINO temperatures must be > 0")
-    targets = [F.softmax((_float32(t.detach()) - _float32(center)) / teacher_temperature, dim=-1) for t in teacher]
-    log_probs = [F.log_softmax(_float32(s) / student_temperature, dim=-1) for s in student]
-    total = log_probs[0].new_zeros(())
-    pairs = 0
-    for i, target in enumerate(targets):
-        for v, log_prob in enumerate(log_probs):
-            if v == i:
-                continue
-            total = total - (target * log_prob).sum(dim=-1).mean()
-            pairs += 1
+    student, teacher = _stack_crops(student, "student"), _stack_crops(teacher, "teacher")
+    globals_, views = teacher.shape[0], student.shape[0]
+    same = min(globals_, views)  # pairs (i, i): teacher crop i is also student crop i
+    pairs = globals_ * views - same
     if pairs == 0:
         raise ValueError("dino_loss needs at least one (teacher, other student crop) pair")
-    return total / pairs
+    targets = F.softmax((_float32(teacher.detach()) - _float32(center)) / teacher_temperature, dim=-1)
+    log_probs = F.log_softmax(_float32(student) / student_temperature, dim=-1)
+    # every (i, v) pair at once: (sum_i q_i) . (sum_v log p_v), minus the pairs with v == i;
+    # a fixed number of kernels however many crops (not one cross-entropy per pair)
+    all_pairs = (targets.sum(dim=0) * log_probs.sum(dim=0)).sum(dim=-1)
+    same_crop = (targets[:same] * log_probs[:same]).sum(dim=(0, 2))
+    return -(all_pairs - same_crop).mean() / pairs
 
 
 # --------------------------------------------------------------------------- SupCon / SimCLR

@@ -30,9 +30,13 @@ def update_center(center: torch.Tensor, teacher: Sequence[torch.Tensor], momentu
     center <- momentum * center + (1 - momentum) * mean(teacher logits). Updates in place; returns it."""
     if not (0.0 <= momentum <= 1.0):
         raise ValueError(f"center momentum must lie in [0, 1], got {momentum}")
-    stacked = torch.cat([t.detach().float() for t in teacher])
-    total = all_reduce_sum(stacked.sum(dim=0))
-    mean = total / (stacked.shape[0] * world_size())
+    if isinstance(teacher, torch.Tensor):  # [G, B, D]: no copy
+        rows, total = teacher.shape[0] * teacher.shape[1], teacher.detach().float().sum(dim=(0, 1))
+    else:
+        stacked = torch.cat([t.detach().float() for t in teacher])
+        rows, total = stacked.shape[0], stacked.sum(dim=0)
+    total = all_reduce_sum(total)
+    mean = total / (rows * world_size())
     center.mul_(momentum).add_(mean.to(center.dtype), alpha=1.0 - momentum)
     return center
 
@@ -108,14 +112,14 @@ class DINO(Method):
         return float(self.teacher_temperatures[min(self.epoch_of(step), len(self.teacher_temperatures) - 1)])
 
     def teacher_outputs(self, views):
-        """Teacher logits of the global crops (no gradient)."""
+        """Teacher logits of the global crops [G, B, D] (no gradient)."""
         with torch.no_grad():
-            return list(self.teacher(views[: self.ctx.num_global]).chunk(self.ctx.num_global))
+            return self.teacher(views[: self.ctx.num_global]).view(self.ctx.num_global, views[0].shape[0], -1)
 
     def training_step(self, views, labels, step):
         o = self.options
         teacher = self.teacher_outputs(views)
-        student = list(self.run_student(views).chunk(len(views)))
+        student = self.run_student(views).view(len(views), views[0].shape[0], -1)  # [V, B, D]
         loss = dino_loss(student, teacher, self.center, o.student_temperature, self.teacher_temperature(step))
         update_center(self.center, teacher, o.center_momentum)
         return loss, {}

@@ -107,7 +107,7 @@ class SwAV(Method):
         o = self.options
         embeddings, scores = self.run_student(views)
         batch = views[0].shape[0]
-        crop_scores = list(scores.chunk(len(views)))
+        crop_scores = scores.view(len(views), batch, -1)  # [V, B, K]
         queue_scores = None
         active = self._queue_active(step)
         # batches stored so far follow from the step: no counter to sync with the device
