@@ -11,7 +11,9 @@
 #   sweep        4 trials x 0.25 GPU at once                                          [~3]
 #   tta-swav     time to lightly's SwAV figure (8-minute budget)                      [~9]
 #   tta-dino     time to lightly's DINO figure (8-minute budget)                      [~9]
-#   loader       the three loaders (already measured 2026-11-22; rerun after loader changes) [~3]
+#   loader       every loader row + the ResNet-18/50 ceilings (measured 2026-11-22 before the
+#                augmentation's kernel count was halved on 2026-11-23: rerun)                [~3]
+#   augment      the augmentation alone, 2x32+4x16 and 2x224+6x96 (img/s, kernels, host ms) [~1]
 #   report       bench/report.py over the GPU results (exit 1 when a target is missed)
 #
 # Data: $SSLAB_DATA_ROOT, else .benchdata/ (git-excluded; copy ../shared/data/*.tar.gz there and
@@ -56,8 +58,11 @@ for part in "$@"; do
     tta-swav) run python bench/time_to_accuracy.py --method swav --device cuda ;;
     tta-dino) run python bench/time_to_accuracy.py --method dino --device cuda ;;
     loader) run python bench/loader.py --device cuda ;;
+    augment)
+      run python bench/profile_augment.py --device cuda --crops 2x32+4x16 --method swav --batch-size 512 --canvas 32
+      run python bench/profile_augment.py --device cuda --crops 2x224+6x96 --method dino --batch-size 128 --canvas 256 ;;
     report) run python bench/report.py --device cuda --out bench/results/report-cuda.md ;;
-    *) echo "gpu_session.sh: unknown part '$part' (throughput compiled profile ray sweep tta-swav tta-dino loader report)" >&2
+    *) echo "gpu_session.sh: unknown part '$part' (throughput compiled profile ray sweep tta-swav tta-dino loader augment report)" >&2
        exit 2 ;;
   esac
 done
