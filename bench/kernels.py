@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kernel_count import count_kernels  # noqa: E402
+from kernel_count import HOST_SYNC, count_kernels  # noqa: E402
 from throughput import CASES, TEACHER_METHODS  # noqa: E402
 from trainers.backbones import build_backbone  # noqa: E402
 from trainers.config import load_config  # noqa: E402
@@ -80,7 +80,7 @@ def trainer_kernels(method: str, crops: str, batch: int, backbone: str, data_roo
         trainer.train_step(views, labels, step)
     step_count, operators = count_kernels(lambda: trainer.train_step(views, labels, 2))
     augment_count, _ = count_kernels(trainer.loader.augment, canvases)
-    syncs = operators.get("_local_scalar_dense", 0) + operators.get("item", 0)
+    syncs = operators.get(HOST_SYNC, 0)
     return {"step": step_count, "augment": augment_count, "syncs": syncs,
             "top": dict(operators.most_common(8))}
 

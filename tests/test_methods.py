@@ -216,3 +216,48 @@ def test_sdmp_targets_use_the_visible_share():
     assert source[0, 0] == pytest.approx(0.3) and source[0, 3] == pytest.approx(0.7)
     mixed_images, visible = mix(torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), lam, "cutmix")
     assert visible.shape == (4,) and torch.all((visible >= 0) & (visible <= 1))
+
+
+def count_host_syncs(fn) -> int:
+    """Device-to-host reads (.item(), bool(), float() of a tensor) while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        fn()
+    return Reads.count
+
+
+@pytest.mark.parametrize("name, options, groups", [
+    ("swav", SwAVConfig(prototypes=300, queue_length=16, queue_start_epoch=0), ((2, 16), (2, 8))),
+    ("dino", DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16), ((2, 16), (2, 8))),
+    ("sdmp", SDMPConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, moco_hidden_dim=32, moco_out_dim=16,
+                        moco_predictor_hidden_dim=32), ((2, 16),)),
+    ("supcon", SupConConfig(), ((2, 16),)),
+])
+def test_a_training_step_never_waits_for_the_device(name, options, groups):
+    # a host sync stalls the CPU until the GPU has caught up: none per step, in forward, backward or
+    # the teacher / queue / center updates (the loop reads losses once per logging window)
+    ctx = context(groups)
+    method = build(name, options, ctx)
+    views, labels = views_for(ctx), torch.arange(8) % 3
+
+    def step(index):
+        method.before_step(index)
+        loss, logs = method.training_step(views, labels, index)
+        loss.backward()
+        method.before_optimizer_step(index)
+        method.after_optimizer_step(index)
+
+    steps = range(9) if name == "sdmp" else range(3)  # SDMP (seed 0) mixes with all 3 modes by step 8
+    if name == "sdmp":
+        assert {method.mix_mode(index) for index in steps} == {"mixup", "cutmix", "resizemix"}
+    for index in steps:  # SwAV's queue is full and used from step 2 on
+        assert count_host_syncs(lambda: step(index)) == 0, f"{name} step {index}"

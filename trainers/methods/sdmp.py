@@ -137,7 +137,9 @@ class SDMP(Method):
         o = self.options
         batch = images.shape[0]
         alpha = torch.tensor(o.mix_alpha, device=images.device)
-        lam = torch.distributions.Beta(alpha, alpha).sample((batch,))
+        # validate_args=False: the argument checks read values back from the device (a host sync per
+        # check, every step); mix_alpha > 0 is checked once in check()
+        lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample((batch,))
         partners = flip_partner_rows(images)
         mixed, lam = mix(images, partners, lam, self.mix_mode(step), tuple(o.resizemix_scale))
         source, mixed_targets = sdmp_targets(all_gather_cat_no_grad(lam))
