@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from kernel_count import HOST_SYNC, count_kernels  # noqa: E402
-from throughput import CASES, TEACHER_METHODS  # noqa: E402
+from throughput import CASES, TEACHER_METHODS, ceiling_inputs  # noqa: E402
 from trainers.backbones import build_backbone  # noqa: E402
 from trainers.config import load_config  # noqa: E402
 from trainers.data.augment import parse_crop_spec  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> int:
     cases = [tuple(c.split(":")) for c in args.cases.split(",")] if args.cases else CASES
     rows = []
     for method, crops in cases:
-        top = ceiling_kernels(args.backbone, crops, args.batch, method in TEACHER_METHODS)
+        top = ceiling_kernels(args.backbone, ceiling_inputs(method, crops), args.batch, method in TEACHER_METHODS)
         ours = trainer_kernels(method, crops, args.batch, args.backbone, args.data_root)
         rows.append({"method": method, "crops": crops, "ceiling": top, **ours,
                      "added_by_method": ours["step"] - top})

@@ -80,3 +80,21 @@ def test_loader_rows_show_decode_crops_and_headroom_over_the_backbone(tmp_path):
     text, checks = report.build_report(tmp_path)
     assert "| tin256-2x224+6x96 | 20,000 | 12,000 | 7,200 | 2,400 | 160 | 1,260 | 45.0x | 5.7x |" in text
     assert verdicts(checks)["4: loader tin256-2x224+6x96"] == ("45.0x", "met")
+
+
+def test_sdmp_ceiling_counts_its_mixed_image_and_the_report_says_so(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from throughput import ceiling_inputs
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert ceiling_inputs("sdmp", "2x32") == "3x32"  # two views + the mixed image, all global size
+    assert ceiling_inputs("dino", "2x32+6x16") == "2x32+6x16"
+    report = load_report()
+    data = throughput(ratio=0.86, ours_vs_lightly=6.0, crops="2x32")
+    data["rows"][0].update(method="sdmp", ceiling_inputs="3x32")
+    write(tmp_path, "throughput-cuda.json", data)
+    text, _ = report.build_report(tmp_path)
+    assert "| sdmp | 2x32 (ceiling on 3x32) |" in text
