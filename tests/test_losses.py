@@ -110,6 +110,9 @@ def test_dino_center_is_the_ema_of_the_teacher_mean():
     update_center(center, teacher, momentum=0.9)
     expected = 0.9 * torch.ones(4) + 0.1 * torch.cat(teacher).mean(0)
     assert torch.allclose(center, expected, atol=1e-6)
+    stacked_center = torch.ones(4)
+    update_center(stacked_center, torch.stack(teacher), momentum=0.9)  # [G, B, D], as the DINO method passes it
+    assert torch.allclose(stacked_center, expected, atol=1e-6)
 
 
 def reference_supcon(features, labels, temperature, base_temperature):
