@@ -13,7 +13,7 @@
 #   tta-dino     time to lightly's DINO figure (8-minute budget)                      [~9]
 #   loader       every loader row + the ResNet-18/50 ceilings (measured 2026-11-22 before the
 #                augmentation's kernel count was halved on 2026-11-23: rerun)                [~3]
-#   augment      the augmentation alone, 2x32+4x16 and 2x224+6x96 (img/s, kernels, host ms) [~1]
+#   augment      the augmentation alone, 2x32+4x16 and 2x224+6x96, eager and compiled ops   [~2]
 #   report       bench/report.py over the GPU results (exit 1 when a target is missed)
 #
 # Data: $SSLAB_DATA_ROOT, else .benchdata/ (git-excluded; copy ../shared/data/*.tar.gz there and
@@ -60,7 +60,9 @@ for part in "$@"; do
     loader) run python bench/loader.py --device cuda ;;
     augment)
       run python bench/profile_augment.py --device cuda --crops 2x32+4x16 --method swav --batch-size 512 --canvas 32
-      run python bench/profile_augment.py --device cuda --crops 2x224+6x96 --method dino --batch-size 128 --canvas 256 ;;
+      run python bench/profile_augment.py --device cuda --crops 2x224+6x96 --method dino --batch-size 128 --canvas 256
+      run python bench/profile_augment.py --device cuda --crops 2x32+4x16 --method swav --batch-size 512 --canvas 32 --compile
+      run python bench/profile_augment.py --device cuda --crops 2x224+6x96 --method dino --batch-size 128 --canvas 256 --compile ;;
     report) run python bench/report.py --device cuda --out bench/results/report-cuda.md ;;
     *) echo "gpu_session.sh: unknown part '$part' (throughput compiled profile ray sweep tta-swav tta-dino loader augment report)" >&2
        exit 2 ;;

@@ -10,7 +10,8 @@ For each (method, crops) case, measured in the same process on the same device:
            compilation, is dropped; the median of the others is reported).
   lightly  (--lightly) lightly 1.6.0's SwAV / DINO on the same backbone, crops, batch and head sizes with
            its PIL transforms in a torchvision DataLoader (bench/lightly_baseline.py), for target 2.
-Both run eager, or both under torch.compile (--compile).
+Both run eager, or both under torch.compile (--compile: the backbones, and for ours also the
+augmentation's pixel operations, data.compile_augment).
 
 One command:
   python bench/throughput.py                     # CPU: resnet_mini, batch 64, a few steps (smoke)
@@ -105,7 +106,8 @@ def ours(method: str, crops: str, batch: int, device: torch.device, backbone: st
 
     overrides = [f"data.crops={crops}", f"data.batch_size={batch}", f"model.backbone={backbone}",
                  f"train.max_steps={window * windows}", f"train.log_every={window}", "knn.every_epochs=0",
-                 f"train.device={device.type}", f"train.compile={str(compile_model).lower()}", "train.resume=null",
+                 f"train.device={device.type}", f"train.compile={str(compile_model).lower()}",
+                 f"data.compile_augment={str(compile_model).lower()}", "train.resume=null",
                  f"train.out_dir={ROOT / '.state' / 'bench' / f'{method}-{crops}'}", "optim.warmup_epochs=0"]
     if method == "swav":
         overrides.append("method.queue_length=0")
@@ -122,7 +124,8 @@ def ours(method: str, crops: str, batch: int, device: torch.device, backbone: st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both the ceiling and our backbone")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the ceiling's and our backbone, and our augmentation's pixel ops")
     parser.add_argument("--cases", default=None, help="comma-separated method:crops, e.g. swav:2x32,dino:2x32+6x16")
     parser.add_argument("--batch", type=int, default=None, help="default 512 on GPU, 64 on CPU")
     parser.add_argument("--backbone", default=None, help="default resnet18 on GPU, resnet_mini on CPU")

@@ -248,3 +248,16 @@ def test_the_augmentation_launches_a_fixed_small_number_of_kernels_per_crop_grou
     assert multi_crop < 2 * two_views + 5
     # every operation on, DINO's globals: 184 kernels before this was reduced (2026-11-23), 82 after
     assert two_views <= 90, two_views
+
+
+def test_compiled_pixel_ops_make_the_same_views():
+    # data.compile_augment: every pixel operation through torch.compile (fused kernels); same draws,
+    # same views up to float rounding, over several calls (the jitter order changes per call)
+    groups = method_crop_groups("dino", "2x16")
+    eager = MultiCropAugment(groups, seed=5)
+    compiled = MultiCropAugment(groups, seed=5, compile_ops=True)
+    assert "compiled" in repr(compiled)
+    canvases = random_canvases(n=8, size=20)
+    for _ in range(3):
+        for a, b in zip(eager(canvases), compiled(canvases)):
+            assert torch.allclose(a, b, atol=1e-5)

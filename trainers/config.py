@@ -36,6 +36,7 @@ class DataConfig:
     num_workers: int | None = None  # loader threads/processes per rank; None: one per core
     cache_dir: str | None = None  # where .beton files live; None: <state dir>/data
     train_subset: int | None = None  # train on a fixed random subset of this many images (quick runs)
+    compile_augment: bool = False  # torch.compile the augmentation's pixel ops (fused kernels; ~15 s per crop size first)
 
 
 @dataclass

@@ -183,7 +183,8 @@ class Trainer:
             loader=c.data.loader, seed=t.seed, dtype=view_dtype, channels_last=self.channels_last,
             crop_overrides=crop_overrides, data_root=c.data.data_root, cache_dir=c.data.cache_dir,
             rank=self.rank, world_size=self.world_size, num_workers=c.data.num_workers,
-            canvas_size=c.data.canvas_size, subset=c.data.train_subset, log=self.log)
+            canvas_size=c.data.canvas_size, subset=c.data.train_subset, log=self.log,
+            compile_augment=c.data.compile_augment)
         # every rank's views differ; the shard order is shared (and split) through the seed above
         self.loader.augment.reseed(t.seed * 1000 + self.rank)
         self.steps_per_epoch = len(self.loader)

@@ -259,6 +259,49 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) 
     return flat.view(n, c, h, w)
 
 
+# --------------------------------------------------------------------------- pixel operations
+# The per-pixel steps of ``MultiCropAugment``, each a function of whole-batch tensors so that
+# ``compile_ops=True`` can hand every one to torch.compile (one fused kernel each, instead of one kernel
+# per arithmetic step and one memory pass per kernel). Factors are [n, 1, 1, 1]; masks [n].
+def _flip_where(out: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    return torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
+
+
+def _brightness(out: torch.Tensor, factor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (out * factor).clamp(0.0, 1.0)  # scale towards black
+
+
+def _contrast(out: torch.Tensor, factor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    mean_gray = (out.mean(dim=(2, 3)) * weights).sum(dim=1).view(-1, 1, 1, 1)  # blend with the mean gray level
+    return torch.lerp(mean_gray.expand_as(out), out, factor).clamp(0.0, 1.0)
+
+
+def _saturation(out: torch.Tensor, factor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(_gray(out, weights).expand_as(out), out, factor).clamp(0.0, 1.0)  # blend with gray
+
+
+def _hue(out: torch.Tensor, factor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    # samples without jitter (shift 0) keep their exact values: no HSV round trip
+    return torch.where(factor != 0, _shift_hue(out, factor.reshape(-1)), out)
+
+
+def _grayscale_where(out: torch.Tensor, gray_on: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return torch.where(gray_on.view(-1, 1, 1, 1), _gray(out, weights).expand_as(out), out)
+
+
+def _finish(out: torch.Tensor, solarize_on: torch.Tensor | None, threshold: float, scale: torch.Tensor,
+            bias: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """Solarize (where drawn), normalize as one multiply-add, cast and lay out."""
+    if solarize_on is not None:
+        out = torch.where(solarize_on.view(-1, 1, 1, 1) & (out >= threshold), 1.0 - out, out)
+    out = torch.addcmul(bias, out, scale)
+    return out.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+PIXEL_OPS = {"flip": _flip_where, "jitter": (_brightness, _contrast, _saturation, _hue),
+             "grayscale": _grayscale_where, "finish": _finish}
+
+
 # --------------------------------------------------------------------------- the module
 @dataclass
 class AugmentRecord:
@@ -281,7 +324,7 @@ class MultiCropAugment(torch.nn.Module):
 
     def __init__(self, groups: Sequence[CropGroup], mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, stack_groups: bool = False,
-                 record: bool = False):
+                 record: bool = False, compile_ops: bool = False):
         super().__init__()
         groups = [g.validate() for g in groups]
         if not groups or sum(g.count for g in groups) == 0:
@@ -296,6 +339,17 @@ class MultiCropAugment(torch.nn.Module):
         self.register_buffer("norm_bias", -self.mean / self.std, persistent=False)
         self.register_buffer("gray_weights", torch.tensor(GRAY_WEIGHTS, dtype=torch.float32), persistent=False)
         self._constants: dict = {}  # per (group, batch, device): tensors the hot path would otherwise rebuild
+        # compile_ops: every pixel operation through torch.compile (fused kernels; compiled on first use,
+        # once per crop size). The random draws, boxes, roi_align and blur stay eager.
+        self.compile_ops = compile_ops
+        if compile_ops:
+            def fused(fn):
+                return torch.compile(fn, dynamic=False, fullgraph=True)
+
+            self._ops = {"flip": fused(_flip_where), "jitter": tuple(fused(f) for f in PIXEL_OPS["jitter"]),
+                         "grayscale": fused(_grayscale_where), "finish": fused(_finish)}
+        else:
+            self._ops = PIXEL_OPS
         self.seed = seed
         self.dtype = dtype
         self.channels_last = channels_last
@@ -418,38 +472,25 @@ class MultiCropAugment(torch.nn.Module):
         rois = torch.cat([const["sample_index"], boxes], dim=1)
         out = roi_align(canvas, rois, output_size=(group.size, group.size), spatial_scale=1.0,
                         sampling_ratio=-1, aligned=True)
+        ops = self._ops
         if const["flip"]:
-            out = torch.where(flips.view(-1, 1, 1, 1), out.flip(3), out)
+            out = ops["flip"](out, flips)
 
         factors = None
         if const["jitter"]:
             factors = torch.where(jitter_on.unsqueeze(1), values[:, self._JITTER], const["neutral_jitter"])
             # the order is drawn on the host generator: no device sync in the hot path
             order = torch.randperm(4, generator=self._order_generator).tolist()
-            for op in order:
-                if group.jitter[op] == 0:
-                    continue
-                factor = factors[:, op].reshape(-1, 1, 1, 1)
-                if op == 0:  # brightness: scale towards black
-                    out = (out * factor).clamp_(0.0, 1.0)
-                elif op == 1:  # contrast: blend with the mean gray level of each image
-                    mean_gray = (out.mean(dim=(2, 3)) * self.gray_weights).sum(dim=1).view(-1, 1, 1, 1)
-                    out = torch.lerp(mean_gray.expand_as(out), out, factor).clamp_(0.0, 1.0)
-                elif op == 2:  # saturation: blend with the grayscale image
-                    out = torch.lerp(_gray(out, self.gray_weights).expand_as(out), out, factor).clamp_(0.0, 1.0)
-                else:  # hue; samples without jitter keep their exact values (no HSV round trip)
-                    out = torch.where(factor != 0, _shift_hue(out, factors[:, 3]), out)
+            for op in order:  # brightness, contrast, saturation, hue
+                if group.jitter[op] != 0:
+                    out = ops["jitter"][op](out, factors[:, op].reshape(-1, 1, 1, 1), self.gray_weights)
 
         if const["grayscale"]:
-            out = torch.where(gray_on.view(-1, 1, 1, 1), _gray(out, self.gray_weights).expand_as(out), out)
+            out = ops["grayscale"](out, gray_on, self.gray_weights)
 
         sigma = torch.where(blur_on, values[:, self._SIGMA], 0.0)
         if const["blur"]:
             out = _gaussian_blur(out, sigma, group.blur_sigma[1])
-
-        if const["solarize"]:
-            flip_values = solarize_on.view(-1, 1, 1, 1) & (out >= group.solarize_threshold)
-            out = torch.where(flip_values, 1.0 - out, out)
 
         if self.record is not None:
             self.record.boxes.append(boxes)
@@ -458,11 +499,10 @@ class MultiCropAugment(torch.nn.Module):
             self.record.solarize.append(solarize_on)
             self.record.blur_sigma.append(sigma)
             self.record.jitter.append(factors if factors is not None else const["neutral_jitter"].expand(n, 4))
-        # normalize, cast and lay out in one pass each
-        out = torch.addcmul(self.norm_bias, out, self.norm_scale)
-        return out.to(dtype=self.dtype, memory_format=torch.channels_last if self.channels_last
-                      else torch.contiguous_format)
+        return ops["finish"](out, solarize_on if const["solarize"] else None, group.solarize_threshold,
+                             self.norm_scale, self.norm_bias, self.dtype, self.channels_last)
 
     def extra_repr(self) -> str:
-        return f"crops={crop_spec_string(self.groups)}, seed={self.seed}, dtype={self.dtype}"
+        return (f"crops={crop_spec_string(self.groups)}, seed={self.seed}, dtype={self.dtype}"
+                + (", compiled pixel ops" if self.compile_ops else ""))
 

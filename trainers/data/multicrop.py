@@ -110,11 +110,13 @@ def subset_indices(num_samples: int, subset: int | None, seed: int):
 
 def build_multicrop_loader(dataset: str, split: str, crops: str, method: str, batch_size: int, device="cpu",
                            loader: str = "auto", seed: int = 0, dtype=torch.float32, channels_last: bool = False,
-                           stack_groups: bool = False, crop_overrides: dict | None = None, **canvas_kwargs):
-    """Canvas loader + ``MultiCropAugment`` with ``method``'s paper defaults for the ``crops`` spec."""
+                           stack_groups: bool = False, crop_overrides: dict | None = None,
+                           compile_augment: bool = False, **canvas_kwargs):
+    """Canvas loader + ``MultiCropAugment`` with ``method``'s paper defaults for the ``crops`` spec
+    (``compile_augment``: its pixel operations through torch.compile)."""
     groups = method_crop_groups(method, crops, **(crop_overrides or {}))
     canvases, kind = build_canvas_loader(dataset, split, batch_size, device, loader, seed=seed, **canvas_kwargs)
     mean, std = normalization_for(dataset)
     augment = MultiCropAugment(groups, mean, std, seed=seed, dtype=dtype, channels_last=channels_last,
-                               stack_groups=stack_groups).to(device)
+                               stack_groups=stack_groups, compile_ops=compile_augment).to(device)
     return MultiCropLoader(canvases, augment, kind)
