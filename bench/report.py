@@ -139,8 +139,20 @@ def profile_section(name: str, data: dict, gpu: bool) -> tuple[list[str], list[t
     return lines, []
 
 
+def kernels_section(name: str, data: dict, gpu: bool) -> tuple[list[str], list[tuple]]:
+    facts = data["facts"]
+    lines = [f"### {name}: kernels per call, {facts.get('backbone')}, {facts.get('date')} (the same on any device)", "",
+             "| method | crops | ceiling step | our step | added by the method | augmentation | host syncs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['method']} | {r['crops']} | {r['ceiling']} | {r['step']} | {r['added_by_method']} "
+                     f"| {r['augment']} | {r['syncs']} |")
+    return lines, []
+
+
 SECTIONS = [("throughput-", throughput_section), ("loader-", loader_section), ("tta-", tta_section),
-            ("ray-overhead-", ray_section), ("sweep-concurrency-", sweep_section), ("profile-", profile_section)]
+            ("ray-overhead-", ray_section), ("sweep-concurrency-", sweep_section), ("profile-", profile_section),
+            ("kernels", kernels_section)]
 
 
 def device_of(name: str) -> str:
