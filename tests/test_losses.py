@@ -203,13 +203,3 @@ def test_multi_crop_losses_take_stacked_crops_and_give_the_pairwise_gradients():
     assert torch.allclose(swav_grad, torch.stack([s.grad for s in as_list]), atol=1e-6)
     with pytest.raises(ValueError, match="crops, B, D"):
         dino_loss(student[0], teacher, center)
-
-
-def test_sinkhorn_solves_stacked_problems_independently():
-    prototypes = normalized(40, 16, seed=60)
-    first, second = (normalized(24, 16, seed=61 + i) @ prototypes.t() for i in range(2))
-    together = sinkhorn(torch.stack([first, second * 3.0]), 0.05, 3)
-    assert torch.allclose(together[0], sinkhorn(first, 0.05, 3), atol=1e-6)
-    assert torch.allclose(together[1], sinkhorn(second * 3.0, 0.05, 3), atol=1e-6)
-    reference = reference_sinkhorn(second * 3.0, 0.05, 3)
-    assert torch.allclose(together[1], reference.to(together.dtype), atol=1e-5)

@@ -21,10 +21,12 @@ def _float32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- SwAV
-def _global_logsumexp(values: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
-    """log(sum(exp(values))) over ``dim`` (kept) and over every rank's share."""
-    peak = all_reduce_max(values.amax(dim=dim, keepdim=True).detach().clone())
-    total = torch.exp(values - peak).sum(dim=dim, keepdim=True)
+def _global_logsumexp(values: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """log(sum(exp(values))) over ``dim`` (None: all entries) and over every rank's share."""
+    peak = values.amax() if dim is None else values.amax(dim=dim, keepdim=True)
+    peak = all_reduce_max(peak.detach().clone())
+    total = torch.exp(values - peak)
+    total = total.sum() if dim is None else total.sum(dim=dim, keepdim=True)
     return peak + torch.log(all_reduce_sum(total))
 
 
@@ -33,8 +35,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     """SwAV's equipartitioned soft codes (Caron et al., 2020, "Unsupervised Learning of Visual
     Features by Contrasting Cluster Assignments", Sec. 3.1; epsilon 0.05, 3 iterations).
 
-    ``scores`` [B, K] (or [..., B, K]: independent problems solved at once, e.g. SwAV's two
-    assignment crops): prototype scores of this rank's samples. Q = exp(scores / epsilon) is scaled
+    ``scores`` [B, K]: prototype scores of this rank's samples. Q = exp(scores / epsilon) is scaled
     alternately so that every prototype gets an equal share of the *global* batch (sums all-reduced
     across ranks) and every sample's codes sum to 1. Returns [B, K] codes whose rows sum to 1;
     column sums approach B/K as the iterations grow. Computed in the log domain in float32 (float64
@@ -44,16 +45,16 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     if epsilon <= 0 or iterations < 1:
         raise ValueError(f"sinkhorn needs epsilon > 0 and iterations >= 1, got {epsilon}, {iterations}")
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        log_codes = (_float32(scores) / epsilon).transpose(-2, -1)  # [..., K, B]
-        prototypes = log_codes.shape[-2]
-        log_batch = math.log(log_codes.shape[-1] * world_size())
-        log_codes = log_codes - _global_logsumexp(log_codes, (-2, -1))
+        log_codes = (_float32(scores) / epsilon).t()  # [K, B]
+        prototypes = log_codes.shape[0]
+        log_batch = math.log(log_codes.shape[1] * world_size())
+        log_codes = log_codes - _global_logsumexp(log_codes, None)
         for _ in range(iterations):
             # each prototype (row) gets 1/K of the mass of the global batch
-            log_codes = log_codes - _global_logsumexp(log_codes, -1) - math.log(prototypes)
+            log_codes = log_codes - _global_logsumexp(log_codes, 1) - math.log(prototypes)
             # each sample (column) gets 1/B of the mass; a sample lives on one rank only
-            log_codes = log_codes - torch.logsumexp(log_codes, dim=-2, keepdim=True) - log_batch
-        return torch.exp(log_codes + log_batch).transpose(-2, -1)
+            log_codes = log_codes - torch.logsumexp(log_codes, dim=0, keepdim=True) - log_batch
+        return torch.exp(log_codes + log_batch).t()
 
 
 def swav_loss(scores: Sequence[torch.Tensor], temperature: float = 0.1, epsilon: float = 0.05,
@@ -67,8 +68,7 @@ def swav_loss(scores: Sequence[torch.Tensor], temperature: float = 0.1, epsilon:
     crop by cross-entropy against softmax(scores / temperature); each sub-loss is divided by
     (number of crops - 1), the sum by len(assign_crops). ``queue``: one [Q, K] score tensor per
     assign crop (stored embeddings times the current prototypes): Sinkhorn then runs on the queue
-    rows plus the batch, and only the batch rows' codes are used (all queues of one length, as a list or
-    one [A, Q, K] tensor). ``scores`` may also be one [V, B, K] tensor.
+    rows plus the batch, and only the batch rows' codes are used.
     """
     if len(scores) < 2:
         raise ValueError(f"swav_loss needs at least 2 crops, got {len(scores)}")
@@ -77,18 +77,20 @@ def swav_loss(scores: Sequence[torch.Tensor], temperature: float = 0.1, epsilon:
     if queue is not None and len(queue) != len(assign_crops):
         raise ValueError(f"queue needs one score tensor per assign crop ({len(assign_crops)}), got {len(queue)}")
     stacked = _stack_crops(scores, "scores")
-    views, batch = stacked.shape[0], stacked.shape[1]
-    assign = list(assign_crops)
     log_probs = F.log_softmax(_float32(stacked) / temperature, dim=-1)  # [V, B, K], one kernel for all crops
-    with torch.no_grad():
-        # the assignment crops' Sinkhorn problems solved together: [A, (Q +) B, K]
-        sources = stacked[assign].detach()
-        if queue is not None:
-            sources = torch.cat([_stack_crops(queue, "queue").detach().to(sources.dtype), sources], dim=1)
-        codes = sinkhorn(sources, epsilon, sinkhorn_iterations)[:, -batch:]
-    # each crop's codes predicted from every other crop: the sum over all crops minus the crop itself
-    others = log_probs.sum(dim=0) - log_probs[assign]
-    return -(codes * others).sum(dim=-1).mean(dim=-1).sum() / ((views - 1) * len(assign))
+    summed = log_probs.sum(dim=0)
+    total = log_probs.new_zeros(())
+    for slot, crop in enumerate(assign_crops):
+        batch = stacked.shape[1]
+        with torch.no_grad():
+            source = stacked[crop].detach()
+            if queue is not None:
+                source = torch.cat([queue[slot].detach().to(source.dtype), source])
+            codes = sinkhorn(source, epsilon, sinkhorn_iterations)[-batch:]
+        # codes predicted from every other crop: sum over all crops minus the crop itself
+        others = summed - log_probs[crop]
+        total = total - (codes * others).sum(dim=1).mean() / (len(scores) - 1)
+    return total / len(assign_crops)
 
 
 # --------------------------------------------------------------------------- DINO

@@ -114,7 +114,7 @@ class SwAV(Method):
         stored_rows = (step - self.queue_start_step) * batch
         if active and stored_rows >= self.queue.shape[1]:
             weight = self.student.prototypes.layer.weight.detach()
-            queue_scores = self.queue @ weight.t().to(self.queue.dtype)  # [A, Q, K], one batched matmul
+            queue_scores = [self.queue[slot] @ weight.t().to(self.queue.dtype) for slot in range(len(o.assign_crops))]
         loss = swav_loss(crop_scores, o.temperature, o.epsilon, o.sinkhorn_iterations, o.assign_crops, queue_scores)
         if active:
             with torch.no_grad():
