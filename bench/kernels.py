@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from kernel_count import HOST_SYNC, count_kernels  # noqa: E402
 from throughput import CASES, TEACHER_METHODS, ceiling_inputs  # noqa: E402
 from trainers.backbones import build_backbone  # noqa: E402
 from trainers.config import load_config  # noqa: E402
 from trainers.data.augment import parse_crop_spec  # noqa: E402
+from trainers.kernel_count import HOST_SYNC, count_kernels  # noqa: E402
 
 
 def ceiling_kernels(backbone_name: str, crops: str, batch: int, teacher: bool) -> int:
@@ -93,7 +93,6 @@ def main() -> int:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernels.json"))
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cases = [tuple(c.split(":")) for c in args.cases.split(",")] if args.cases else CASES
     rows = []
     for method, crops in cases:

@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_count import count_kernels  # noqa: E402
 from trainers.data.augment import MultiCropAugment, method_crop_groups  # noqa: E402
+from trainers.kernel_count import count_kernels  # noqa: E402
 
 
 def main() -> int:

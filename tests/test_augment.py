@@ -6,6 +6,7 @@ import torch
 from trainers.data.augment import (CropGroup, MultiCropAugment, _gaussian_blur, _shift_hue, method_crop_groups,
                                    parse_crop_spec, sample_crop_boxes)
 from trainers.errors import ConfigError
+from trainers.kernel_count import count_kernels
 
 PLAIN = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 IDENTITY_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -226,17 +227,10 @@ def test_each_jitter_operation_matches_torchvision(op, reference):
 
 
 def count_augment_kernels(groups, batch):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_count.py"
-    spec = importlib.util.spec_from_file_location("kernel_count", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     augment = MultiCropAugment(groups, seed=0)
     canvases = random_canvases(n=batch, size=32)
     augment(canvases)  # per-group constants are built on the first call
-    return module.count_kernels(augment, canvases)[0]
+    return count_kernels(augment, canvases)[0]
 
 
 def test_the_augmentation_launches_a_fixed_small_number_of_kernels_per_crop_group():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from trainers.backbones import build_backbone
 from trainers.errors import ConfigError
+from trainers.kernel_count import HOST_SYNC, count_kernels
 from trainers.losses import dino_loss, sdmp_targets, supcon_loss, swav_loss
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext, ema_update
@@ -220,19 +221,7 @@ def test_sdmp_targets_use_the_visible_share():
 
 def count_host_syncs(fn) -> int:
     """Device-to-host reads (.item(), bool(), float() of a tensor) while ``fn`` runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reads(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "_local_scalar_dense":
-                Reads.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with Reads():
-        fn()
-    return Reads.count
+    return count_kernels(fn)[1][HOST_SYNC]
 
 
 @pytest.mark.parametrize("name, options, groups", [

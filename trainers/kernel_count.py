@@ -21,7 +21,7 @@ NO_KERNEL = {
     "narrow", "view_as", "expand_as", "unflatten", "lift_fresh", "_reshape_alias", "set_", "is_same_size",
     "scalar_tensor",
 }
-# a device-to-host read of a value (.item(), bool(), float(), .tolist()): the host waits for the device
+# a device-to-host read of a value (.item(), bool(), float()): the host waits for the device
 HOST_SYNC = "_local_scalar_dense"
 
 
