@@ -292,6 +292,8 @@ def _add_pretrain(subparsers) -> None:
 def cmd_sweep(args) -> int:
     from orchestrator.sweep import load_sweep, run_sweep
 
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     spec = load_sweep(args.config, args.set)
     if args.num_samples is not None:
         spec.num_samples = args.num_samples
@@ -370,6 +372,10 @@ def cmd_ui(args) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     if not uri.startswith("sqlite:///"):
         raise UserError(f"{uri} is a tracking server: open it in a browser instead of starting a UI")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} must lie in 1..65535")
+    if not args.dry_run:
+        _check_port_free(args.host, args.port)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port)]
     location = artifact_location(uri)
@@ -379,7 +385,26 @@ def cmd_ui(args) -> int:
     if args.dry_run:
         print(" ".join(command))
         return 0
-    return subprocess.call(command)
+    code = subprocess.call(command)
+    if code not in (0, -2, 130):  # -2 / 130: Ctrl-C
+        raise UserError(f"the MLflow UI stopped with exit status {code} (its messages are above): fix what they "
+                        "say, e.g. pass another --port", )
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import errno
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use (another MLflow UI?): pass --port N with a "
+                            "free port, or stop what listens there") from None
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass --host 127.0.0.1 or "
+                        "another --port") from None
 
 
 def _add_ui(subparsers) -> None:
@@ -427,11 +452,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        storage = _storage_error(exc)
+        if storage is None or debug:
+            if debug:
+                raise
+            print(f"error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"error: {storage}", file=sys.stderr)
+        return storage.exit_code
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
         if debug:
             raise
         print(f"error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+STORAGE_ERRNOS = {"ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG"}
+
+
+def _storage_error(exc: OSError):
+    """A full or read-only disk met anywhere (state dir, cache, run folder) as the storage error (exit 4)."""
+    import errno
+
+    if errno.errorcode.get(exc.errno or -1) not in STORAGE_ERRNOS:
+        return None
+    from trainers.checkpoint import StorageError, storage_error
+
+    target = exc.filename or "a file"
+    error = storage_error(target, exc, "to") if exc.filename else StorageError(
+        f"cannot write: {exc.strerror or exc}")
+    text = str(error).replace("cannot write to ", "cannot write ").split("; the previous checkpoint")[0]
+    return StorageError(f"{text}; free space or choose a writable location (--out-dir, --out, --cache-dir, "
+                        "$SSLAB_HOME), then rerun")
 
 
 if __name__ == "__main__":

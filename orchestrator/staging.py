@@ -13,7 +13,6 @@ file's size and key, is removed first and written last; local copies go through 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -114,11 +113,13 @@ def fetch_staged(config: Config, uri: str, log: Callable[[str], None] = print) -
     """Worker: copy the staged files of this run's data set into this node's cache folder.
 
     Skips a file whose identical copy is already there. Several workers of one node take turns
-    (a lock on the cache folder, the one ``prepare_split`` takes). Returns the files it copied."""
+    per file (the lock ``prepare_split`` takes on that file, which dies with its holder; see
+    trainers/locks.py). Returns the files it copied."""
     from pyarrow import fs
 
-    from trainers.data.beton import read_meta
+    from trainers.data.beton import lock_path, read_meta, remove_leftovers
     from trainers.data.multicrop import default_cache_dir
+    from trainers.locks import hold
 
     if not _uses_ffcv(config):
         return []
@@ -126,14 +127,13 @@ def fetch_staged(config: Config, uri: str, log: Callable[[str], None] = print) -
     cache = Path(config.data.cache_dir or default_cache_dir()).expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     copied = []
-    folder = os.open(cache, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        for name in _file_names(config):
-            remote = _read_remote_meta(filesystem, f"{root}/{name}.json")
-            if remote is None:
-                continue  # not staged (the driver had no data): the loader prepares it here
-            local = cache / name
+    for name in _file_names(config):
+        remote = _read_remote_meta(filesystem, f"{root}/{name}.json")
+        if remote is None:
+            continue  # not staged (the driver had no data): the loader prepares it here
+        local = cache / name
+        with hold(lock_path(local), wait=True, what=f"the data file {local}", log=log):
+            remove_leftovers(local, log)
             meta = read_meta(local)
             if meta and meta.get("key") == remote.get("key") and local.is_file() and local.stat().st_size == meta["bytes"]:
                 continue
@@ -154,6 +154,4 @@ def fetch_staged(config: Config, uri: str, log: Callable[[str], None] = print) -
             os.replace(temp_meta, sidecar)
             log(f"fetched {name} ({remote['bytes'] / 2**20:.1f} MiB) from {uri} to {cache}")
             copied.append(local)
-    finally:
-        os.close(folder)
     return copied

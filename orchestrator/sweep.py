@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import yaml
 
-from trainers.config import Config, apply_overrides, from_dict, load_config
+from trainers.config import Config, apply_overrides, from_dict, load_config, read_yaml_mapping
 from trainers.errors import ConfigError, UserError
 
 from orchestrator import tracking
@@ -75,10 +75,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found: see configs/sweeps/*.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml_mapping(path, "a sweep file", "sweep keys (name, base, space, ...)")
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         from trainers.config import _suggest

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from trainers.checkpoint import checksum_path
 from trainers.config import Config, from_dict
 from trainers.errors import ConfigError, UserError
 from trainers.paths import state_dir
@@ -59,7 +60,8 @@ def run_markers(storage: str, name: str) -> dict:
     return {"run_folder": f"{storage}/{name}", "fatal_marker": fatal}
 
 
-CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "backbone.pt", "summary.json")
+CHECKPOINT_FILES = ("last.pt", "metrics.jsonl", "config.yaml", "backbone.pt", "summary.json",
+                    "last.pt.sha256", "backbone.pt.sha256")  # *.sha256: the checksums written with them
 
 
 @dataclass
@@ -279,6 +281,8 @@ def worker_loop(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory(prefix="sslab-report-") as folder:
                 staged = Path(folder)
                 shutil.copy2(path, staged / "last.pt")
+                if checksum_path(path).is_file():
+                    shutil.copy2(checksum_path(path), staged / "last.pt.sha256")
                 for name in CHECKPOINT_FILES[1:]:
                     if (out_dir / name).is_file():
                         shutil.copy2(out_dir / name, staged / name)
@@ -461,6 +465,29 @@ def run_pretraining(config: Config, options: ClusterOptions, name: str | None = 
         raise ConfigError(f"run name '{name}' may only hold letters, digits, '.', '_' and '-'")
     config.name = name
     storage = resolve_storage(options.storage)
+    with _hold_run_folder(storage, name):
+        return _train_on_ray(config, options, name, storage, log)
+
+
+def _hold_run_folder(storage: str, name: str):
+    """One driver per run name: a second ``--name X`` while X trains would mix their checkpoints."""
+    import contextlib
+
+    from trainers.checkpoint import StorageError
+    from trainers.locks import hold
+
+    if "://" in storage:
+        return contextlib.nullcontext()  # object stores have no locks; names there should be unique
+    folder = Path(storage) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot write run folder {folder}: {exc.strerror or exc}; choose a writable --storage")
+    return hold(folder / ".sslab-run.lock", wait=False, what=f"run {name} ({folder})",
+                busy_hint="another driver is training it; wait for it to end, or pass another --name")
+
+
+def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: str, log) -> RunOutcome:
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     if options.require_tracking:
         problem = tracking.check_reachable(uri)

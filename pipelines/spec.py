@@ -109,10 +109,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             if path.parent.is_dir() else []
         hint = f" (did you mean {path.parent / close[0]}?)" if close else ""
         raise ConfigError(f"pipeline file {path} not found{hint}: see configs/pipelines/ for the shipped ones")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    from trainers.config import read_yaml_mapping
+
+    raw = read_yaml_mapping(path, "a pipeline file", "pipeline keys (name, stages, ...)")
     for item in overrides or []:
         apply_override(raw, item)
     return parse_pipeline(raw, base=path.parent.resolve(), path=str(path.resolve()))

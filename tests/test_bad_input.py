@@ -6,8 +6,13 @@ Every case here is a row of docs/errors.md (the last test keeps the two in step)
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +110,69 @@ def _pipeline(tmp: Path) -> Path:
     return path
 
 
+def _damaged(tmp: Path) -> Path:
+    """A checkpoint with random bytes in the middle, same size (a bad disk block, a broken copy)."""
+    path = save_checkpoint({"format": CHECKPOINT_FORMAT, "method": "swav", "backbone": "resnet_mini", "step": 3,
+                            "w": torch.randn(50_000)}, tmp / "damaged" / "last.pt")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 512] = np.random.default_rng(1).integers(0, 256, 512, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _random_file(tmp: Path) -> Path:
+    path = tmp / "random.pt"
+    path.write_bytes(np.random.default_rng(2).integers(0, 256, 10_000, dtype=np.uint8).tobytes())
+    return path
+
+
+def _binary_config(tmp: Path) -> Path:
+    path = tmp / "binary.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    return path
+
+
+def _list_config(tmp: Path) -> Path:
+    path = tmp / "list.yaml"
+    path.write_text("- data\n- model\n")
+    return path
+
+
+_HELD: list = []  # what a case's setup keeps alive until the case has run (busy port, running process)
+
+
+def _busy_port(tmp: Path) -> dict:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    _HELD.append(listener)
+    return {"busy": listener.getsockname()[1]}
+
+
+def _sgd_run(tmp: Path) -> dict:
+    """A finished 2-step SGD run in {tmp}/run, to be resumed with another optimizer."""
+    assert main(["pretrain", "--local", "--quiet", "--out-dir", str(tmp / "run"), *TINY,
+                 "--set", "train.max_steps=2"]) == 0
+    return {}
+
+
+def _running_run(tmp: Path) -> dict:
+    """A real `pretrain --local` run writing into {tmp}/run (in another process), long enough to overlap."""
+    lock = tmp / "run" / ".sslab-run.lock"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "pretrain", "--local", "--quiet", "--out-dir", str(tmp / "run"),
+         *TINY, "--set", "train.epochs=500", "--set", "train.checkpoint_every_epochs=1000"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    _HELD.append(process)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if lock.is_file() and lock.read_text().strip() == str(process.pid):
+            return {"pid": process.pid}
+        time.sleep(0.2)
+    raise AssertionError(f"the first run never took its lock: {process.stderr.read().decode()[-2000:]}")
+
+
 # --------------------------------------------------------------------------- the cases
 # id: (argv with {placeholders}, setup -> {placeholder: value}, words the line must hold, exit code)
 CASES = {
@@ -168,6 +236,39 @@ CASES = {
     "file-store-uri": (["pretrain", "--tracking-uri", "./mlruns"], None, "file store is not supported", 2),
     "missing-backbone": (["eval", "knn", "--backbone", "{tmp}/nope.pt", "--dataset", "digits"], None,
                          "no such file", 2),
+    # issue 20: a crash, outputs that looked complete, and user errors that ended as bugs (exit 1)
+    "run-folder-in-use": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY], _running_run,
+                          "is in use by PID {pid}", 2),
+    "canvas-size-zero": (["pretrain", "--local", "--set", "data.canvas_size=0"], None,
+                         "data.canvas_size must be a positive number of pixels", 2),
+    "canvas-size-negative": (["data", "preview", "--dataset", "digits", "--canvas-size", "-8", "--out",
+                              "{tmp}/preview.png"], None, "canvas size -8 must be a positive number", 2),
+    "zero-steps": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set", "train.max_steps=0"],
+                   None, "train.max_steps must be >= 1", 2),
+    "knn-k-larger-than-bank": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+                                "knn.every_epochs=1", "--set", "knn.max_train=500", "--set", "knn.k=[20,5000]"],
+                               None, "knn.k [5000] is larger than the kNN memory bank (500 training images", 2),
+    "knn-unknown-split": (["pretrain", "--local", "--set", "knn.split=bogus"], None,
+                          "knn.split 'bogus' must be one of train, test", 2),
+    "knn-empty-bank": (["pretrain", "--local", "--set", "knn.max_train=0"], None, "knn.max_train must be >= 1", 2),
+    "damaged-checkpoint": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", "--set",
+                            "train.resume={damaged}", *TINY], lambda t: {"damaged": _damaged(t)},
+                           "do not match the SHA-256 written with it", 3),
+    "not-a-checkpoint": (["eval", "knn", "--backbone", "{random}", "--dataset", "digits"],
+                         lambda t: {"random": _random_file(t)}, "is not a PyTorch checkpoint", 3),
+    "sweep-zero-samples": (["sweep", "--config", "configs/sweeps/swav_fashion-mnist.yaml", "--num-samples", "0"],
+                           None, "--num-samples must be >= 1", 2),
+    "ui-port-busy": (["ui", "--port", "{busy}", "--tracking-uri", "sqlite:///{tmp}/m.db"], _busy_port,
+                     "is already in use", 2),
+    "binary-config": (["pretrain", "--local", "--config", "{binary}"], lambda t: {"binary": _binary_config(t)},
+                      "is not a text file", 2),
+    "list-config": (["pretrain", "--local", "--config", "{listed}"], lambda t: {"listed": _list_config(t)},
+                    "holds a YAML list, but a config file must be a mapping", 2),
+    "negative-seed": (["pretrain", "--local", "--set", "train.seed=-1"], None, "train.seed must be an integer in", 2),
+    "unknown-device": (["pretrain", "--local", "--device", "foo"], None,
+                       "device 'foo' is not one this trainer runs on", 2),
+    "resume-other-optimizer": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+                                "optim.name=adamw"], _sgd_run, "was written with optim.name=sgd, this run uses adamw", 2),
 }
 
 
@@ -180,9 +281,22 @@ def no_ray_left():
         ray.shutdown()
 
 
+@pytest.fixture
+def held():
+    yield
+    while _HELD:
+        thing = _HELD.pop()
+        if isinstance(thing, subprocess.Popen):
+            if thing.poll() is None:
+                os.killpg(thing.pid, signal.SIGKILL)
+            thing.wait(timeout=30)
+        else:
+            thing.close()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_nonzero_and_leaves_nothing_complete(case, tmp_path, capsys, monkeypatch,
-                                                                   no_ray_left):
+                                                                   no_ray_left, held):
     argv, setup, words, code = CASES[case]
     monkeypatch.chdir(ROOT)
     values = {"tmp": tmp_path, "port": _closed_port()}
@@ -195,11 +309,105 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing_complete(case, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "nothing said"
     last = err[-1]
-    assert last.startswith("error: ") and words in last, err
+    assert last.startswith("error: ") and words.format(**values) in last, err
     assert not any(line.startswith(("Traceback", "  File ")) for line in err), err
     assert sum(line.startswith("error") for line in err) == 1
     new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
     assert not [p for p in new if p.name in COMPLETE_LOOKING or p.suffix in (".tmp",)], new
+
+
+def test_a_sweep_of_zero_samples_is_refused_before_ray_starts(monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(ROOT)
+    assert not ray.is_initialized()
+    assert main(["sweep", "--config", "configs/sweeps/swav_fashion-mnist.yaml", "--num-samples", "0"]) == 2
+    assert not ray.is_initialized()
+
+
+def test_the_second_of_two_runs_into_one_folder_is_refused_and_the_first_is_untouched(tmp_path, capsys, monkeypatch,
+                                                                                     held):
+    monkeypatch.chdir(ROOT)
+    first = _running_run(tmp_path)["pid"]
+    config_before = (tmp_path / "run" / "config.yaml").read_text() if (tmp_path / "run" / "config.yaml").is_file() \
+        else None
+    assert main(["pretrain", "--local", "--quiet", "--out-dir", str(tmp_path / "run"), *TINY,
+                 "--set", "method.name=supcon"]) == 2
+    assert f"is in use by PID {first}" in capsys.readouterr().err
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "config.yaml").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "name: swav" in config and "supcon" not in config  # the refused run wrote nothing there
+    assert config_before in (None, config)
+    _HELD.pop().send_signal(signal.SIGKILL)  # the holder dies: its lock goes with it, at once
+    time.sleep(0.5)
+    from trainers.locks import hold
+
+    with hold(tmp_path / "run" / ".sslab-run.lock", wait=False, what="run folder"):
+        pass
+
+
+# documented cases tested in other files (each named by its test)
+OTHER_FILES_CASES = {
+    "prepare-disk-full": "tests/test_prepare_faults.py::test_full_disk_is_refused_before_writing",
+    "prepare-disk-full-mid-write": "tests/test_prepare_faults.py::test_disk_filling_up_mid_write_stops_every_writer_process",
+    "prepare-read-only": "tests/test_prepare_faults.py::test_read_only_output_folder",
+    "image-float-range": "tests/test_image_modes.py::test_values_outside_the_range_a_mode_is_read_in_are_refused",
+    "image-int-range": "tests/test_image_modes.py::test_values_outside_the_range_a_mode_is_read_in_are_refused",
+    "image-mode-unsupported": "tests/test_image_modes.py::test_a_mode_without_a_defined_conversion_is_refused_by_name",
+}
+
+
+# --------------------------------------------------------------------------- storage faults
+def _namespaces_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+# id: (mount: "tmpfs:<dir>:<size>" or "ro:<dir>", argv, extra env, words the line must hold, exit code).
+# Run in a private mount namespace (`unshare -m`): a small tmpfs is a full disk, a read-only bind mount a
+# read-only disk. chmod would not do: the tests run as root, and root writes through file modes.
+STORAGE_CASES = {
+    "disk-full-checkpoint": ("tmpfs:{tmp}/small:256k", ["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/small/run",
+                                                        *TINY, "--set", "data.cache_dir={tmp}/cache"], {},
+                             "cannot write checkpoint {tmp}/small/run/checkpoints/last.pt: No space left on device", 4),
+    "read-only-out-dir": ("ro:{tmp}/ro", ["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/ro/run", *TINY,
+                                          "--set", "data.cache_dir={tmp}/cache"], {},
+                          "cannot write run folder {tmp}/ro/run: Read-only file system", 4),
+    "read-only-state-dir": ("ro:{tmp}/home", ["pretrain", "--local", "--quiet", *TINY], {"SSLAB_HOME": "{tmp}/home"},
+                            "Read-only file system", 4),
+}
+
+
+@pytest.mark.parametrize("case", list(STORAGE_CASES))
+def test_a_full_or_read_only_disk_is_exit_4_naming_the_path_and_leaves_nothing_complete(case, tmp_path):
+    import shlex
+
+    if not _namespaces_work():
+        pytest.skip("this machine cannot make a private mount namespace (unshare -m needs root / CAP_SYS_ADMIN)")
+    mount, argv, env, words, code = STORAGE_CASES[case]
+    kind, folder, *size = mount.format(tmp=tmp_path).split(":")
+    Path(folder).mkdir(parents=True)
+    quoted = shlex.quote(folder)
+    mounts = (f"mount -t tmpfs -o size={size[0]} tmpfs {quoted}" if kind == "tmpfs"
+              else f"mount --bind {quoted} {quoted} && mount -o remount,bind,ro {quoted}")
+    command = " ".join(shlex.quote(a.format(tmp=tmp_path)) for a in argv)
+    script = f"{mounts} && exec {shlex.quote(sys.executable)} -m orchestrator.cli {command}"
+    environ = {**os.environ, **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=environ, timeout=600)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == code, done.stderr[-3000:]
+    assert err and err[-1].startswith("error: ") and words.format(tmp=tmp_path) in err[-1], err
+    assert "GiB free" in err[-1] and sum(line.startswith("error") for line in err) == 1, err
+    assert not any(line.startswith(("Traceback", "  File ")) for line in err), err
+    # the mount is gone with the namespace: what the command left is what the disk under it holds
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and (p.name in COMPLETE_LOOKING or ".tmp" in p.name)]
+    assert not left, left
 
 
 def test_debug_shows_the_traceback(monkeypatch):
@@ -212,5 +420,8 @@ def test_debug_shows_the_traceback(monkeypatch):
 def test_every_case_is_documented_and_every_documented_case_is_tested():
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|", DOC.read_text(), flags=re.MULTILINE)
     assert len(rows) == len(set(rows))
-    assert set(rows) == set(CASES)
+    assert set(rows) == set(CASES) | set(STORAGE_CASES) | set(OTHER_FILES_CASES)
+    for test in OTHER_FILES_CASES.values():
+        file, name = test.split("::")
+        assert f"def {name}(" in (ROOT / file).read_text(), test
     assert len(CASES) >= 20

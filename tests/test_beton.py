@@ -51,7 +51,8 @@ def test_up_to_date_file_is_not_written_again(tmp_path, data_root):
     # other settings -> rewritten; no temporary file left behind
     prepare_split("digits", "train", tmp_path, data_root, PrepareSettings(format="jpeg"), **QUIET)
     assert path.stat().st_mtime_ns != stamp and read_meta(path)["mode"] == "jpg"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-train.beton", "digits-train.beton.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".digits-train.beton.lock", "digits-train.beton",
+                                                           "digits-train.beton.json"]
 
 
 def test_failed_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
@@ -64,7 +65,8 @@ def test_failed_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(DataError, match="9.png"):
         prepare_split(f"imagefolder:{folder}", "train", out, num_workers=1, **QUIET)
-    assert not out.exists() or list(out.iterdir()) == []
+    beton = beton_path(out, f"imagefolder:{folder}", "train", PrepareSettings())
+    assert [p.name for p in out.iterdir()] == [f".{beton.name}.lock"]  # only the lock file stays
 
 
 def test_grayscale_becomes_rgb_and_jpeg_mode_is_close(tmp_path, data_root):
@@ -149,4 +151,5 @@ def test_image_that_fails_to_decode_inside_the_writer(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DataError, match="could not be read.*3.jpg.*truncated"):
         prepare_split(f"imagefolder:{folder}", "train", out, num_workers=2, **QUIET)
-    assert list(out.iterdir()) == []  # no temporary file, no sidecar, no error log left
+    beton = beton_path(out, f"imagefolder:{folder}", "train", PrepareSettings())
+    assert [p.name for p in out.iterdir()] == [f".{beton.name}.lock"]  # no temp file, sidecar or error log

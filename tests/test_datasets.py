@@ -122,3 +122,53 @@ def test_unreadable_image_names_the_file(tmp_path):
     index = [str(p) for p in data.images.paths].index(str(bad))
     with pytest.raises(DataError, match="broken.jpg"):
         data.images[index]
+
+
+def _cifar_folder(root, data_root, layout, per_class=3):
+    """Real CIFAR-10 test images as PNG files: ``layout`` maps split -> {class folder: number of images}."""
+    cifar = load_split("cifar10", "test", data_root)
+    for split, folders in layout.items():
+        for name, count in folders.items():
+            (root / split / name).mkdir(parents=True)
+            picks = np.flatnonzero(cifar.labels == cifar.classes.index(name))[:count] if count else []
+            for i in picks:
+                Image.fromarray(cifar.images[int(i)]).save(root / split / name / f"{i}.png")
+    return cifar
+
+
+def test_image_folder_splits_share_one_class_list(tmp_path, data_root):
+    """An empty folder (in train only, in test only) and a class missing from one split shift no label."""
+    layout = {"train": {"aaa-empty": 0, "airplane": 3, "automobile": 3, "bird": 3, "cat": 3},
+              "test": {"airplane": 3, "automobile": 3, "apple-empty": 0, "bird": 3, "deer": 3}}
+    _cifar_folder(tmp_path, data_root, layout)
+    train = load_split(f"imagefolder:{tmp_path}", "train")
+    test = load_split(f"imagefolder:{tmp_path}", "test")
+    expected = ["airplane", "automobile", "bird", "cat", "deer"]  # with images somewhere; empty folders left out
+    assert train.classes == expected and test.classes == expected
+    assert train.num_classes == test.num_classes == 5
+    for data, count in ((train, 12), (test, 12)):
+        assert len(data) == count
+        folders = [p.parent.name for p in data.images.paths]
+        assert [data.classes[label] for label in data.labels] == folders  # each label names its own folder
+    assert sorted(set(train.labels.tolist())) == [0, 1, 2, 3] and sorted(set(test.labels.tolist())) == [0, 1, 2, 4]
+    # the issue's symptom: a 1-nearest-neighbour on pixels finds each test image's identical train copy,
+    # so every test image of a class both splits share gets its label back (it got 0% before)
+    train_pixels = np.stack([train.images[i] for i in range(len(train))]).reshape(len(train), -1).astype(float)
+    shared = [i for i in range(len(test)) if test.classes[test.labels[i]] in layout["train"]]
+    for i in shared:
+        distance = ((train_pixels - test.images[i].reshape(-1).astype(float)) ** 2).sum(1)
+        assert distance.min() == 0 and train.labels[distance.argmin()] == test.labels[i]
+    assert len(shared) == 9
+
+
+def test_image_folder_labels_follow_the_other_split(tmp_path, data_root):
+    """A class that appears only in test renumbers train: the train fingerprint changes with it."""
+    _cifar_folder(tmp_path, data_root, {"train": {"bird": 2, "cat": 2}, "test": {"bird": 2, "cat": 2}})
+    before = load_split(f"imagefolder:{tmp_path}", "train")
+    _cifar_folder(tmp_path, data_root, {"test": {"airplane": 1}})
+    after = load_split(f"imagefolder:{tmp_path}", "train")
+    assert before.classes == ["bird", "cat"] and after.classes == ["airplane", "bird", "cat"]
+    assert before.labels.tolist() == [0, 0, 1, 1] and after.labels.tolist() == [1, 1, 2, 2]
+    assert before.fingerprint != after.fingerprint  # a prepared .beton of train is written again
+    (tmp_path / "test" / "zebra").mkdir()  # an empty folder changes nothing
+    assert load_split(f"imagefolder:{tmp_path}", "train").fingerprint == after.fingerprint

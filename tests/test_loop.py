@@ -87,6 +87,16 @@ def test_non_finite_loss_stops_with_step_method_and_remedy(tmp_path):
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_path):
+    run(tiny_config("swav", tmp_path, "train.max_steps=3"))
+    with pytest.raises(NonFiniteLossError) as err:
+        run(tiny_config("swav", tmp_path, "optim.lr=1.0e+30", "optim.warmup_epochs=0"))
+    message = str(err.value)
+    assert "no checkpoint was written yet" not in message
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / 'last.pt'}" in message
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+
+
 def test_checkpoint_of_another_method_is_refused(tmp_path):
     run(tiny_config("supcon", tmp_path, "train.max_steps=2"))
     with pytest.raises(ConfigError, match="written by method 'supcon'"):
@@ -117,7 +127,28 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint({"format": 1, "step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    # no temporary file left behind; the checksum beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
+
+
+def test_a_checkpoint_is_verified_by_its_checksum_and_a_crash_between_the_renames_keeps_it_loadable(tmp_path):
+    from trainers.checkpoint import checksum_path
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"format": 1, "step": 1, "w": torch.arange(1000.0)}, path)
+    first = path.read_bytes()
+    save_checkpoint({"format": 1, "step": 2, "w": torch.arange(1000.0)}, path)
+    assert len(checksum_path(path).read_text().split()) == 2  # the new digest and the previous one
+    path.write_bytes(first)  # as if the process died after the sidecar's rename, before the file's
+    assert load_checkpoint(path)["step"] == 1
+    damaged = bytearray(first)
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in the middle
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match="do not match the SHA-256"):
+        load_checkpoint(path)
+    checksum_path(path).unlink()  # a hand copy without its sidecar loads unchecked
+    path.write_bytes(first)
+    assert load_checkpoint(path)["step"] == 1
 
 
 def test_disk_full_mid_run_is_one_line_and_the_run_resumes_from_the_last_good_checkpoint(tmp_path, monkeypatch,

@@ -246,18 +246,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 close = difflib.get_close_matches(path.name, [p.name for p in folder.glob("*.yaml")], n=1)
                 hint = f" (did you mean {folder / close[0]}?)" if close else ""
             raise ConfigError(f"config file {path} not found{hint}: see configs/pretrain/ for the shipped ones")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raw = read_yaml_mapping(path, "a config file", f"the sections {', '.join(TOP_LEVEL)}")
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw)
 
 
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping: one clear line for text that is not YAML, binary files,
+    unreadable files, and a top level that is a list or a scalar."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not {what}: pass the YAML file inside it")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8): {what} must be YAML text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}): check the path and its permissions") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path} is a binary file: {what} must be YAML text")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} holds a YAML {type(raw).__name__}, but {what} must be a mapping of {expected}")
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``["optim.lr=0.5", "method.name=dino"]`` applied to a raw config mapping (values parsed as YAML)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a YAML mapping with the sections {', '.join(TOP_LEVEL)}, "
+                          f"got a {type(raw).__name__}")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
     for item in overrides:
         if "=" not in item:

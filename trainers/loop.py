@@ -10,6 +10,7 @@ see metrics and checkpoints; nothing here imports Ray or MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 
 from trainers.backbones import build_backbone, check_backbone
-from trainers.checkpoint import load_checkpoint, save_checkpoint
+from trainers.checkpoint import StorageError, load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
 from trainers.errors import ConfigError, UserError
 from trainers.knn import extract_features, knn_accuracy
@@ -32,7 +33,11 @@ from trainers.optim import (OPTIMIZERS, build_optimizer, clip_gradients, cosine_
 from trainers.paths import state_dir, write_text_atomic
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOADERS = ("auto", "ffcv", "torch")
+KNN_SPLITS = ("train", "test")
 CHECKPOINT_FORMAT = 1
+RUN_LOCK = ".sslab-run.lock"  # in the run folder: held (POSIX lock) by the run writing there
+SEED_LIMIT = 2**31  # seeds are combined as seed * 1000 + rank: keep them well inside 64 bits
 
 # What usually fixes a diverging run, per method (shown with the non-finite-loss error).
 REMEDIES = {
@@ -79,14 +84,36 @@ def check_config(config: Config, world_size: int = 1) -> None:
         if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
             raise ConfigError(f"data.{key} {list(scale)} must be [min, max] with 0 < min <= max <= 1 (fractions of "
                               f"the image area), e.g. [0.14, 1.0] for global and [0.05, 0.14] for local crops")
-    if config.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be positive, got {config.data.batch_size}")
+    d = config.data
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be positive, got {d.batch_size}")
+    if d.loader not in LOADERS:
+        raise ConfigError(f"data.loader '{d.loader}' must be one of {', '.join(LOADERS)}")
+    if d.canvas_size is not None and d.canvas_size < 1:
+        raise ConfigError(f"data.canvas_size must be a positive number of pixels or null (the images' own size), "
+                          f"got {d.canvas_size}; e.g. data.canvas_size={max(global_size, 32)}")
+    for key in ("num_workers", "train_subset"):
+        value = getattr(d, key)
+        if value is not None and value < (0 if key == "num_workers" else 1):
+            raise ConfigError(f"data.{key} must be {'>= 0' if key == 'num_workers' else '>= 1'} or null, got {value}")
+    if config.model.patch_size is not None and config.model.patch_size < 1:
+        raise ConfigError(f"model.patch_size must be >= 1 or null, got {config.model.patch_size}")
     if config.data.batch_size % world_size:
         raise ConfigError(f"data.batch_size {config.data.batch_size} is not divisible by the {world_size} workers: "
                           f"use a multiple of {world_size}")
     t, o, k = config.train, config.optim, config.knn
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be >= 1 or null (train every epoch), got {t.max_steps}: "
+                          "a run of 0 steps would leave an untrained backbone")
+    if not 0 <= t.seed < SEED_LIMIT:
+        raise ConfigError(f"train.seed must be an integer in [0, {SEED_LIMIT}), got {t.seed}")
+    check_device_name(t.device)
+    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
+        raise ConfigError(f"train.checkpoint_every_steps must be >= 1 or null, got {t.checkpoint_every_steps}")
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints must be >= 0, got {t.keep_checkpoints}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision '{t.precision}' must be one of {', '.join(PRECISIONS)}")
     if o.name not in OPTIMIZERS:
@@ -108,17 +135,41 @@ def check_config(config: Config, world_size: int = 1) -> None:
     if k.every_epochs < 0 or any(v < 1 for v in k.k) or k.temperature <= 0:
         raise ConfigError(f"knn: every_epochs >= 0, every k >= 1 and temperature > 0 needed, got "
                           f"{k.every_epochs}, {k.k}, {k.temperature}")
+    if k.every_epochs and not k.k:
+        raise ConfigError("knn.k is empty: list at least one k (e.g. [20, 200]) or set knn.every_epochs=0")
+    if k.split not in KNN_SPLITS:
+        raise ConfigError(f"knn.split '{k.split}' must be one of {', '.join(KNN_SPLITS)} (the held-out split is "
+                          "'test')")
+    for key in ("max_train", "max_test"):
+        value = getattr(k, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"knn.{key} must be >= 1 or null (all images), got {value}")
+    if k.batch_size < 1:
+        raise ConfigError(f"knn.batch_size must be >= 1, got {k.batch_size}")
     cls = method_class(config.method_name)
     ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size, t.epochs, 1)
     cls.check(config.method_options(), ctx)
 
 
+def check_device_name(name: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the devices this trainer runs on)."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device '{name}' is not one this trainer runs on: use auto, cpu, cuda or cuda:N")
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device '{name}' asked for CUDA but no GPU is visible: use train.device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device '{name}': this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered 0..{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -148,6 +199,26 @@ class Trainer:
         self.out_dir = Path(out_dir or config.train.out_dir or default_out_dir(config.name)).expanduser().resolve()
         self.history: list[dict] = []
         self.resume_hint: str | None = None  # where a run resumes from, when not this process's checkpoint
+        self._held = contextlib.ExitStack()  # the run folder's lock, from setup() to the end of fit()
+
+    def _lock_run_folder(self) -> None:
+        """One run per folder: a second run into the same folder would mix configs and checkpoints."""
+        from trainers.locks import hold
+
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._held.enter_context(hold(
+                self.out_dir / RUN_LOCK, wait=False, what=f"run folder {self.out_dir}",
+                busy_hint="another run is writing there; wait for it, or pass another --out-dir "
+                          "(train.out_dir) or --name"))
+        except OSError as exc:
+            raise StorageError(f"cannot write run folder {self.out_dir}: {exc.strerror or exc}"
+                               f"{' (' + str(storage_error(self.out_dir, exc)).split('(', 1)[1].split(')')[0] + ')' if exc.errno else ''}"
+                               "; choose a writable --out-dir (train.out_dir) or $SSLAB_HOME") from None
+
+    def close(self) -> None:
+        """Release the run folder (fit() does this when it ends)."""
+        self._held.close()
 
     # ------------------------------------------------------------------ setup
     def _precision(self):
@@ -159,6 +230,8 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         t = c.train
+        if self.is_main:
+            self._lock_run_folder()
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -232,9 +305,14 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
         self._resume()
+        if c.knn.every_epochs:  # a bad split or bank fails now, not after an epoch; training draws stay as they were
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self._knn_loaders = self._build_knn_loaders()
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            c.dump(self.out_dir / "config.yaml")
+            try:
+                c.dump(self.out_dir / "config.yaml")
+            except OSError as exc:
+                raise storage_error(self.out_dir / "config.yaml", exc, "run config") from None
         self.log(f"{self.method.describe()} | {c.model.backbone} ({sum(p.numel() for p in backbone.parameters()) / 1e6:.1f} M "
                  f"params) | {c.data.dataset}: {self.loader.num_samples:,} images, crops {c.data.crops}, batch "
                  f"{c.data.batch_size} ({self.loader.kind} loader) | {t.epochs} epochs x {self.steps_per_epoch} steps | "
@@ -279,7 +357,7 @@ class Trainer:
             save_checkpoint(state, self.checkpoint_dir / f"epoch-{epoch:04d}.pt")
             kept = sorted(self.checkpoint_dir.glob("epoch-*.pt"))
             for old in kept[: max(len(kept) - self.config.train.keep_checkpoints, 0)]:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
         self.last_checkpoint = path
         return path
 
@@ -291,19 +369,34 @@ class Trainer:
         if resume == "auto" and not path.is_file():
             return
         self.load_state(load_checkpoint(path, map_location="cpu", method=self.config.method_name,
-                                        backbone=self.config.model.backbone))
+                                        backbone=self.config.model.backbone), path)
+        self.last_checkpoint = path  # the resume point until this run writes its own
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, path: Path | str = "the checkpoint") -> None:
+        new_run = "start a new run (train.resume=null or another --out-dir)"
         if state.get("steps_per_epoch") != self.steps_per_epoch:
             raise ConfigError(f"the checkpoint has {state.get('steps_per_epoch')} steps per epoch, this run "
                               f"{self.steps_per_epoch}: resume with the same data set, subset and batch size")
         try:
+            saved = json.loads(state.get("config") or "{}")
+        except (TypeError, ValueError):
+            saved = {}
+        saved_optim = (saved.get("optim") or {}).get("name") if isinstance(saved, dict) else None
+        if saved_optim is not None and saved_optim != self.config.optim.name:
+            raise ConfigError(f"checkpoint {path} was written with optim.name={saved_optim}, this run uses "
+                              f"{self.config.optim.name}: resume with optim.name={saved_optim}, or {new_run}")
+        try:
             self.method.load_state_dict(state["model"])
-        except RuntimeError as exc:
+        except (RuntimeError, KeyError, TypeError) as exc:
             raise ConfigError(f"checkpoint weights do not fit this model ({str(exc).splitlines()[0]}): resume with "
-                              "the same method options and backbone, or start a new run") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+                              f"the same method options and backbone, or {new_run}") from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise ConfigError(f"the optimizer state in {path} does not fit this run's optimizer "
+                              f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): resume "
+                              f"with the same optim settings, or {new_run}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -341,22 +434,37 @@ class Trainer:
             return
         path = self.out_dir / "metrics.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(path, exc, "metrics") from None
 
     # ------------------------------------------------------------------ kNN
-    def knn(self) -> dict:
-        from trainers.data.augment import normalization_for
+    def _build_knn_loaders(self):
         from trainers.data.multicrop import build_canvas_loader
 
         c, k = self.config, self.config.knn
         common = dict(device=self.device, loader=c.data.loader, data_root=c.data.data_root, cache_dir=c.data.cache_dir,
                       seed=c.train.seed, shuffle=False, drop_last=False, num_workers=c.data.num_workers,
                       canvas_size=c.data.canvas_size, log=self.log)
+        bank, _ = build_canvas_loader(c.data.dataset, "train", k.batch_size, subset=k.max_train, **common)
+        queries, _ = build_canvas_loader(c.data.dataset, k.split, k.batch_size, subset=k.max_test, **common)
+        bank_size = _loader_size(bank)
+        too_large = [kk for kk in k.k if kk > bank_size]
+        if too_large:
+            raise ConfigError(f"knn.k {too_large} is larger than the kNN memory bank ({bank_size:,} training images"
+                              f"{', knn.max_train' if k.max_train else ''}): use k <= {bank_size:,}"
+                              f"{' or raise knn.max_train' if k.max_train and bank_size < self.loader.num_samples else ''}")
+        return bank, queries
+
+    def knn(self) -> dict:
+        from trainers.data.augment import normalization_for
+
+        c, k = self.config, self.config.knn
         if not hasattr(self, "_knn_loaders"):
-            bank, _ = build_canvas_loader(c.data.dataset, "train", k.batch_size, subset=k.max_train, **common)
-            queries, _ = build_canvas_loader(c.data.dataset, k.split, k.batch_size, subset=k.max_test, **common)
-            self._knn_loaders = (bank, queries)
+            self._knn_loaders = self._build_knn_loaders()
         bank, queries = self._knn_loaders
         mean, std = normalization_for(c.data.dataset)
         backbone = self.method.eval_backbone()
@@ -434,8 +542,14 @@ class Trainer:
         return loss.detach(), {k: v.detach() for k, v in logs.items()}
 
     def fit(self) -> TrainResult:
-        if not hasattr(self, "method"):
-            self.setup()
+        try:
+            if not hasattr(self, "method"):
+                self.setup()
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> TrainResult:
         c, t = self.config, self.config.train
         from tqdm import tqdm
 
@@ -499,14 +613,18 @@ class Trainer:
                                              "feature_dim": self.ctx.feature_dim,
                                              "cifar_stem": c.model.cifar_stem, "patch_size": c.model.patch_size,
                                              "state_dict": _plain_state_dict(self.method.eval_backbone())},
-                                            self.out_dir / "backbone.pt")
+                                            self.out_dir / "backbone.pt", what="backbone")
         final_metrics = {}
         for row in self.history:
             final_metrics.update({k: v for k, v in row.items() if k not in ("step", "epoch")})
         final_metrics["wall_s"] = time.perf_counter() - wall_start
         if self.is_main:
-            write_text_atomic(self.out_dir / "summary.json", json.dumps(  # "this run finished": written last
-                {"steps": self.step, "epochs_completed": self.step // self.steps_per_epoch, **final_metrics}, indent=1))
+            try:
+                write_text_atomic(self.out_dir / "summary.json", json.dumps(  # "this run finished": written last
+                    {"steps": self.step, "epochs_completed": self.step // self.steps_per_epoch, **final_metrics},
+                    indent=1))
+            except OSError as exc:
+                raise storage_error(self.out_dir / "summary.json", exc, "run summary") from None
         return TrainResult(self.out_dir, self.step, self.step // self.steps_per_epoch, final_metrics,
                            self.last_checkpoint, backbone_path, list(self.history))
 
@@ -530,3 +648,12 @@ def load_backbone(path: str | Path, device="cpu"):
 def train(config: Config, **kwargs) -> TrainResult:
     return Trainer(config, **kwargs).fit()
 
+
+
+def _loader_size(loader) -> int:
+    """Images one pass of a (single-rank, no drop-last) canvas loader yields: its subset, else all."""
+    total = int(loader.num_samples)
+    subset = getattr(getattr(loader, "loader", None), "indices", None)  # ffcv
+    if subset is None:
+        subset = getattr(getattr(loader, "sampler", None), "args", [None] * 7)[6]  # torch loader
+    return min(total, len(subset)) if subset is not None else total

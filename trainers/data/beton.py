@@ -4,15 +4,25 @@ A file holds an RGB ``image`` field and an int ``label`` field. Small images (ma
 default) are stored as raw pixels, larger ones as JPEG. Files are written under a temporary name
 and renamed when complete; a JSON sidecar (``<file>.json``) records the source fingerprint and the
 settings, so an up-to-date file is never written twice.
+
+Each output file has its own hidden lock file (``.<file>.lock``, see trainers/locks.py): one
+process writes it while the others wait, the lock dies with its holder (SIGKILL included) and the
+writer processes die with their parent, so a killed run leaves only temporary files, which the next
+writer removes. A full disk or a read-only folder is a StorageError (exit 4) that names the path and
+the free space; nothing is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
+import queue
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +33,11 @@ from PIL import Image
 
 from trainers.data.datasets import DatasetSplit, load_split
 from trainers.data.sharding import check_rank, shard_indices
+from trainers.checkpoint import StorageError
 from trainers.errors import ConfigError, DataError, DataNotFoundError
+from trainers.locks import die_with_parent, hold
 
-FORMAT_VERSION = 1  # bump when the written content changes for the same settings
+FORMAT_VERSION = 2  # bump when the written content changes for the same settings (2: to_rgb for all PIL modes)
 FORMATS = ("auto", "raw", "jpeg")
 
 
@@ -89,9 +101,9 @@ def read_meta(path: str | Path) -> dict | None:
 class _WriterView:
     """What ffcv's writer iterates: (HxWx3 uint8 image, label), resized when asked.
 
-    ffcv's writer processes hang the parent when one of them raises, so an unreadable image is
-    written as a black placeholder and its error appended to ``error_log``; the caller checks that
-    file afterwards and throws the whole output away.
+    An unreadable image is written as a black placeholder and its error appended to ``error_log``,
+    so that one run counts them all; the caller checks that file afterwards and throws the whole
+    output away.
     """
 
     def __init__(self, split: DatasetSplit, resize: int | None, error_log: Path):
@@ -128,21 +140,209 @@ def square_resize(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(pil)
 
 
-def _choose_mode(split: DatasetSplit, settings: PrepareSettings) -> tuple[str, tuple[int, int] | None]:
+def _scaled(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    if max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _choose_mode(split: DatasetSplit, settings: PrepareSettings):
+    """(write mode, the shared (H, W) or None, the smallest stored (H, W)), sizes after ``max_side``."""
     if settings.resize is not None:
         sizes = {(settings.resize, settings.resize)}
     else:
         sizes = split.image_sizes()
-    fixed = next(iter(sizes)) if len(sizes) == 1 else None
+    fixed = _scaled(next(iter(sizes)), settings.max_side) if len(sizes) == 1 else None
+    smallest = _scaled(min(sizes, key=lambda size: size[0] * size[1]), settings.max_side)
     largest = max(max(s) for s in sizes)
-    if fixed is not None and max(fixed) > settings.max_side:
-        scale = settings.max_side / max(fixed)
-        fixed = (max(1, round(fixed[0] * scale)), max(1, round(fixed[1] * scale)))
     if settings.format == "raw":
-        return "raw", fixed
+        return "raw", fixed, smallest
     if settings.format == "jpeg":
-        return "jpg", fixed
-    return ("raw" if largest <= settings.raw_max_side else "jpg"), fixed
+        return "jpg", fixed, smallest
+    return ("raw" if largest <= settings.raw_max_side else "jpg"), fixed, smallest
+
+
+# --------------------------------------------------------------------------- writing
+# what an earlier writer of <file> leaves when it is killed: its temp file and error log, the sidecar's
+# temp file, and the temp files of a fetch (orchestrator/staging.py); all end in -<pid>
+LEFTOVER_SUFFIXES = (".tmp-", ".errors-", ".json.tmp-", ".fetch-", ".json.fetch-")
+_ELSEWHERE = "write elsewhere (--out DIR for `sslab data prepare`, data.cache_dir in a config), then run again"
+
+
+def lock_path(path: str | Path) -> Path:
+    """The hidden lock file of one output file: whoever holds it may write the file (and its sidecar)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def remove_leftovers(path: str | Path, log=print) -> list[Path]:
+    """Remove what a killed writer of ``path`` left; call it only while holding ``lock_path(path)``.
+
+    Only the lock holder writes these files, so while one holds the lock any that exist belong to a
+    writer that died."""
+    path = Path(path)
+    found = sorted({Path(p) for suffix in LEFTOVER_SUFFIXES
+                    for p in glob.glob(glob.escape(str(path.parent / f".{path.name}{suffix}")) + "*")})
+    removed = []
+    for leftover in found:
+        try:
+            size = leftover.stat().st_size
+            leftover.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log(f"warning: cannot remove {leftover}, left by an earlier run that did not finish: {exc.strerror}")
+            continue
+        removed.append((leftover, size))
+    if removed:
+        log(f"removed {len(removed)} file(s) left by an earlier run that did not finish: " +
+            ", ".join(f"{p.name} ({size / 2**20:.1f} MiB)" for p, size in removed))
+    return [p for p, _ in removed]
+
+
+def _free_space(path: Path) -> str:
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    if folder is None:
+        return "folder missing"
+    free = shutil.disk_usage(folder).free
+    return f"{free / 2**30:.2f} GiB free" if free >= 2**30 else f"{free / 2**20:.1f} MiB free"
+
+
+def _storage_error(path: Path, reason: str, denied: bool = False) -> StorageError:
+    """One line: the file, why it cannot be written, the free space where it was going, what to do."""
+    reason = " ".join(str(reason).split())
+    fix = "make that folder writable or " if denied else "free space there or "
+    return StorageError(f"cannot write .beton file {path}: {reason} ({_free_space(path.parent)} on that file "
+                        f"system); {fix}{_ELSEWHERE}")
+
+
+def _os_storage_error(path: Path, exc: OSError, tmp: Path | None = None) -> StorageError:
+    reason = exc.strerror or str(exc)
+    if exc.filename and str(exc.filename) not in (str(tmp), str(path), str(path.parent), str(lock_path(path))):
+        reason += f" (on {exc.filename})"
+    return _storage_error(path, reason, denied=exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM))
+
+
+def _estimate_bytes(count: int, mode: str, smallest: tuple[int, int], page_size: int) -> int:
+    """A low estimate of the file's size, to refuse a write that cannot fit before it starts.
+
+    Raw pixels take H*W*3 bytes an image (of the smallest image, when sizes differ); JPEG is guessed
+    at a twentieth of that, low on purpose: a write that fails anyway is caught as it happens. ffcv
+    writes whole pages, after a first one that holds the header and the per-image metadata."""
+    height, width = smallest
+    per_image = height * width * 3 if mode == "raw" else height * width * 3 // 20
+    return page_size + -(-count * per_image // page_size) * page_size + count * 24  # + the allocation table
+
+
+class _WriterFailed(Exception):
+    """A writer process failed; ``error`` is what it raised, rebuilt in the parent."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _writer_process(parent_pid: int, failures, work_fn, *args) -> None:
+    """Body of one ffcv writer process: dies with its parent; reports an exception instead of hanging it."""
+    die_with_parent(parent_pid)  # a killed parent must not leave it writing (and spinning) forever
+    try:
+        work_fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - sent to the parent, which raises it
+        error_number = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+        failures.put((exc.__class__.__name__, error_number, getattr(exc, "strerror", None),
+                      getattr(exc, "filename", None), str(exc)[:500]))
+        raise SystemExit(1) from None
+
+
+def _writer_class():
+    from ffcv.writer import DatasetWriter
+
+    class Writer(DatasetWriter):
+        """ffcv 1.0.2's DatasetWriter, whose parent notices a failed or killed writer process.
+
+        ffcv's own parent waits for a sample count that a dead worker never reaches, and the other
+        workers spin forever waiting for that worker's page; this one stops them all and raises
+        what the worker raised. Same steps as ``DatasetWriter._write_common`` otherwise."""
+
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            import multiprocessing
+
+            from ffcv.memory_allocator import MemoryAllocator
+            from tqdm import tqdm
+
+            self.num_samples = num_samples
+            self.metadata_sm = None
+            processes, progress, failed = [], None, True
+            workqueue, allocations_queue = multiprocessing.Queue(), multiprocessing.Queue()
+            failures = multiprocessing.SimpleQueue()
+            try:
+                self.prepare()
+                for todo in queue_content:
+                    workqueue.put(todo)
+                for _ in range(self.num_workers):
+                    workqueue.put(None)
+                done_number = multiprocessing.Value(ctypes.c_uint64, 0)
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                worker_args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator,
+                               done_number, allocations_queue, *extra_worker_args)
+                processes = [multiprocessing.Process(target=_writer_process,
+                                                     args=(os.getpid(), failures, work_fn, *worker_args))
+                             for _ in range(self.num_workers)]
+                for process in processes:
+                    process.start()
+                progress = tqdm(total=num_samples)
+                previous = 0
+                while previous < num_samples:
+                    value = done_number.value
+                    progress.update(value - previous)
+                    previous = value
+                    self._check(processes, failures)
+                    time.sleep(0.1)
+                allocations = []
+                for _ in processes:  # the last pages are written after the count is complete
+                    while True:
+                        try:
+                            allocations.extend(allocations_queue.get(timeout=0.1))
+                            break
+                        except queue.Empty:
+                            self._check(processes, failures)
+                for process in processes:
+                    process.join()
+                self._check(processes, failures)
+                self.finalize(allocations)
+                failed = False
+            finally:
+                if progress is not None:
+                    progress.close()
+                for process in processes:
+                    if process.pid is not None and process.is_alive():
+                        process.terminate()  # the others may be spinning, waiting for a dead one's page
+                for process in processes:
+                    if process.pid is not None:
+                        process.join()
+                if failed:  # undelivered work must not keep this process from exiting
+                    workqueue.cancel_join_thread()
+                    allocations_queue.cancel_join_thread()
+                if self.metadata_sm is not None and not isinstance(self.metadata_sm, int):
+                    self.metadata_sm.close()
+                    self.metadata_sm.unlink()
+
+        @staticmethod
+        def _check(processes, failures) -> None:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if not dead:
+                return
+            if not failures.empty():
+                name, error_number, strerror, filename, text = failures.get()
+                if error_number is not None:
+                    raise _WriterFailed(OSError(error_number, strerror, filename))
+                raise _WriterFailed(RuntimeError(f"{name}: {text}"))
+            code = dead[0].exitcode
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            raise _WriterFailed(RuntimeError(f"ffcv writer process {dead[0].pid} died ({how})"))
+
+    return Writer
 
 
 def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
@@ -159,64 +359,84 @@ def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
             log(f"using {path} as it is: the source data is not on this machine ({str(missing)[:80]}...)")
             return path
         raise
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # several workers of one node may ask at once: one writes, the others wait and find it up to date.
-    # The lock is on the folder itself, so no lock file is left beside the data.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
+    # several workers of one node may ask at once: one writes, the others wait and find it up to date
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(hold(lock_path(path), wait=True, what=f"the output file {path}", log=log))
+        except OSError as exc:  # read-only or not ours: an up-to-date file there is still usable
+            if not force and _up_to_date(path, _cache_key(source, settings)):
+                log(f"up to date: {path} (its folder is not writable: {exc.strerror or exc})")
+                return path
+            raise _os_storage_error(path, exc) from None
+        remove_leftovers(path, log)
         return _prepare_locked(source, dataset, split, path, settings, num_workers, force, progress, log)
-    finally:
-        os.close(folder)  # releases the lock
+
+
+def _up_to_date(path: Path, key: str) -> dict | None:
+    meta = read_meta(path)
+    if meta and meta.get("key") == key and path.is_file() and path.stat().st_size == meta.get("bytes"):
+        return meta
+    return None
 
 
 def _prepare_locked(source, dataset, split, path, settings, num_workers, force, progress, log) -> Path:
     key = _cache_key(source, settings)
-    meta = read_meta(path)
-    if not force and meta and meta.get("key") == key and path.is_file() and path.stat().st_size == meta.get("bytes"):
+    meta = _up_to_date(path, key)
+    if not force and meta:
         log(f"up to date: {path} ({meta['count']:,} images)")
         return path
-    mode, fixed = _choose_mode(source, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mode, fixed, smallest = _choose_mode(source, settings)
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     error_log = path.with_name(f".{path.name}.errors-{os.getpid()}")
-    error_log.unlink(missing_ok=True)
+    meta_tmp = _meta_path(path).with_name(f".{_meta_path(path).name}.tmp-{os.getpid()}")
     workers = num_workers or max(1, min(8, os.cpu_count() or 1, len(source) // 2048))
     # pages must hold the largest sample (raw max_side^2 * 3 bytes); small pages keep small sets small
     largest = (settings.resize or settings.max_side) ** 2 * 3
     page_size = 1 << max(21, (largest + 4096).bit_length())
+    need = _estimate_bytes(len(source), mode, smallest, page_size)
+    free = shutil.disk_usage(path.parent).free
+    if need > free:
+        raise _storage_error(path, f"not enough space: {len(source):,} images need about {need / 2**20:.1f} MiB")
     log(f"writing {path} from {source.source}: {len(source):,} images, {mode} pixels")
     started = time.time()
     try:
         fields = {"image": RGBImageField(write_mode=mode, max_resolution=settings.max_side,
                                          jpeg_quality=settings.jpeg_quality),
                   "label": IntField()}
-        writer = DatasetWriter(str(tmp), fields, num_workers=workers, page_size=page_size)
+        writer = _writer_class()(str(tmp), fields, num_workers=workers, page_size=page_size)
         with contextlib.ExitStack() as stack:
             if not progress:  # ffcv's writer draws its own tqdm bar on stderr
                 stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(os.devnull, "w"))))
-            writer.from_indexed_dataset(_WriterView(source, settings.resize, error_log), chunksize=256)
+            try:
+                writer.from_indexed_dataset(_WriterView(source, settings.resize, error_log), chunksize=256)
+            except _WriterFailed as failure:
+                raise failure.error from None
         if error_log.exists():
             errors = error_log.read_text().splitlines()
             raise DataError(f"{len(errors)} image(s) could not be read, nothing written; first: {errors[0]}")
+        with open(tmp, "rb+") as stream:  # a delayed write error (full disk, I/O) shows here, not later
+            os.fsync(stream.fileno())
         _meta_path(path).unlink(missing_ok=True)  # the old sidecar must not vouch for a new file
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        meta = {"key": key, "version": FORMAT_VERSION, "dataset": dataset, "split": split, "count": len(source),
+                "classes": source.classes, "num_classes": source.num_classes, "image_size": fixed,
+                "mode": mode, "settings": asdict(settings), "source": source.source,
+                "bytes": path.stat().st_size, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.time() - started, 2)}
+        try:
+            meta_tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(meta_tmp, _meta_path(path))
+        except BaseException:
+            path.unlink(missing_ok=True)  # a file no sidecar vouches for would only be written again
+            raise
+    except OSError as exc:
+        raise _os_storage_error(path, exc, tmp) from None
     finally:
-        error_log.unlink(missing_ok=True)
-    meta = {"key": key, "version": FORMAT_VERSION, "dataset": dataset, "split": split, "count": len(source),
-            "classes": source.classes, "num_classes": source.num_classes, "image_size": fixed,
-            "mode": mode, "settings": asdict(settings), "source": source.source,
-            "bytes": path.stat().st_size, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.time() - started, 2)}
-    meta_tmp = _meta_path(path).with_name(f".{_meta_path(path).name}.tmp-{os.getpid()}")
-    meta_tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(meta_tmp, _meta_path(path))
+        for leftover in (tmp, error_log, meta_tmp):
+            leftover.unlink(missing_ok=True)
     log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) in {meta['seconds']:.1f} s")
     return path
 
@@ -261,7 +481,8 @@ def inspect_beton(path: str | Path) -> dict:
     fixed = (int(heights[0]), int(widths[0])) if (widths.min() == widths.max() and heights.min() == heights.max()) else None
     return {"count": int(reader.num_samples), "image_size": fixed,
             "max_side": int(max(widths.max(), heights.max())),
-            "num_classes": int(labels.max()) + 1, "meta": meta}
+            # an image folder's split may lack the last classes: the sidecar knows the shared class list
+            "num_classes": max(int(labels.max()) + 1, int((meta or {}).get("num_classes") or 0)), "meta": meta}
 
 
 class _ShardOrder:

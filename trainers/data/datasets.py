@@ -2,7 +2,9 @@
 
 Names: ``cifar10``, ``tiny-imagenet``, ``fashion-mnist``, ``digits`` and ``imagefolder:<path>``.
 Splits: ``train`` and ``test`` (Tiny-ImageNet's labelled ``val`` split serves as its test split).
-Images come back as HxWx3 uint8 RGB arrays; grayscale sets are expanded to 3 channels.
+Images come back as HxWx3 uint8 RGB arrays whatever the file's mode (``to_rgb``: 16-bit gray is
+scaled, alpha is composited over white, CMYK and YCbCr are converted); grayscale sets are expanded
+to 3 channels.
 """
 
 from __future__ import annotations
@@ -71,10 +73,84 @@ class ArrayImages(ImageSource):
         return self.fixed_size
 
 
+# How files of every PIL mode become HxWx3 uint8 RGB (``to_rgb``). Transparent pixels are
+# composited over ALPHA_BACKGROUND (white, as a viewer on a white page shows them); dropping the
+# alpha instead would show whatever colour the transparent pixels happen to hold.
+ALPHA_BACKGROUND = 255
+
+
+def _gray3(gray: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def _over_background(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``rgb * a + background * (1 - a)`` with 8-bit alpha, rounded to the nearest integer."""
+    a = alpha.astype(np.uint32)[:, :, None]
+    return ((rgb.astype(np.uint32) * a + ALPHA_BACKGROUND * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _from_16_bit(values: np.ndarray, name: str, mode: str) -> np.ndarray:
+    """0..65535 -> 0..255 (v * 255 / 65535, rounded); ``convert("RGB")`` would clip them at 255."""
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"cannot read image {name}: mode {mode} pixels range over {values.min()}..{values.max()}, "
+                        "outside the 16-bit range 0..65535 that integer images are read in; save it as an 8- or "
+                        "16-bit image")
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    """An opened image of any supported PIL mode as an HxWx3 uint8 RGB array.
+
+    16-bit gray (I;16*, and I holding 0..65535) is scaled to 8 bits; 32-bit float (F) is read as
+    intensity 0..1 (values outside are refused rather than guessed); CMYK uses
+    R = (255 - C)(255 - K) / 255 (no ICC profile); alpha and palette or colour-key transparency are
+    composited over ALPHA_BACKGROUND.
+    """
+    mode = image.mode
+    if "transparency" in image.info and mode in ("L", "RGB", "P"):
+        mode = "RGBA"  # a colour key or palette alpha (PNG tRNS, GIF): PIL turns it into an alpha channel
+        image = image.convert("RGBA")
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode == "L":
+        return _gray3(np.asarray(image))
+    if mode == "1":
+        return _gray3(np.asarray(image.convert("L")))
+    if mode == "P":
+        return np.asarray(image.convert("RGB"))
+    if mode in ("PA", "RGBa"):
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode == "RGBA":
+        pixels = np.asarray(image)
+        return _over_background(pixels[:, :, :3], pixels[:, :, 3])
+    if mode == "LA":
+        pixels = np.asarray(image)
+        return _over_background(_gray3(pixels[:, :, 0]), pixels[:, :, 1])
+    if mode == "RGBX":
+        return np.ascontiguousarray(np.asarray(image)[:, :, :3])
+    if mode.startswith("I;16") or mode == "I":
+        return _gray3(_from_16_bit(np.asarray(image), name, mode))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise DataError(f"cannot read image {name}: 32-bit float pixels range over "
+                            f"{np.nanmin(values):g}..{np.nanmax(values):g}, outside 0..1 (float images are read "
+                            "as intensity 0..1); rescale it to 0..1 or save it as an 8-bit image")
+        return _gray3(np.rint(values * 255.0).astype(np.uint8))
+    if mode == "CMYK":
+        cmyk = np.asarray(image).astype(np.uint32)
+        return (((255 - cmyk[:, :, :3]) * (255 - cmyk[:, :, 3:]) + 127) // 255).astype(np.uint8)
+    if mode in ("YCbCr", "HSV"):
+        return np.asarray(image.convert("RGB"))  # PIL's JFIF (BT.601 full range) and HSV formulas
+    raise DataError(f"cannot read image {name}: PIL mode {mode} is not supported (use RGB, RGBA, L, LA, P, "
+                    "1, CMYK, YCbCr, 16-bit gray or 0..1 float); convert that file to RGB and run again")
+
+
 def _decode(data: bytes | Path, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return np.asarray(image.convert("RGB"))
+            return to_rgb(image, name)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image {name}: {exc.__class__.__name__}: {exc}; "
                         "replace or delete that file and run again") from None
@@ -416,32 +492,54 @@ def load_digits(split: str, data_root: Path | None) -> DatasetSplit:
 
 
 # --------------------------------------------------------------------------- image folders
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_image_folder(path: str, split: str) -> DatasetSplit:
+    """``<path>/train/<class>/*`` and ``<path>/test/<class>/*`` (or ``val/``), or one class tree ``<path>/<class>/*``.
+
+    Both splits number their classes from ONE list: the sorted names of the class folders that hold
+    at least one image in either split. So a class keeps its label when a folder is empty, missing
+    from one split, or present in only one; an empty folder is no class.
+    """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise DataNotFoundError(f"image folder {root} does not exist: expected <path>/<class>/*.jpg "
                         "or <path>/train/<class>/*.jpg and <path>/test/<class>/*.jpg")
-    has_splits = (root / "train").is_dir()
-    if split == "train":
-        folder = root / "train" if has_splits else root
-    else:
-        folder = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-        if folder is None:
-            raise DataError(f"image folder {root} has no test split: expected {root}/test/<class>/ "
-                            f"(or {root}/val/<class>/) beside {root}/train/<class>/")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    if (root / "train").is_dir():
+        test = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+        folders = {"train": root / "train", "test": test}
+    else:  # one class tree: it is the train split (a class may be called "test")
+        folders = {"train": root, "test": None}
+    folder = folders[split]
+    if folder is None:
+        raise DataError(f"image folder {root} has no test split: expected {root}/test/<class>/ "
+                        f"(or {root}/val/<class>/) beside {root}/train/<class>/")
+    if not _class_folders(folder):
         raise DataError(f"image folder {folder} has no class sub-folders: expected {folder}/<class>/<image>")
+    files = {p.name: sorted(f for f in p.rglob("*") if _is_image(f)) for p in _class_folders(folder)}
+    names = {name for name, found in files.items() if found}
+    for other in (f for s, f in folders.items() if s != split and f is not None):
+        # the other split only has to show one image per class folder
+        names |= {p.name for p in _class_folders(other) if any(_is_image(f) for f in p.rglob("*"))}
+    classes = sorted(names)
+    index = {name: i for i, name in enumerate(classes)}
     paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += files
-        labels += [label] * len(files)
+    for name in sorted(n for n in files if files[n]):
+        paths += files[name]
+        labels += [index[name]] * len(files[name])
     if not paths:
         raise DataError(f"image folder {folder} has class folders but no images "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    # the labels depend on the other split's classes too, so they are part of the fingerprint
+    fingerprint = hashlib.sha256(f"{_dir_fingerprint(paths)}\n{classes}".encode()).hexdigest()
     return DatasetSplit(f"imagefolder:{root}", split, FileImages(paths), np.asarray(labels, dtype=np.int64),
-                        classes, str(folder), _dir_fingerprint(paths))
+                        classes, str(folder), fingerprint)
 
 
 # --------------------------------------------------------------------------- registry

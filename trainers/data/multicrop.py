@@ -78,6 +78,9 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
 
     ``subset``: read only a fixed random subset of that many images (drawn from ``seed``)."""
     check_dataset_name(dataset)
+    if canvas_size is not None and canvas_size < 1:
+        raise ConfigError(f"canvas size {canvas_size} must be a positive number of pixels (--canvas-size, "
+                          "data.canvas_size), or unset to keep the images' own size")
     if loader not in LOADERS:
         raise ConfigError(f"unknown loader '{loader}': use one of {', '.join(LOADERS)}")
     if loader == "auto":
