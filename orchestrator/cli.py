@@ -479,12 +479,10 @@ def _storage_error(exc: OSError):
         return None
     from trainers.checkpoint import StorageError, storage_error
 
-    target = exc.filename or "a file"
-    error = storage_error(target, exc, "to") if exc.filename else StorageError(
-        f"cannot write: {exc.strerror or exc}")
-    text = str(error).replace("cannot write to ", "cannot write ").split("; the previous checkpoint")[0]
-    return StorageError(f"{text}; free space or choose a writable location (--out-dir, --out, --cache-dir, "
-                        "$SSLAB_HOME), then rerun")
+    hint = "free space or choose a writable location (--out-dir, --out, --cache-dir, $SSLAB_HOME), then rerun"
+    if not exc.filename:
+        return StorageError(f"cannot write: {exc.strerror or exc}; {hint}")
+    return storage_error(exc.filename, exc, "", hint=hint)
 
 
 if __name__ == "__main__":

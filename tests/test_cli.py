@@ -119,3 +119,37 @@ def test_local_dashboards_listen_on_localhost_only(capsys):
     from orchestrator.train import init_ray
 
     assert "include_dashboard=False" in inspect.getsource(init_ray)  # the embedded Ray starts no dashboard
+
+
+@pytest.mark.parametrize("errno_name, words", [("EROFS", "Read-only file system"), ("ENOSPC", "No space left on device"),
+                                              ("EACCES", "Permission denied")])
+def test_a_full_or_read_only_disk_met_anywhere_is_exit_4_naming_the_path(errno_name, words, monkeypatch, capsys,
+                                                                         tmp_path):
+    import errno
+    import os
+
+    import orchestrator.cli as cli
+
+    code = getattr(errno, errno_name)
+
+    def failing(args):
+        raise OSError(code, os.strerror(code), str(tmp_path / "somewhere" / "file"))
+
+    monkeypatch.setattr(cli, "cmd_data_list", failing)
+    assert cli.main(["data", "list"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'somewhere' / 'file'}: {words} ("), err
+    assert "GiB free on that file system); free space or choose a writable location" in err[0]
+
+
+def test_an_os_error_that_is_not_about_storage_stays_a_bug(monkeypatch, capsys):
+    import errno
+
+    import orchestrator.cli as cli
+
+    def failing(args):
+        raise OSError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(cli, "cmd_data_list", failing)
+    assert cli.main(["data", "list"]) == 1
+    assert "rerun with --debug" in capsys.readouterr().err

@@ -34,13 +34,25 @@ class StorageError(UserError):
     exit_code = 4
 
 
-def storage_error(path: str | Path, exc: OSError, what: str = "checkpoint") -> StorageError:
-    """One line naming the path, the reason and the free space where it was going."""
+RESUME_HINT = "the previous checkpoint is unchanged: free space or choose another location, then rerun to resume"
+
+
+def free_space(path: str | Path) -> str:
+    """``N.NN GiB free on that file system`` for the nearest existing folder of ``path``."""
     path = Path(path)
     folder = next((p for p in (path, *path.parents) if p.exists()), None)
-    free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free on that file system" if folder else "folder missing"
-    return StorageError(f"cannot write {what} {path}: {exc.strerror or exc} ({free}); the previous checkpoint is "
-                        f"unchanged: free space or choose another location, then rerun to resume")
+    if folder is None:
+        return "folder missing"
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free on that file system"
+    except OSError:
+        return "free space unknown"
+
+
+def storage_error(path: str | Path, exc: OSError, what: str = "checkpoint", hint: str = RESUME_HINT) -> StorageError:
+    """One line naming the path, the reason and the free space where it was going."""
+    what = f"{what} " if what else ""
+    return StorageError(f"cannot write {what}{path}: {exc.strerror or exc} ({free_space(path)}); {hint}")
 
 
 def checksum_path(path: str | Path) -> Path:

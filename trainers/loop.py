@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from trainers.backbones import build_backbone, check_backbone
-from trainers.checkpoint import StorageError, load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
+from trainers.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
 from trainers.errors import ConfigError, UserError
 from trainers.knn import extract_features, knn_accuracy
@@ -212,9 +212,8 @@ class Trainer:
                 busy_hint="another run is writing there; wait for it, or pass another --out-dir "
                           "(train.out_dir) or --name"))
         except OSError as exc:
-            raise StorageError(f"cannot write run folder {self.out_dir}: {exc.strerror or exc}"
-                               f"{' (' + str(storage_error(self.out_dir, exc)).split('(', 1)[1].split(')')[0] + ')' if exc.errno else ''}"
-                               "; choose a writable --out-dir (train.out_dir) or $SSLAB_HOME") from None
+            raise storage_error(self.out_dir, exc, "run folder",
+                                hint="choose a writable --out-dir (train.out_dir) or $SSLAB_HOME") from None
 
     def close(self) -> None:
         """Release the run folder (fit() does this when it ends)."""
