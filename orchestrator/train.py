@@ -113,8 +113,12 @@ def resolve_storage(storage: str | None) -> str:
 def check_cluster_options(options: ClusterOptions, config: Config) -> None:
     if options.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {options.workers}")
-    if options.gpus_per_worker < 0 or options.cpus_per_worker <= 0:
+    if not (0 <= options.gpus_per_worker < float("inf")) or not (0 < options.cpus_per_worker < float("inf")):
         raise ConfigError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if options.num_to_keep is not None and options.num_to_keep < 1:
+        raise ConfigError(f"--num-to-keep must be >= 1 (checkpoints kept in storage), got {options.num_to_keep}")
+    if options.resource_timeout_s is not None and not (0 <= options.resource_timeout_s < float("inf")):
+        raise ConfigError(f"--resource-timeout must be a number of seconds >= 0, got {options.resource_timeout_s}")
     if options.max_failures < -1:
         raise ConfigError("--max-failures must be >= 0 (or -1 for unlimited restarts)")
     if config.data.batch_size % options.workers:
@@ -473,7 +477,7 @@ def _hold_run_folder(storage: str, name: str):
     """One driver per run name: a second ``--name X`` while X trains would mix their checkpoints."""
     import contextlib
 
-    from trainers.checkpoint import StorageError
+    from trainers.checkpoint import storage_error
     from trainers.locks import hold
 
     if "://" in storage:
@@ -482,7 +486,7 @@ def _hold_run_folder(storage: str, name: str):
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"cannot write run folder {folder}: {exc.strerror or exc}; choose a writable --storage")
+        raise storage_error(folder, exc, "run folder", hint="choose a writable --storage") from None
     return hold(folder / ".sslab-run.lock", wait=False, what=f"run {name} ({folder})",
                 busy_hint="another driver is training it; wait for it to end, or pass another --name")
 

@@ -139,6 +139,18 @@ def _list_config(tmp: Path) -> Path:
     return path
 
 
+def _yaml(tmp: Path, text: str) -> Path:
+    path = tmp / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def _a_file(tmp: Path) -> Path:
+    path = tmp / "notes.txt"
+    path.write_text("a file, not a folder\n")
+    return path
+
+
 _HELD: list = []  # what a case's setup keeps alive until the case has run (busy port, running process)
 
 
@@ -269,6 +281,58 @@ CASES = {
                        "device 'foo' is not one this trainer runs on", 2),
     "resume-other-optimizer": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
                                 "optim.name=adamw"], _sgd_run, "was written with optim.name=sgd, this run uses adamw", 2),
+    # found by probing (issue 20's second round)
+    "min-lr-out-of-range": (["pretrain", "--local", "--set", "optim.min_lr=-1"], None, "optim.min_lr must lie in [0, ", 2),
+    "momentum-out-of-range": (["pretrain", "--local", "--set", "optim.momentum=-1"], None,
+                              "optim.momentum must lie in [0, 1)", 2),
+    "betas-out-of-range": (["pretrain", "--local", "--set", "optim.name=adamw", "--set", "optim.betas=[2]"], None,
+                           "optim.betas must be two numbers in [0, 1)", 2),
+    "nan-clip-grad": (["pretrain", "--local", "--set", "optim.clip_grad=.nan"], None,
+                      "optim.clip_grad must be a positive number or null", 2),
+    "nan-weight-decay": (["pretrain", "--local", "--set", "optim.weight_decay=.nan"], None,
+                         "optim.weight_decay must be a number >= 0, got nan", 2),
+    "nan-knn-temperature": (["pretrain", "--local", "--set", "knn.temperature=.nan"], None,
+                            "temperature > 0 needed", 2),
+    "too-many-loader-workers": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+                                 "data.loader=ffcv", "--set", "data.num_workers=100000"], None,
+                                "100000 loader workers are more than this machine's", 2),
+    "crop-too-large": (["pretrain", "--local", "--set", "data.crops=2x100000"], None,
+                       "size 100000 must be a positive number of pixels in 2..2048", 2),
+    "too-many-views": (["pretrain", "--local", "--set", "data.crops=100000x8"], None,
+                       "asks for 100000 views per image, more than 64", 2),
+    "crop-too-small": (["pretrain", "--local", "--set", "data.crops=2x1"], None, "size 1 must be a positive number of pixels in 2..2048", 2),
+    "vit-local-crops": (["pretrain", "--local", "--set", "model.backbone=vit_tiny", "--set", "data.crops=2x8+2x6"],
+                        None, "ViT patch size 4 must divide every crop size, not 6 px", 2),
+    "train-subset-too-large": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+                                "data.train_subset=100000"], None,
+                               "data.train_subset 100,000 is larger than the training set of digits (1,347 images)", 2),
+    "negative-freeze-steps": (["pretrain", "--local", "--set", "method.freeze_prototypes_steps=-5"], None,
+                              "method.freeze_prototypes_steps must be >= 0", 2),
+    "fp16-on-cpu": (["pretrain", "--local", "--device", "cpu", "--set", "train.precision=fp16"], None,
+                    "train.precision=fp16 needs a GPU", 2),
+    "empty-name": (["pretrain", "--local", "--set", "name="], None, "name must be a non-empty string", 2),
+    "name-outside-state-dir": (["pretrain", "--local", "--name", "../../escaped"], None,
+                               "run name '../../escaped' may only hold letters", 2),
+    "name-not-a-string": (["pretrain", "--local", "--config", "{cfg}"], lambda t: {"cfg": _yaml(t, "name: [a, b]\n")},
+                          "name must be a non-empty string", 2),
+    "section-not-a-mapping": (["pretrain", "--local", "--config", "{cfg}", "--set", "data.dataset=digits"],
+                              lambda t: {"cfg": _yaml(t, "data: [1, 2]\n")}, "section 'data' must be a mapping", 2),
+    "config-is-a-folder": (["pretrain", "--local", "--config", "{tmp}"], None, "is a folder: pass a YAML file", 2),
+    "out-dir-is-a-file": (["pretrain", "--local", "--quiet", "--out-dir", "{file}", *TINY],
+                          lambda t: {"file": _a_file(t)}, "it is a file in the way", 2),
+    "prepare-out-is-a-file": (["data", "prepare", "--dataset", "digits", "--out", "{file}", "--quiet"],
+                              lambda t: {"file": _a_file(t)}, "it is a file in the way", 2),
+    "resume-from-a-backbone": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/new", *TINY, "--set",
+                                "train.resume={tmp}/run/backbone.pt"], _sgd_run, "is a backbone file", 2),
+    "resume-from-a-folder-without-checkpoint": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/new", *TINY,
+                                                 "--set", "train.resume={tmp}"], None,
+                                                "is a folder without checkpoints/last.pt", 2),
+    "resume-with-other-crops": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+                                 "data.crops=2x8+2x4"], _sgd_run,
+                                "was written with data.crops=2x8, this run uses 2x8+2x4", 2),
+    "num-to-keep-zero": (["pretrain", "--num-to-keep", "0"], None, "--num-to-keep must be >= 1", 2),
+    "negative-resource-timeout": (["pretrain", "--resource-timeout", "-1"], None,
+                                  "--resource-timeout must be a number of seconds >= 0", 2),
 }
 
 

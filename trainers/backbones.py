@@ -56,12 +56,28 @@ def build_backbone(name: str, image_size: int, cifar_stem: bool | None = None,
     import timm
 
     timm_name, dim = VITS[name]
-    patch = patch_size or (4 if small else 16)
+    patch = vit_patch_size(image_size, patch_size)
     if image_size % patch:
         raise ConfigError(f"ViT patch size {patch} must divide the global crop size {image_size}")
     model = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch,
                               dynamic_img_size=True)
     return model, dim
+
+
+def vit_patch_size(global_size: int, patch_size: int | None) -> int:
+    """The ViT patch size a run uses: as given, else 4 for small images and 16 otherwise."""
+    return patch_size or (4 if global_size <= SMALL_IMAGE else 16)
+
+
+def check_vit_crops(backbone: str, sizes: list[int], patch_size: int | None) -> None:
+    """Every crop size of a ViT run must be a whole number of patches (local crops included)."""
+    if backbone not in VITS:
+        return
+    patch = vit_patch_size(sizes[0], patch_size)
+    bad = [s for s in sizes if s % patch]
+    if bad:
+        raise ConfigError(f"ViT patch size {patch} must divide every crop size, not {', '.join(map(str, bad))} px: "
+                          f"use crop sizes that are multiples of {patch} (or set model.patch_size)")
 
 
 def _mini_resnet(cifar_stem: bool) -> nn.Module:

@@ -49,8 +49,22 @@ def free_space(path: str | Path) -> str:
         return "free space unknown"
 
 
-def storage_error(path: str | Path, exc: OSError, what: str = "checkpoint", hint: str = RESUME_HINT) -> StorageError:
-    """One line naming the path, the reason and the free space where it was going."""
+WRONG_KIND_ERRNOS = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)  # a file where a folder goes, or the reverse
+
+
+def wrong_kind_error(path: str | Path, exc: OSError, what: str) -> ConfigError:
+    """A path that names a file where a folder is needed (or the reverse): the setting is wrong (exit 2)."""
+    where = exc.filename or path
+    kind = "a folder" if exc.errno == errno.EISDIR else "a file"
+    return ConfigError(f"cannot use {where} for {what}: it is {kind} in the way ({exc.strerror or exc}); pass a path "
+                       f"whose parts are folders (or nonexistent)")
+
+
+def storage_error(path: str | Path, exc: OSError, what: str = "checkpoint", hint: str = RESUME_HINT) -> UserError:
+    """One line naming the path, the reason and the free space where it was going (exit 4); a file in
+    the way of a folder is a setting to fix instead (exit 2)."""
+    if exc.errno in WRONG_KIND_ERRNOS:
+        return wrong_kind_error(path, exc, what or "output")
     what = f"{what} " if what else ""
     return StorageError(f"cannot write {what}{path}: {exc.strerror or exc} ({free_space(path)}); {hint}")
 

@@ -228,7 +228,10 @@ def from_dict(raw: dict) -> Config:
 
     method = dict(method)
     method["name"] = check_method(str(method["name"]))
-    config = Config(name=str(raw.get("name", "run")), method=method,
+    name = raw.get("name", "run")
+    if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name).strip() == "":
+        raise ConfigError(f"name must be a non-empty string (it names the run folder), got {name!r}")
+    config = Config(name=str(name), method=method,
                     **{name: _build(cls, raw.get(name), name) for name, cls in SECTIONS.items()})
     config.method_options()  # validates the method's keys and types now
     return config
@@ -239,6 +242,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: pass a YAML file, e.g. configs/pretrain/swav_cifar10.yaml")
         if not path.is_file():
             hint = ""
             folder = path.parent if path.parent.is_dir() else None
@@ -294,7 +299,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             value = text
         parts = key.strip().split(".")
         if len(parts) == 1 and parts[0] == "name":
-            raw["name"] = str(value)
+            raw["name"] = value
             continue
         if len(parts) != 2:
             raise ConfigError(f"--set '{item}': the key must be section.key (e.g. optim.lr), got '{key}'")
@@ -305,6 +310,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         target = raw.get(section)
         if section == "method" and isinstance(target, str):
             target = {"name": target}
+        if target is not None and not isinstance(target, dict):
+            raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {target!r}: write it "
+                              f"as {section}: {{key: value}}")
         target = dict(target or {})
         if section == "method" and name == "name" and target.get("name") != value:
             target = {}  # another method: the old method's options do not apply

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from trainers.backbones import build_backbone, check_backbone
+from trainers.backbones import build_backbone, check_backbone, check_vit_crops
 from trainers.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
 from trainers.errors import ConfigError, UserError
@@ -71,9 +71,11 @@ def check_config(config: Config, world_size: int = 1) -> None:
     from trainers.data.augment import parse_crop_spec
     from trainers.data.datasets import check_dataset_name
 
+    check_run_name(config.name)
     check_dataset_name(config.data.dataset)
     check_backbone(config.model.backbone)
     groups = parse_crop_spec(config.data.crops)
+    check_vit_crops(config.model.backbone, [size for count, size in groups if count], config.model.patch_size)
     global_size = groups[0][1]
     for count, size in groups[1:]:
         if count and size > global_size:
@@ -120,19 +122,35 @@ def check_config(config: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.name '{o.name}' must be one of {', '.join(OPTIMIZERS)}")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
+    peak = o.lr * (d.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
+    if not (0 <= o.min_lr <= peak):
+        raise ConfigError(f"optim.min_lr must lie in [0, the peak learning rate {peak:.4g}] (the cosine schedule's "
+                          f"end), got {o.min_lr}")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must lie in [0, 1) (0.9 is usual), got {o.momentum}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1) (AdamW's [0.9, 0.999]), got {o.betas}")
+    if not (o.lars_eta > 0 and math.isfinite(o.lars_eta)):
+        raise ConfigError(f"optim.lars_eta must be a positive number (LARS uses 0.001; solo-learn 0.02), got "
+                          f"{o.lars_eta}")
     if o.lr_scaling not in ("linear", "none"):
         raise ConfigError(f"optim.lr_scaling '{o.lr_scaling}' must be linear or none")
     if not 0 <= o.warmup_epochs <= t.epochs:
         raise ConfigError(f"optim.warmup_epochs {o.warmup_epochs} must lie in [0, train.epochs={t.epochs}]")
-    if o.weight_decay < 0 or (o.weight_decay_end is not None and o.weight_decay_end < 0):
-        raise ConfigError("optim.weight_decay (and weight_decay_end) must be >= 0")
-    if o.clip_grad is not None and o.clip_grad <= 0:
-        raise ConfigError(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
+    for key in ("weight_decay", "weight_decay_end"):
+        value = getattr(o, key)
+        if value is not None and not (0 <= value < math.inf):
+            raise ConfigError(f"optim.{key} must be a number >= 0, got {value}")
+    if o.clip_grad is not None and not (0 < o.clip_grad < math.inf):
+        raise ConfigError(f"optim.clip_grad must be a positive number or null (off), got {o.clip_grad}")
+    if t.precision == "fp16" and resolve_device_type(t.device) == "cpu":
+        raise ConfigError("train.precision=fp16 needs a GPU (its loss scaler runs on CUDA only): use fp32 or bf16 on "
+                          "the CPU, or auto")
     if o.clip_mode not in ("global", "per_parameter"):
         raise ConfigError(f"optim.clip_mode '{o.clip_mode}' must be global or per_parameter")
     if t.log_every < 1 or t.checkpoint_every_epochs < 1:
         raise ConfigError("train.log_every and train.checkpoint_every_epochs must be >= 1")
-    if k.every_epochs < 0 or any(v < 1 for v in k.k) or k.temperature <= 0:
+    if k.every_epochs < 0 or any(v < 1 for v in k.k) or not 0 < k.temperature < math.inf:
         raise ConfigError(f"knn: every_epochs >= 0, every k >= 1 and temperature > 0 needed, got "
                           f"{k.every_epochs}, {k.k}, {k.temperature}")
     if k.every_epochs and not k.k:
@@ -149,6 +167,23 @@ def check_config(config: Config, world_size: int = 1) -> None:
     cls = method_class(config.method_name)
     ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size, t.epochs, 1)
     cls.check(config.method_options(), ctx)
+
+
+def check_run_name(name) -> str:
+    """A run name becomes a folder name: letters, digits, '.', '_', '-', not starting with '.'."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"run name {name!r} may only hold letters, digits, '.', '_' and '-' (and not start with "
+                          "'.'): it names the run folder; pass another --name (or name: in the config)")
+    return name
+
+
+def resolve_device_type(name: str) -> str:
+    """'cuda' or 'cpu' for a device name, without touching the GPU beyond asking whether one exists."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name.split(":")[0]
 
 
 def check_device_name(name: str) -> str:
@@ -259,6 +294,10 @@ class Trainer:
             compile_augment=c.data.compile_augment)
         # every rank's views differ; the shard order is shared (and split) through the seed above
         self.loader.augment.reseed(t.seed * 1000 + self.rank)
+        if c.data.train_subset is not None and c.data.train_subset > self.loader.num_samples:
+            raise ConfigError(f"data.train_subset {c.data.train_subset:,} is larger than the training set of "
+                              f"{c.data.dataset} ({self.loader.num_samples:,} images): use at most "
+                              f"{self.loader.num_samples:,}, or null for all of them")
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{c.data.dataset} has {self.loader.num_samples} training images, fewer than one batch "
@@ -367,6 +406,12 @@ class Trainer:
         path = self.checkpoint_dir / "last.pt" if resume == "auto" else Path(resume).expanduser()
         if resume == "auto" and not path.is_file():
             return
+        if path.is_dir():  # a run folder: its last checkpoint
+            found = next((p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()), None)
+            if found is None:
+                raise ConfigError(f"train.resume {path} is a folder without checkpoints/last.pt: pass a run folder "
+                                  "that has one, or the checkpoint file itself")
+            path = found
         self.load_state(load_checkpoint(path, map_location="cpu", method=self.config.method_name,
                                         backbone=self.config.model.backbone), path)
         self.last_checkpoint = path  # the resume point until this run writes its own
@@ -374,6 +419,9 @@ class Trainer:
 
     def load_state(self, state: dict, path: Path | str = "the checkpoint") -> None:
         new_run = "start a new run (train.resume=null or another --out-dir)"
+        if "state_dict" in state and "model" not in state:
+            raise ConfigError(f"{path} is a backbone file (the evaluation weights), not a training checkpoint: resume "
+                              "from <run folder>/checkpoints/last.pt, or pass the run folder")
         if state.get("steps_per_epoch") != self.steps_per_epoch:
             raise ConfigError(f"the checkpoint has {state.get('steps_per_epoch')} steps per epoch, this run "
                               f"{self.steps_per_epoch}: resume with the same data set, subset and batch size")
@@ -381,6 +429,13 @@ class Trainer:
             saved = json.loads(state.get("config") or "{}")
         except (TypeError, ValueError):
             saved = {}
+        changed = _changed_settings(saved, self.config.to_dict())
+        if changed:
+            key, (before, after) = next(iter(changed.items()))
+            raise ConfigError(f"checkpoint {path} was written with {key}={before}, this run uses {after}"
+                              f"{f' (and {len(changed) - 1} more setting(s))' if len(changed) > 1 else ''}: a resumed "
+                              f"run keeps its data, model and method settings; resume with {key}={before}, or "
+                              f"{new_run}")
         saved_optim = (saved.get("optim") or {}).get("name") if isinstance(saved, dict) else None
         if saved_optim is not None and saved_optim != self.config.optim.name:
             raise ConfigError(f"checkpoint {path} was written with optim.name={saved_optim}, this run uses "
@@ -647,6 +702,26 @@ def load_backbone(path: str | Path, device="cpu"):
 def train(config: Config, **kwargs) -> TrainResult:
     return Trainer(config, **kwargs).fit()
 
+
+
+# what a checkpoint's weights and schedules were made with: a resume cannot change these
+RESUME_FIXED = {"data": ("dataset", "crops", "global_scale", "local_scale", "canvas_size", "train_subset"),
+                "model": None, "method": None}  # None: every key of the section
+
+
+def _changed_settings(saved: dict, current: dict) -> dict:
+    """``{"data.crops": (saved, current), ...}`` over RESUME_FIXED, for keys both configs have."""
+    changed = {}
+    if not isinstance(saved, dict):
+        return changed
+    for section, keys in RESUME_FIXED.items():
+        old, new = saved.get(section), current.get(section)
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        for key in keys or sorted(set(old) & set(new)):
+            if key in old and key in new and old[key] != new[key]:
+                changed[f"{section}.{key}"] = (old[key], new[key])
+    return changed
 
 
 def _loader_size(loader) -> int:

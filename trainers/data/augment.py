@@ -94,6 +94,9 @@ class CropGroup:
 _SPEC = re.compile(r"^\s*(\d+)\s*x\s*(-?\d+)\s*$")
 
 
+MIN_CROP, MAX_CROP, MAX_VIEWS = 2, 2048, 64  # beyond these a spec is a typo, not a recipe (and can exhaust memory)
+
+
 def parse_crop_spec(spec: str) -> list[tuple[int, int]]:
     """``"2x32+6x16"`` -> ``[(2, 32), (6, 16)]``: the first group is the global crops."""
     groups = []
@@ -103,9 +106,13 @@ def parse_crop_spec(spec: str) -> list[tuple[int, int]]:
             raise ConfigError(f"cannot read crop spec '{spec}': write COUNTxSIZE groups joined by '+', "
                               "e.g. 2x224+6x96")
         count, size = int(match.group(1)), int(match.group(2))
-        if size <= 0:
-            raise ConfigError(f"crop spec '{spec}': size {size} must be a positive number of pixels")
+        if not MIN_CROP <= size <= MAX_CROP:
+            raise ConfigError(f"crop spec '{spec}': size {size} must be a positive number of pixels in "
+                              f"{MIN_CROP}..{MAX_CROP} (the blur pads by reflection, which needs 2 pixels)")
         groups.append((count, size))
+    if sum(c for c, _ in groups) > MAX_VIEWS:
+        raise ConfigError(f"crop spec '{spec}' asks for {sum(c for c, _ in groups)} views per image, more than "
+                          f"{MAX_VIEWS}: multi-crop recipes use 2 global + up to 10 local crops")
     if sum(c for c, _ in groups) == 0:
         raise ConfigError(f"crop spec '{spec}' asks for 0 crops: ask for at least one view, e.g. 2x32")
     if groups[0][0] == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
     common = dict(batch_size=batch_size, device=device, canvas_size=canvas_size, shuffle=shuffle, seed=seed,
                   rank=rank, world_size=world_size, num_workers=num_workers, drop_last=drop_last)
     if loader == "ffcv":
+        cores = os.cpu_count() or 1
+        if num_workers is not None and num_workers > cores:
+            raise ConfigError(f"{num_workers} loader workers are more than this machine's {cores} cores (ffcv runs one "
+                              f"thread per worker): use data.num_workers (--workers) <= {cores}, or null for one per core")
         if not ffcv_available():
             raise ConfigError("loader 'ffcv' needs the ffcv package: run `make setup` (Linux), or use --loader torch")
         path = prepare_split(dataset, split, cache_dir or default_cache_dir(), data_root, prepare_settings,

@@ -78,6 +78,8 @@ class SwAV(Method):
                     f"method.queue_start_epoch {o.queue_start_epoch} is beyond the last epoch ({ctx.epochs - 1}): "
                     "the queue would never be used; lower it or set method.queue_length=0")
         require(o.queue_length >= 0, f"method.queue_length must be >= 0, got {o.queue_length}")
+        require(o.freeze_prototypes_steps is None or o.freeze_prototypes_steps >= 0,
+                f"method.freeze_prototypes_steps must be >= 0 or null (one epoch), got {o.freeze_prototypes_steps}")
         if o.prototypes <= o.out_dim:
             # measured on CIFAR-10 (BENCHMARKS.md, CPU learning check): 100 prototypes for a 128-d embedding
             # stayed on the ln K plateau, since an embedding can score all prototypes equally
