@@ -29,8 +29,11 @@ Sweep YAML::
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -69,70 +72,231 @@ class SweepSpec:
 
 SPEC_KEYS = {"name", "base", "set", "space", "search", "scheduler", "metric", "mode", "num_samples",
              "max_concurrent_trials", "workers_per_trial", "resources_per_worker", "asha", "seed"}
+ASHA_KEYS = {"grace_period": "epochs a trial runs before it can be stopped, >= 1",
+             "reduction_factor": "keep 1/reduction_factor of the trials at each rung, > 1"}
+# what every trial reports to Tune besides kNN (orchestrator/train.py worker_loop: the training log row)
+REPORTED = ("loss", "lr", "weight_decay", "img_per_s")
+METHOD_REPORTED = {"sdmp": ("loss_base", "loss_source", "loss_mixed")}
+MAX_COMBINATIONS = 256  # above this many value combinations, each value is checked with the others' first
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    from pipelines.spec import check_name, check_text, overrides_list
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found: see configs/sweeps/*.yaml")
     raw = read_yaml_mapping(path, "a sweep file", "sweep keys (name, base, space, ...)")
-    unknown = sorted(set(raw) - SPEC_KEYS)
+    unknown = [key for key in raw if key not in SPEC_KEYS]
     if unknown:
-        from trainers.config import _suggest
+        key = str(unknown[0])
+        from trainers.config import SECTIONS
 
-        raise ConfigError(f"{path}: unknown sweep key '{unknown[0]}'{_suggest(unknown[0], SPEC_KEYS)}; "
-                          f"known: {', '.join(sorted(SPEC_KEYS))}")
+        if key in SECTIONS or key == "method":
+            hint = f" ('{key}' is a section of the base config: set its keys with set: [{key}.<key>=value] or " \
+                   f"sweep them under space: {{{key}.<key>: ...}})"
+        else:
+            hint = _did_you_mean(key, SPEC_KEYS)
+        raise ConfigError(f"{path}: unknown sweep key '{key}'{hint}: the sweep keys are {', '.join(sorted(SPEC_KEYS))}")
+    where = str(path)
+    name = raw.get("name")
+    if name is not None:
+        check_name(name, f"{where}: name", example="swav-sweep")
     base_path = raw.get("base")
-    if base_path:
+    if base_path is not None:
+        check_text(base_path, f"{where}: base", "../pretrain/swav_fashion-mnist.yaml")
         base_path = str((path.parent / base_path).resolve())
-    base = load_config(base_path, list(raw.get("set") or []) + list(overrides or []))
-    spec = SweepSpec(name=str(raw.get("name") or path.stem), base=base, base_path=base_path,
-                     space=dict(raw.get("space") or {}),
+    fixed = overrides_list(raw.get("set"), f"{where}: set")
+    try:
+        base = load_config(base_path, fixed + list(overrides or []))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: the base config: {exc}") from None
+    space = raw.get("space")
+    if space is not None and not isinstance(space, dict):
+        raise ConfigError(f"{where}: space is {space!r}: give a mapping of config key -> distribution, e.g. "
+                          f"space: {{method.temperature: {{loguniform: [0.05, 0.2]}}}}")
+    spec = SweepSpec(name=name or path.stem, base=base, base_path=base_path, space=dict(space or {}),
                      **{k: raw[k] for k in ("search", "scheduler", "metric", "mode", "num_samples",
                                             "max_concurrent_trials", "workers_per_trial", "resources_per_worker",
                                             "asha", "seed") if k in raw})
-    check_sweep(spec, where=str(path))
+    check_sweep(spec, where=where)
     return spec
 
 
+def _did_you_mean(word: str, options) -> str:
+    import difflib
+
+    close = [o for o in sorted(options) if word and o.startswith(word)][:1] or \
+        difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _choose(value, options, what: str, where: str) -> str:
+    if not isinstance(value, str) or value not in options:
+        hint = _did_you_mean(value, options) if isinstance(value, str) else ""
+        raise ConfigError(f"{where}: {what} {value!r} is not one of {', '.join(options)}{hint}: pick one of them")
+    return value
+
+
 def check_sweep(spec: SweepSpec, where: str = "sweep") -> None:
-    from trainers.loop import check_config
+    """Every key of the sweep, and every trial config it can produce, checked before Ray starts."""
+    from pipelines.spec import SEED_LIMIT, check_gpus, check_number
 
     if not spec.space:
         raise ConfigError(f"{where}: 'space' is empty: name at least one config key to sweep, e.g. "
                           f"method.temperature: {{loguniform: [0.05, 0.2]}}")
-    if spec.search not in SEARCHES:
-        raise ConfigError(f"{where}: search '{spec.search}' must be one of {', '.join(SEARCHES)}")
-    if spec.scheduler not in SCHEDULERS:
-        raise ConfigError(f"{where}: scheduler '{spec.scheduler}' must be one of {', '.join(SCHEDULERS)}")
-    if spec.mode not in ("max", "min"):
-        raise ConfigError(f"{where}: mode must be max or min, got '{spec.mode}'")
-    if spec.num_samples < 1 or spec.max_concurrent_trials < 1 or spec.workers_per_trial < 1:
-        raise ConfigError(f"{where}: num_samples, max_concurrent_trials and workers_per_trial must be >= 1")
-    gpu = float(spec.resources_per_worker.get("gpu", 0))
-    if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
-        raise ConfigError(f"{where}: resources_per_worker.gpu {gpu} must be a fraction in (0, 1] or a whole number")
+    _choose(spec.search, SEARCHES, "search", where)
+    _choose(spec.scheduler, SCHEDULERS, "scheduler", where)
+    _choose(spec.mode, ("max", "min"), "mode", where)
+    for key in ("num_samples", "max_concurrent_trials", "workers_per_trial"):
+        check_number(getattr(spec, key), f"{where}: {key}", integer=True, minimum=1, example=f"{key}: 2")
+    check_number(spec.seed, f"{where}: seed", integer=True, minimum=0, below=SEED_LIMIT, example="seed: 0")
+    resources = spec.resources_per_worker
+    if not isinstance(resources, dict):
+        raise ConfigError(f"{where}: resources_per_worker is {resources!r}: give a mapping, e.g. "
+                          f"{{cpu: 1, gpu: 0.25}}")
+    for key, value in resources.items():
+        if key == "cpu":
+            check_number(value, f"{where}: resources_per_worker.cpu", above=0, example="1")
+        elif key == "gpu":
+            check_gpus(value, f"{where}: resources_per_worker.gpu")
+        else:
+            raise ConfigError(f"{where}: resources_per_worker takes cpu and gpu, not {key!r}")
+    if not isinstance(spec.asha, dict):
+        raise ConfigError(f"{where}: asha is {spec.asha!r}: give a mapping, e.g. asha: {{grace_period: 1, "
+                          f"reduction_factor: 2}}")
+    for key, value in spec.asha.items():
+        if key not in ASHA_KEYS:
+            raise ConfigError(f"{where}: unknown key asha.{key}{_did_you_mean(str(key), ASHA_KEYS)}: the keys are "
+                              + ", ".join(f"{k} ({v})" for k, v in ASHA_KEYS.items()))
+    grace = check_number(spec.asha.get("grace_period", 1), f"{where}: asha.grace_period", integer=True, minimum=1,
+                         example=1)
+    check_number(spec.asha.get("reduction_factor", 2), f"{where}: asha.reduction_factor", above=1, example=2)
+    if spec.scheduler == "asha" and grace > spec.base.train.epochs:
+        raise ConfigError(f"{where}: asha.grace_period {grace} is longer than the trials' train.epochs "
+                          f"({spec.base.train.epochs}): lower it, or raise train.epochs in set:")
+    if spec.search == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError(f"{where}: search 'optuna' needs the optuna package: pip install optuna, or use "
+                              f"search: random")
+    candidates = {}
     for key, dist in spec.space.items():
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-            raise ConfigError(f"{where}: space.{key} must be one distribution, e.g. {{choice: [a, b]}}; "
-                              f"known: {', '.join(DISTRIBUTIONS)}")
-        kind, args = next(iter(dist.items()))
-        if kind in ("choice", "grid") and (not isinstance(args, list) or not args):
-            raise ConfigError(f"{where}: space.{key}: {kind} needs a non-empty list of values")
-        if kind in ("uniform", "loguniform", "randint", "quniform") and (
-                not isinstance(args, list) or len(args) not in (2, 3) or args[0] >= args[1]):
-            raise ConfigError(f"{where}: space.{key}: {kind} needs [low, high] with low < high")
-        if kind == "loguniform" and args[0] <= 0:
-            raise ConfigError(f"{where}: space.{key}: loguniform needs low > 0")
-        if spec.search == "grid" and kind != "grid":
-            raise ConfigError(f"{where}: search 'grid' needs every space entry to be grid: [...] (space.{key} is {kind})")
-        # every value must give a valid config: check the extremes now, not in trial 7 after an hour
-        for value in (args if kind in ("choice", "grid") else args[:2]):
-            trial_config(spec.base, {key: value})
-    probe = trial_config(spec.base, {k: _first_value(d) for k, d in spec.space.items()})
-    check_config(probe, spec.workers_per_trial)
-    if spec.scheduler == "asha" and not probe.knn.every_epochs and spec.metric.startswith("knn"):
-        raise ConfigError(f"{where}: ASHA on {spec.metric} needs kNN during training: set knn.every_epochs >= 1")
+        candidates[key] = _check_distribution(spec, key, dist, where)
+    probes = _check_trials(spec, candidates, where)
+    _check_metric(spec, probes, where)
+
+
+def _check_distribution(spec: SweepSpec, key, dist, where: str) -> list:
+    """The values of space.<key> that bound what a trial can get: every choice or grid value, both ends of a range."""
+    from pipelines.spec import check_number
+
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", key):
+        raise ConfigError(f"{where}: space key {key!r} must be section.key of the base config, e.g. optim.lr")
+    from trainers.config import SECTIONS
+
+    section = key.split(".")[0]
+    if section not in SECTIONS and section != "method":
+        sections = [*SECTIONS, "method"]
+        raise ConfigError(f"{where}: space key '{key}': unknown section '{section}'{_did_you_mean(section, sections)}: "
+                          f"use one of {', '.join(sections)}")
+    what = f"{where}: space.{key}"
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{what} must be one distribution, e.g. {{choice: [a, b]}}; "
+                          f"known: {', '.join(DISTRIBUTIONS)}")
+    kind, args = next(iter(dist.items()))
+    if spec.search == "grid" and kind != "grid":
+        raise ConfigError(f"{where}: search 'grid' needs every space entry to be grid: [...] (space.{key} is {kind})")
+    if spec.search == "optuna" and kind == "grid":
+        raise ConfigError(f"{what}: Optuna cannot search a grid: use choice: [...] (or search: random)")
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{what}: {kind} needs a non-empty list of values, e.g. {{{kind}: [0.1, 0.2]}}")
+        return list(args)
+    shape = "[low, high, q]" if kind == "quniform" else "[low, high]"
+    if not isinstance(args, list) or len(args) != (3 if kind == "quniform" else 2):
+        raise ConfigError(f"{what}: {kind} needs {shape}, got {args!r}")
+    integer = kind == "randint"
+    low = check_number(args[0], f"{what}: {kind} low", integer=integer)
+    high = check_number(args[1], f"{what}: {kind} high", integer=integer)
+    if low >= high:
+        raise ConfigError(f"{what}: {kind} needs {shape} with low < high, got {args!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{what}: loguniform needs low > 0, got {args!r}: use uniform for ranges from 0")
+    if kind == "randint":
+        return [low, high - 1]  # Tune's randint excludes high
+    if kind == "quniform":
+        q = check_number(args[2], f"{what}: quniform q (the step)", above=0, example="0.05")
+        for bound in (low, high):
+            if not math.isclose(bound / q, round(bound / q)):
+                raise ConfigError(f"{what}: quniform bound {bound} is not a multiple of q={q}: Tune needs both "
+                                  f"bounds on the grid of q")
+    return [low, high]
+
+
+def _check_trials(spec: SweepSpec, candidates: dict[str, list], where: str) -> list[Config]:
+    """Every combination of the candidate values (or, when there are too many, each value with the others
+    at their first) must give a valid config: trial 7 must not fail an hour in."""
+    from trainers.loop import check_config
+
+    keys = list(candidates)
+    total = math.prod(len(v) for v in candidates.values())
+    if total <= MAX_COMBINATIONS:
+        combinations = [dict(zip(keys, values)) for values in itertools.product(*candidates.values())]
+    else:
+        first = {k: v[0] for k, v in candidates.items()}
+        combinations = [first] + [{**first, k: value} for k in keys for value in candidates[k][1:]]
+    probes = []
+    for params in combinations:
+        try:
+            config = trial_config(spec.base, params)
+            check_config(config, spec.workers_per_trial)
+        except ConfigError as exc:
+            if _base_fails_alike(spec, exc):
+                raise ConfigError(f"{where}: the base config (with set: and --set) is not valid: {exc}") from None
+            values = ", ".join(f"{k}={v}" for k, v in params.items())
+            lead = "space value" if len(params) == 1 else "the trial with"
+            raise ConfigError(f"{where}: {lead} {values} is not a valid config: {exc}") from None
+        probes.append(config)
+    return probes
+
+
+def _base_fails_alike(spec: SweepSpec, error: ConfigError) -> bool:
+    """Whether the base config alone fails as a trial did (then the space is not to blame)."""
+    from trainers.loop import check_config
+
+    try:
+        check_config(spec.base, spec.workers_per_trial)
+    except ConfigError as exc:
+        return str(exc) == str(error)
+    return False
+
+
+def _check_metric(spec: SweepSpec, probes: list[Config], where: str) -> None:
+    """The metric must be one that every trial reports (else Tune fails after all trials ran)."""
+    if not isinstance(spec.metric, str):
+        raise ConfigError(f"{where}: metric is {spec.metric!r}: give a metric name, e.g. knn_top1_k20")
+    knn_on = all(p.knn.every_epochs for p in probes)
+    common = set.intersection(*(set(REPORTED) | set(METHOD_REPORTED.get(p.method_name, ())) for p in probes))
+    knn = set.intersection(*({f"knn_top{t}_k{k}" for t in (1, 5) for k in p.knn.k} for p in probes))
+    if spec.metric.startswith("knn_") and spec.metric in knn and not knn_on:
+        if spec.scheduler == "asha":
+            raise ConfigError(f"{where}: ASHA on {spec.metric} needs kNN during training: set knn.every_epochs >= 1")
+        raise ConfigError(f"{where}: metric {spec.metric} needs kNN during training: set knn.every_epochs >= 1 "
+                          f"in set: (else every trial reports 0)")
+    valid = common | (knn if knn_on else set())
+    if spec.metric not in valid:
+        close = _did_you_mean(spec.metric, valid)
+        if spec.metric.startswith("knn_") and not knn_on:
+            close += " (the trials run no kNN: set knn.every_epochs >= 1 to report kNN accuracy)"
+        raise ConfigError(f"{where}: metric '{spec.metric}' is not reported by the trials{close}: use one of "
+                          f"{', '.join(sorted(valid))}")
+
+
+def first_trial_config(spec: SweepSpec) -> Config:
+    """The config of a trial that takes the first value of every space entry."""
+    return trial_config(spec.base, {k: _first_value(d) for k, d in spec.space.items()})
 
 
 def _first_value(dist: dict):

@@ -115,23 +115,99 @@ def load_backbone_ref(ref: str, tracking_uri: str | None) -> Path:
                         f"({str(exc).splitlines()[0][:100]})") from None
 
 
-def cmd_eval(args) -> int:
-    from pipelines.spec import DEFAULTS, dataset_entry
-    from pipelines.stages import run_evaluation
+def _eval_fractions(text: str) -> list[float]:
+    """``--fractions 0.01,0.1``: label fractions in (0, 1], comma-separated."""
+    from trainers.errors import ConfigError
 
-    backbone = load_backbone_ref(args.backbone, args.tracking_uri)
+    fix = "give label fractions in (0, 1] separated by commas, e.g. --fractions 0.01,0.1"
+    fractions = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ConfigError(f"--fractions {text!r}: {item.strip()!r} is not a number: {fix}") from None
+        if not 0 < value <= 1:  # also refuses nan and inf
+            raise ConfigError(f"--fractions {text!r}: {item.strip()} is not in (0, 1]: {fix}")
+        fractions.append(value)
+    return fractions
+
+
+def _check_out_folder(out: str) -> Path:
+    """``--out``: a folder (created at the end); a file in its place is refused now, not after the work."""
+    from trainers.errors import ConfigError
+
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: pass a folder (it is created if missing) or move "
+                          f"the file away")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be created there: pass another "
+                          f"--out")
+    return path
+
+
+def _check_device(name: str, check_device_name) -> None:
+    from trainers.errors import ConfigError
+
+    check_device_name(name)
+    if name.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            seen = f"{count} GPU(s), numbered 0..{count - 1}" if count else "no GPU"
+            raise ConfigError(f"--device {name}: this machine has {seen}: use --device cpu"
+                              + (" or one of those" if count else ""))
+
+
+def eval_settings(args) -> dict:
+    """The evaluation's settings from the command line, every value checked (nothing has run yet)."""
+    from pipelines.spec import DEFAULTS, SEED_LIMIT, check_number, dataset_entry
+    from trainers.errors import ConfigError
+    from trainers.evaluate import FinetuneSettings, LinearSettings
+    from trainers.loop import check_device_name
+
+    if args.device is not None:
+        _check_device(args.device, check_device_name)
+    check_number(args.seed, "--seed", integer=True, minimum=0, below=SEED_LIMIT, example="--seed 0")
     settings = dict(DEFAULTS.get(args.kind, {}))
-    for key in ("epochs", "lr", "weight_decay", "batch_size", "min_steps"):
+    for key, bounds in (("epochs", {"integer": True, "minimum": 1}), ("batch_size", {"integer": True, "minimum": 1}),
+                        ("min_steps", {"integer": True, "minimum": 0}), ("lr", {"above": 0}),
+                        ("weight_decay", {"minimum": 0})):
         value = getattr(args, key, None)
         if value is not None:
-            settings[key] = value
+            flag = "--" + key.replace("_", "-")
+            settings[key] = check_number(value, flag, **bounds, example=f"{flag} {DEFAULTS[args.kind][key]}")
+    if args.kind in ("linear", "transfer"):
+        LinearSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
+                       batch_size=settings["batch_size"], seed=args.seed).validate()
+    if args.kind == "semi":
+        FinetuneSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
+                         batch_size=settings["batch_size"], min_steps=settings["min_steps"], seed=args.seed).validate()
+        if args.fractions:
+            settings["fractions"] = _eval_fractions(args.fractions)
     if args.kind == "transfer":
         settings["datasets"] = [dataset_entry(name, "eval") for name in args.dataset.split(",")]
     else:
         dataset_entry(args.dataset, "eval")
         settings["dataset"] = args.dataset
-    if args.kind == "semi" and args.fractions:
-        settings["fractions"] = [float(f) for f in args.fractions.split(",")]
+    if args.out:
+        out = _check_out_folder(args.out)
+        if (out / f"{args.kind}.json").is_dir():
+            raise ConfigError(f"--out {args.out}: {out / (args.kind + '.json')} is a folder, where the result file "
+                              f"goes: pass another --out or move it away")
+    return settings
+
+
+def cmd_eval(args) -> int:
+    from pipelines.stages import run_evaluation
+
+    settings = eval_settings(args)  # before the backbone is fetched or any image decoded
+    backbone = load_backbone_ref(args.backbone, args.tracking_uri)
     result = run_evaluation(args.kind, settings, str(backbone), args.data_root, device=args.device, seed=args.seed,
                             log=_err)
     if args.out:

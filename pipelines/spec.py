@@ -26,6 +26,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,81 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# --------------------------------------------------------------------------- value checks
+# (shared with orchestrator/sweep.py: every key of a pipeline or sweep file is type-checked here, before
+# Ray starts, so that a typo fails in one line instead of as a traceback after earlier stages ran)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+SEED_LIMIT = 2**31  # as trainers.loop.SEED_LIMIT
+RAY_KEYS = {"address": "local, auto or ray://head:10001", "num_cpus": "CPUs of the embedded Ray",
+            "storage": "a shared folder or s3://... for the pretraining runs"}
+
+
+def check_name(value, what: str, example: str = "demo") -> str:
+    """A name that becomes a folder (and an MLflow run name): letters, digits, '.', '_', '-'."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(f"{what} {value!r} is not a plain name: use letters, digits, '.', '_' and '-', not "
+                          f"starting with '.' (it names an output folder), e.g. {example}")
+    return value
+
+
+def check_number(value, what: str, *, integer: bool = False, minimum=None, above=None, maximum=None, below=None,
+                 example=None):
+    """``value`` if it is an int (``integer``) or a finite int/float within the bounds; booleans are refused."""
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok:
+        ok = ((minimum is None or value >= minimum) and (above is None or value > above)
+              and (maximum is None or value <= maximum) and (below is None or value < below))
+    if not ok:
+        bounds = [text for bound, text in ((minimum, f">= {minimum}"), (above, f"> {above}"),
+                                           (maximum, f"<= {maximum}"), (below, f"< {below}")) if bound is not None]
+        need = ("an integer" if integer else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
+        hint = f", e.g. {example}" if example is not None else ""
+        raise ConfigError(f"{what} is {value!r}: give {need}{hint}")
+    return value
+
+
+def check_gpus(value, what: str):
+    """A GPU share for Ray: a fraction in [0, 1] or a whole number of GPUs."""
+    check_number(value, what, minimum=0, example="0.25 or 1")
+    if value > 1 and value != int(value):
+        raise ConfigError(f"{what} is {value!r}: give a fraction in [0, 1] or a whole number of GPUs")
+    return value
+
+
+def check_bool(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} is {value!r}: give true or false")
+    return value
+
+
+def check_text(value, what: str, example: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what} is {value!r}: give a non-empty string, e.g. {example}")
+    return value
+
+
+def as_list(value, what: str, example: str, allow_single=(str,)) -> list:
+    """A YAML list; a single string (or number, where ``allow_single`` says so) is a one-item list.
+    Never iterated character by character."""
+    if isinstance(value, allow_single) and not isinstance(value, bool):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{what} is {value!r}: give a list, e.g. {example}")
+    return list(value)
+
+
+def overrides_list(value, what: str) -> list[str]:
+    """A ``set:`` entry: section.key=value strings (one string is a list of one)."""
+    items = as_list([] if value is None else value, what, "[train.epochs=4, optim.lr=0.5]")
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"{what}: {item!r} is not a section.key=value string: quote entries like "
+                              f"\"knn.k=[20]\" and write key=value, not key: value")
+    return items
+
+
 def _resolve_path(value: str, base: Path | None, what: str) -> str:
     path = Path(value).expanduser()
     if not path.is_absolute() and base is not None:
@@ -118,12 +195,19 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """``stages.linear.epochs=5`` or ``seed=1`` (values parsed as YAML)."""
+    """``stages.linear.epochs=5`` or ``seed=1`` (values parsed as YAML; text that is not YAML stays a string,
+    as in trainers.config.apply_overrides)."""
     if "=" not in item:
         raise ConfigError(f"--set '{item}' must look like stages.<stage>.<key>=value or <key>=value")
     key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set '{item}': the key '{key.strip()}' has an empty part: write e.g. "
+                          f"stages.linear.epochs=5 or seed=1")
     target = raw
     for part in parts[:-1]:
         if not isinstance(target.get(part), dict):
@@ -142,40 +226,84 @@ def parse_pipeline(raw: dict, base: Path | None = None, path: str | None = None)
     known = {"name", "experiment", "seed", "data_root", "ray", "output_dir", "stages"}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"unknown pipeline key '{key}'{_suggest(key, known)}: the keys are {', '.join(sorted(known))}")
-    if not raw.get("name") or not isinstance(raw.get("name"), str):
+            raise ConfigError(f"unknown pipeline key '{key}'{_suggest(str(key), known)}: the keys are "
+                              f"{', '.join(sorted(known))}")
+    if not raw.get("name"):
         raise ConfigError("the pipeline needs a 'name' (letters, digits, '-', '_')")
+    check_name(raw["name"], "pipeline name")
+    experiment = raw.get("experiment")
+    if experiment is not None:
+        check_text(experiment, "experiment", "sslab-pipelines")
+    seed = raw.get("seed", 0)
+    check_number(seed, "seed", integer=True, minimum=0, below=SEED_LIMIT, example="seed: 0")
+    for key, example in (("data_root", "../shared/data"), ("output_dir", "/scratch/pipelines/demo")):
+        if raw.get(key) is not None:
+            check_text(raw[key], key, example)
+    ray = _check_ray(raw.get("ray"))
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise ConfigError("the pipeline needs 'stages': a mapping of stage name -> settings, in run order")
     stages: list[StageSpec] = []
+    loaded: dict = {}  # stage name -> its checked pretraining config or sweep (for later stages' checks)
     for name, settings in stages_raw.items():
-        stages.append(_parse_stage(str(name), settings or {}, stages, base))
-    spec = PipelineSpec(name=raw["name"], stages=stages, experiment=raw.get("experiment") or "sslab-pipelines",
-                        seed=int(raw.get("seed", 0)), data_root=raw.get("data_root"),
-                        ray=dict(raw.get("ray") or {"address": "local"}), output_dir=raw.get("output_dir"), path=path)
+        check_name(name, "stage name", example="pretrain")
+        stages.append(_parse_stage(str(name), {} if settings is None else settings, stages, base, loaded))
+    spec = PipelineSpec(name=raw["name"], stages=stages, experiment=experiment or "sslab-pipelines",
+                        seed=seed, data_root=raw.get("data_root"), ray=ray, output_dir=raw.get("output_dir"),
+                        path=path)
     if spec.data_root is not None and base is not None and not Path(spec.data_root).expanduser().is_absolute():
         spec.data_root = str((base / spec.data_root).resolve())
     return spec
 
 
-def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path | None) -> StageSpec:
+def _check_ray(value) -> dict:
+    if value is None:
+        return {"address": "local"}
+    if not isinstance(value, dict):
+        raise ConfigError(f"ray is {value!r}: give a mapping, e.g. ray: {{address: local}} (keys: "
+                          f"{', '.join(RAY_KEYS)})")
+    for key, item in value.items():
+        if key not in RAY_KEYS:
+            raise ConfigError(f"unknown key ray.{key}{_suggest(str(key), RAY_KEYS)}: the keys are "
+                              + ", ".join(f"{k} ({v})" for k, v in RAY_KEYS.items()))
+        if item is None:
+            continue
+        if key == "num_cpus":
+            check_number(item, "ray.num_cpus", integer=True, minimum=1, example="ray: {num_cpus: 4}")
+        else:
+            check_text(item, f"ray.{key}", RAY_KEYS[key].split(",")[0])
+    return dict(value) or {"address": "local"}
+
+
+def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path | None,
+                 loaded: dict | None = None) -> StageSpec:
+    loaded = {} if loaded is None else loaded
     if not isinstance(settings, dict):
         raise ConfigError(f"stage '{name}': settings must be a mapping, got {type(settings).__name__}")
     if any(s.name == name for s in earlier):
         raise ConfigError(f"stage '{name}' is declared twice")
     kind = settings.get("kind", name)
-    if kind not in KINDS:
-        raise ConfigError(f"stage '{name}': unknown kind '{kind}'{_suggest(kind, KINDS)}: use one of {', '.join(KINDS)}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ConfigError(f"stage '{name}': unknown kind {kind!r}{_suggest(str(kind), KINDS)}: use one of "
+                          f"{', '.join(KINDS)}")
     for key in settings:
         if key not in SETTINGS[kind] | COMMON:
-            raise ConfigError(f"stage '{name}' ({kind}): unknown setting '{key}'{_suggest(key, SETTINGS[kind])}; "
+            raise ConfigError(f"stage '{name}' ({kind}): unknown setting '{key}'{_suggest(str(key), SETTINGS[kind])}; "
                               f"it takes {', '.join(sorted(SETTINGS[kind]))}")
     values = {**DEFAULTS.get(kind, {}), **{k: v for k, v in settings.items() if k not in COMMON}}
-    resources = dict(settings.get("resources") or {})
-    for key in resources:
+    resources = settings.get("resources")
+    if resources is None:
+        resources = {}
+    if not isinstance(resources, dict):
+        raise ConfigError(f"stage '{name}': resources is {resources!r}: give a mapping, e.g. {{cpu: 2, gpu: 1}}")
+    resources = dict(resources)
+    for key, value in resources.items():
         if key not in ("cpu", "gpu"):
             raise ConfigError(f"stage '{name}': resources take cpu and gpu, not '{key}'")
+        if key == "cpu":
+            check_number(value, f"stage '{name}': resources.cpu", minimum=0, example="2")
+        else:
+            check_gpus(value, f"stage '{name}': resources.gpu")
     earlier_kinds = {s.name: s.kind for s in earlier}
     inputs: dict = {}
     for role, kinds in INPUT_KEYS.items():
@@ -189,6 +317,9 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
                                   f"set backbone: <stage>")
         if wanted is None:
             continue
+        if not isinstance(wanted, str):
+            raise ConfigError(f"stage '{name}': {role} is {wanted!r}: give the name of an earlier "
+                              f"{' or '.join(kinds)} stage")
         if wanted not in earlier_kinds:
             raise ConfigError(f"stage '{name}': {role} '{wanted}' is not an earlier stage"
                               f"{_suggest(wanted, earlier_kinds)}; stages run in file order")
@@ -198,40 +329,111 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
         inputs[role] = wanted
     if kind == "report":
         listed = values.pop("inputs", None)
-        listed = list(earlier_kinds) if listed is None else list(listed)
+        listed = list(earlier_kinds) if listed is None else as_list(listed, f"stage '{name}': inputs",
+                                                                      "[knn, linear]")
         for item in listed:
-            if item not in earlier_kinds:
-                raise ConfigError(f"stage '{name}': input '{item}' is not an earlier stage{_suggest(item, earlier_kinds)}")
+            if not isinstance(item, str) or item not in earlier_kinds:
+                raise ConfigError(f"stage '{name}': input {item!r} is not an earlier stage"
+                                  f"{_suggest(str(item), earlier_kinds)}: list stages declared above it "
+                                  f"({', '.join(earlier_kinds) or 'none yet'})")
         inputs["inputs"] = listed
     if kind in ("pretrain", "sweep"):
-        if not values.get("config") and not (kind == "pretrain" and "from_sweep" in inputs):
-            raise ConfigError(f"stage '{name}' needs config: <path to a {kind} YAML>")
-        if values.get("config"):
-            values["config"] = _resolve_path(values["config"], base, f"stage '{name}' config")
-        if not isinstance(values.get("set", []), list):
-            raise ConfigError(f"stage '{name}': set must be a list of section.key=value strings")
-    if kind == "prepare":
+        _check_run_settings(name, kind, values, inputs, base, loaded)
+    if kind in ("prepare", "transfer"):
         datasets = values.get("datasets")
         if not datasets:
-            raise ConfigError(f"stage '{name}' needs datasets: [name, ...]")
+            example = "[name, ...]" if kind == "prepare" else "[name or {name: ..., optional: true}, ...]"
+            raise ConfigError(f"stage '{name}' needs datasets: {example}")
+        datasets = as_list(datasets, f"stage '{name}': datasets", "[fashion-mnist, digits]")
         values["datasets"] = [dataset_entry(d, name) for d in datasets]
-    if kind == "transfer":
-        datasets = values.get("datasets")
-        if not datasets:
-            raise ConfigError(f"stage '{name}' needs datasets: [name or {{name: ..., optional: true}}, ...]")
-        values["datasets"] = [dataset_entry(d, name) for d in datasets]
+    if kind in ("knn", "linear", "semi") and values.get("dataset") is not None:
+        from trainers.data.datasets import check_dataset_name
+
+        check_dataset_name(check_text(values["dataset"], f"stage '{name}': dataset", "digits"))
     if kind == "semi":
-        fractions = values["fractions"]
-        if not isinstance(fractions, list) or not fractions or not all(isinstance(f, (int, float)) and 0 < f <= 1
-                                                                        for f in fractions):
+        fractions = as_list(values["fractions"], f"stage '{name}': fractions", "[0.01, 0.1]", allow_single=(int, float))
+        if not fractions:
             raise ConfigError(f"stage '{name}': fractions must be a list of label fractions in (0, 1], e.g. [0.01, 0.1]")
+        for i, fraction in enumerate(fractions):
+            check_number(fraction, f"stage '{name}': fractions[{i}] (a label fraction)", above=0, maximum=1,
+                         example="0.01 for 1% of the labels")
+        values["fractions"] = fractions
     for key in ("epochs", "batch_size", "min_steps", "workers"):
-        if key in values and values[key] is not None and (not isinstance(values[key], int) or values[key] < (0 if key == "min_steps" else 1)):
-            raise ConfigError(f"stage '{name}': {key} must be a positive integer, got {values[key]!r}")
-    for key in ("lr",):
-        if key in values and not (isinstance(values[key], (int, float)) and values[key] > 0):
-            raise ConfigError(f"stage '{name}': lr must be > 0, got {values[key]!r}")
+        if key in values:
+            check_number(values[key], f"stage '{name}': {key}", integer=True, minimum=0 if key == "min_steps" else 1,
+                         example=DEFAULTS.get(kind, {}).get(key, 1))
+    if "lr" in values:
+        check_number(values["lr"], f"stage '{name}': lr", above=0, example=DEFAULTS[kind]["lr"])
+    if "weight_decay" in values:
+        check_number(values["weight_decay"], f"stage '{name}': weight_decay", minimum=0,
+                     example=DEFAULTS[kind]["weight_decay"])
     return StageSpec(name, kind, values, inputs, resources)
+
+
+def _check_run_settings(name: str, kind: str, values: dict, inputs: dict, base: Path | None, loaded: dict) -> None:
+    """A pretrain or sweep stage: its YAML file, its overrides and its Ray settings, loaded and checked now
+    (the runner loads them again after the earlier stages ran: a mistake must not wait for that)."""
+    if values.get("config") is not None:
+        check_text(values["config"], f"stage '{name}': config", "../pretrain/swav_fashion-mnist.yaml")
+    if not values.get("config") and not (kind == "pretrain" and "from_sweep" in inputs):
+        raise ConfigError(f"stage '{name}' needs config: <path to a {kind} YAML>")
+    if values.get("config"):
+        values["config"] = _resolve_path(values["config"], base, f"stage '{name}' config")
+    values["set"] = overrides_list(values.get("set"), f"stage '{name}': set")
+    where = f"stage '{name}'"
+    if kind == "sweep":
+        from orchestrator.sweep import load_sweep
+
+        loaded[name] = _prefixed(where, load_sweep, values["config"], values["set"])
+        return
+    workers = check_number(values["workers"], f"{where}: workers", integer=True, minimum=1, example=1)
+    check_number(values["cpus_per_worker"], f"{where}: cpus_per_worker", above=0, example=2)
+    if values["gpus_per_worker"] is not None:
+        check_gpus(values["gpus_per_worker"], f"{where}: gpus_per_worker")
+    check_number(values["max_failures"], f"{where}: max_failures", integer=True, minimum=-1,
+                 example="2 (-1: no limit)")
+    from trainers.config import apply_overrides, from_dict, load_config
+    from trainers.loop import check_config
+
+    if "from_sweep" in inputs:  # the best trial's config: check the overrides on the sweep's first trial
+        from orchestrator.sweep import first_trial_config
+
+        sweep = loaded.get(inputs["from_sweep"])
+        if sweep is None:
+            return
+        config = _prefixed(where, lambda: from_dict(apply_overrides(first_trial_config(sweep).to_dict(),
+                                                                    values["set"])))
+    else:
+        config = _prefixed(where, load_config, values["config"], values["set"])
+    _prefixed(where, check_config, config, workers)
+    _prefixed(where, _check_cluster_settings, values, config)
+    loaded[name] = config
+
+
+def _check_cluster_settings(values: dict, config) -> None:
+    """What orchestrator.train.run_pretraining checks first, with the options the runner will pass."""
+    import torch
+
+    from orchestrator.train import ClusterOptions, check_cluster_options
+
+    gpus = values["gpus_per_worker"]
+    if gpus is None:
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    # train.device auto is resolved on the machine that runs the pipeline: only an explicit cpu conflicts
+    if gpus > 0 and config.train.device == "cpu":
+        raise ConfigError(f"gpus_per_worker is {gpus:g} but train.device is cpu: set gpus_per_worker: 0 or "
+                          f"train.device=cuda")
+    check_cluster_options(ClusterOptions(workers=values["workers"], gpus_per_worker=float(gpus),
+                                         cpus_per_worker=float(values["cpus_per_worker"]),
+                                         max_failures=values["max_failures"]), config)
+
+
+def _prefixed(where: str, function, *args):
+    """``function(*args)``; a ConfigError it raises names the stage it belongs to."""
+    try:
+        return function(*args)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def dataset_entry(entry, stage: str) -> dict:
@@ -241,5 +443,6 @@ def dataset_entry(entry, stage: str) -> dict:
         entry = {"name": entry}
     if not isinstance(entry, dict) or "name" not in entry or set(entry) - {"name", "optional"}:
         raise ConfigError(f"stage '{stage}': a data set entry is a name or {{name: ..., optional: true}}, got {entry!r}")
-    check_dataset_name(entry["name"])
-    return {"name": entry["name"], "optional": bool(entry.get("optional", False))}
+    check_dataset_name(check_text(entry["name"], f"stage '{stage}': data set name", "digits"))
+    optional = check_bool(entry.get("optional", False), f"stage '{stage}': optional (of data set {entry['name']})")
+    return {"name": entry["name"], "optional": optional}

@@ -134,6 +134,29 @@ def _cosine_sgd_step(optimizer, base_lrs, step: int, total: int, loss: torch.Ten
     optimizer.step()
 
 
+# --------------------------------------------------------------------------- hyperparameter checks
+SEED_LIMIT = 2**31  # as trainers.loop.SEED_LIMIT
+
+
+def _check_hyperparameters(what: str, settings) -> None:
+    """Integers that are integers (not booleans) in range, floats that are finite: a NaN or infinite
+    learning rate would train to chance accuracy and report it as a result."""
+    limits = {"epochs": 1, "batch_size": 1, "min_steps": 0}
+    for key, low in limits.items():
+        if hasattr(settings, key):
+            value = getattr(settings, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{what} {key} is {value!r}: give an integer >= {low}")
+    seed = settings.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{what} seed is {seed!r}: give an integer in [0, {SEED_LIMIT})")
+    for key, positive in (("lr", True), ("weight_decay", False)):
+        value = getattr(settings, key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ConfigError(f"{what} {key} is {value!r}: give a finite number {'> 0' if positive else '>= 0'}")
+
+
 # --------------------------------------------------------------------------- linear probe
 @dataclass
 class LinearSettings:
@@ -144,10 +167,7 @@ class LinearSettings:
     seed: int = 0
 
     def validate(self) -> "LinearSettings":
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"linear probe needs epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"linear probe needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        _check_hyperparameters("linear probe", self)
         return self
 
 
@@ -238,10 +258,7 @@ class FinetuneSettings:
     seed: int = 0
 
     def validate(self) -> "FinetuneSettings":
-        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
-            raise ConfigError("fine-tuning needs epochs >= 1, batch_size >= 1, min_steps >= 0")
-        if self.lr <= 0:
-            raise ConfigError(f"fine-tuning lr must be > 0, got {self.lr}")
+        _check_hyperparameters("fine-tuning", self)
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
         return self
