@@ -7,6 +7,7 @@ Errors a user can fix print one line (``error: ...``) and exit non-zero; ``--deb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -88,18 +89,76 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_data_preview(args) -> int:
+    from trainers.data.augment import method_crop_groups
+    from trainers.data.beton import check_num_workers
+    from trainers.data.datasets import check_dataset_name
     from trainers.data.multicrop import build_multicrop_loader
-    from trainers.data.preview import preview
+    from trainers.data.preview import check_num_images, check_output, preview
 
+    # every option before any work (reading the data, writing a .beton, drawing the grid)
+    check_num_images(args.num_images)
+    _check_seed(args.seed)
+    check_num_workers(args.workers, default="unset: one per core")
+    check_output(args.out)
+    check_dataset_name(args.dataset)
+    method_crop_groups(args.method, args.crops)
+    check_crop_order(args.crops)
+    settings = _prepare_settings(args)
+    device = _check_device(args.device)
     loader = build_multicrop_loader(
-        args.dataset, args.split, args.crops, args.method, batch_size=max(args.num_images, 8), device=args.device,
+        args.dataset, args.split, args.crops, args.method, batch_size=max(args.num_images, 8), device=device,
         loader=args.loader, seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir,
-        canvas_size=args.canvas_size, num_workers=args.workers, shuffle=True,
-        prepare_settings=_prepare_settings(args), log=lambda msg: print(msg, file=sys.stderr))
+        canvas_size=args.canvas_size, num_workers=args.workers, shuffle=True, drop_last=False,
+        prepare_settings=settings, log=lambda msg: print(msg, file=sys.stderr))
+    check_num_images(args.num_images, loader.num_samples, f"in {args.dataset} {args.split}")
     facts = preview(loader, args.out, num_images=args.num_images, classes=loader.classes)
     facts = {"dataset": args.dataset, "split": args.split, "method": args.method, "crops": args.crops, **facts}
     _print_json(facts)
     return 0
+
+
+def _check_seed(seed) -> int:
+    from trainers.errors import ConfigError
+    from trainers.loop import SEED_LIMIT  # as train.seed
+
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"--seed {seed} must be an integer in [0, {SEED_LIMIT})")
+    return seed
+
+
+def check_crop_order(spec: str) -> None:
+    """As pretraining (trainers.loop.check_config): the first group is the global crops, and no local
+    group may be larger."""
+    from trainers.data.augment import parse_crop_spec
+    from trainers.errors import ConfigError
+
+    groups = parse_crop_spec(spec)
+    global_size = groups[0][1]
+    for count, size in groups[1:]:
+        if count and size > global_size:
+            ordered = "+".join(f"{c}x{s}" for c, s in sorted(groups, key=lambda g: -g[1]))
+            raise ConfigError(f"--crops '{spec}': local crops of {size} px are larger than the global crops "
+                              f"({global_size} px); list the global (largest) group first, e.g. --crops {ordered}")
+
+
+def _check_device(name: str) -> str:
+    """--device: a name the trainer knows (trainers.loop.check_device_name) and a GPU that is there;
+    ``auto`` becomes cuda or cpu."""
+    from trainers.errors import ConfigError
+    from trainers.loop import check_device_name
+
+    check_device_name(name)
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no GPU is visible to this process: use --device cpu")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} GPU(s), numbered 0..{count - 1}")
+    return name
 
 
 def _add_data_commands(subparsers) -> None:
@@ -122,7 +181,8 @@ def _add_data_commands(subparsers) -> None:
     prep.add_argument("--out", default=_default_cache_dir(), help="output folder")
     _add_data_root(prep)
     _add_prepare_settings(prep)
-    prep.add_argument("--workers", type=int, default=None, help="writer processes; None = min(8, cores)")
+    prep.add_argument("--workers", type=int, default=None,
+                      help="writer processes (0..max(64, 4 per core)); None or 0 = min(8, cores)")
     prep.add_argument("--force", action="store_true", help="rewrite even when an up-to-date file exists")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_data_prepare)
@@ -135,16 +195,19 @@ def _add_data_commands(subparsers) -> None:
     prev.add_argument("--crops", default="2x32+6x16", help="crop groups COUNTxSIZE joined by '+'; first = global")
     prev.add_argument("--method", choices=("swav", "dino", "sdmp", "supcon", "simclr"), default="swav",
                       help="whose augmentation defaults to use")
-    prev.add_argument("--out", default="preview.png", help="PNG to write")
-    prev.add_argument("--num-images", type=int, default=6, help="images (rows) to draw")
+    prev.add_argument("--out", default="preview.png",
+                      help="image to write; its extension names the format (.png, .jpg/.jpeg, .webp, .bmp, .tif)")
+    prev.add_argument("--num-images", type=int, default=6, help="images (rows) to draw, 1..256")
     prev.add_argument("--loader", choices=("auto", "ffcv", "torch"), default="auto",
                       help="canvas loader: ffcv (.beton, decoded once) or torch (PIL DataLoader); auto = ffcv if installed")
-    prev.add_argument("--device", default="cuda" if _cuda() else "cpu", help="device for the augmentation")
-    prev.add_argument("--seed", type=int, default=0, help="seed for the order and the augmentation")
+    prev.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                      help="device for the augmentation: auto, cpu, cuda or cuda:N")
+    prev.add_argument("--seed", type=int, default=0, help="seed for the order and the augmentation, 0..2**31-1")
     prev.add_argument("--canvas-size", type=int, default=None,
                       help="decode to this square canvas (needed for mixed-size images)")
     prev.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
-    prev.add_argument("--workers", type=int, default=None, help="loader threads/processes; None = one per core")
+    prev.add_argument("--workers", type=int, default=None,
+                      help="loader threads/processes (0..max(64, 4 per core)); None = one per core")
     _add_data_root(prev)
     _add_prepare_settings(prev)
     prev.set_defaults(func=cmd_data_preview)
@@ -180,11 +243,83 @@ def cmd_pretrain(args) -> int:
         return _pretrain_on_ray(args, config)
     from trainers.loop import Trainer
 
-    trainer = Trainer(config, out_dir=args.out_dir, progress=not args.quiet,
-                      log=lambda msg: print(msg, file=sys.stderr))
-    result = trainer.fit()
+    with _sigterm_exits("terminated (SIGTERM): rerun the same command to resume from the last checkpoint"):
+        trainer = Trainer(config, out_dir=args.out_dir, progress=not args.quiet,
+                          log=lambda msg: print(msg, file=sys.stderr))
+        result = trainer.fit()
     _print_result_table(config, result)
     return 0
+
+
+class _Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so that cleanup (``finally``, atomic writes) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_exits(message: str, retry_s: float = 2.0):
+    """SIGTERM inside the block ends the command like Ctrl-C does: the stack unwinds (checkpoints are
+    written atomically, so the last one stays valid), then one line on stderr and exit 143 (128 +
+    SIGTERM). Whatever fails while unwinding after a SIGTERM (loader workers that got the same signal)
+    is part of the termination, not a second error.
+
+    An exception raised from a signal handler can be swallowed where Python ignores exceptions (an
+    at-fork hook when the loader forks its workers, a ``__del__``); so until the exception arrives
+    here, a watcher thread raises it again every ``retry_s`` seconds. Forked children that inherited
+    the handler die of the signal as before; the previous handlers come back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner, main_thread = os.getpid(), threading.main_thread().ident
+    received, arrived = threading.Event(), threading.Event()
+
+    def again() -> None:  # a real signal to the main thread: it also ends a sleep or a blocking wait there
+        if not arrived.is_set():
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+
+    def watch() -> None:
+        while not arrived.wait(retry_s):
+            again()
+
+    def on_sigterm(signum, frame):
+        if os.getpid() != owner:  # a forked loader worker: the default action, without this process's message
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if arrived.is_set():
+            return
+        if not received.is_set():
+            received.set()
+            # torch's SIGCHLD handler would report the loader workers killed by the same signal as an error
+            # (a Python no-op, not SIG_DFL: a SIGCHLD already pending must find a Python handler)
+            signal.signal(signal.SIGCHLD, lambda *_: None)
+            threading.Thread(target=watch, name="sslab-sigterm", daemon=True).start()
+        raise _Terminated(128 + signal.SIGTERM)
+
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, _Terminated):  # swallowed (at-fork hook, __del__): raise it again now
+            timer = threading.Timer(0.05, again)  # from another thread: a handler run here would be swallowed too
+            timer.daemon = True
+            timer.start()
+            return
+        previous_hook(info)
+
+    previous, previous_hook = signal.signal(signal.SIGTERM, on_sigterm), sys.unraisablehook
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except BaseException:
+        arrived.set()
+        if not received.is_set():
+            raise
+        print(message, file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        arrived.set()
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _cluster_options(args):
@@ -331,13 +466,13 @@ def cmd_submit(args) -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     if args.list_files:
-        from orchestrator.submit import upload_listing
-        from trainers.paths import project_root
+        from orchestrator.submit import check_working_dir, upload_listing
 
-        files = upload_listing(args.working_dir or project_root())
+        files = upload_listing(check_working_dir(args.working_dir))
         print("\n".join(files))
         print(f"{len(files)} file(s) would be uploaded", file=sys.stderr)
         return 0
+    # submit() checks the command, --gpus/--cpus, --env and --working-dir before it connects
     return submit(command, address=args.address, name=args.name, wait=args.wait, gpus=args.gpus, cpus=args.cpus,
                   tracking_uri=args.tracking_uri, env=args.env or [], python=args.python,
                   working_dir=args.working_dir, log=lambda msg: print(msg, file=sys.stderr))
@@ -351,12 +486,14 @@ def _add_submit(subparsers) -> None:
     p.add_argument("--address", default=None, help="Ray job server (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
     p.add_argument("--name", default=None, help="job id (default: Ray picks one)")
     p.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
-    p.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved for the job's entrypoint")
-    p.add_argument("--cpus", type=float, default=None, help="CPUs reserved for the job's entrypoint")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved for the job's entrypoint (>= 0)")
+    p.add_argument("--cpus", type=float, default=None, help="CPUs reserved for the job's entrypoint (>= 0)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable for the job")
     p.add_argument("--python", default="python", help="Python interpreter on the cluster")
-    p.add_argument("--working-dir", default=None, help="project folder to send (default: this checkout)")
+    p.add_argument("--working-dir", default=None,
+                   help="project folder to send: an sslab checkout (with pyproject.toml and orchestrator/cli.py); "
+                        "default: this checkout")
     p.add_argument("--list-files", action="store_true",
                    help="print the files the job would upload (data, state and credentials are never sent) and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the sslab arguments")
@@ -367,13 +504,19 @@ def _add_submit(subparsers) -> None:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from orchestrator.tracking import artifact_location, resolve_tracking_uri
+    from orchestrator.tracking import artifact_location, resolve_tracking_uri, sqlite_path
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    explicit = bool(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = resolve_tracking_uri(args.tracking_uri, create=False)  # a dry run creates nothing
     if not uri.startswith("sqlite:///"):
         raise UserError(f"{uri} is a tracking server: open it in a browser instead of starting a UI")
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port {args.port} must lie in 1..65535")
+    folder = sqlite_path(uri).parent
+    if explicit and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"no tracking store at {sqlite_path(uri)}: its folder {folder} {what}; pass the "
+                        "--tracking-uri of an existing store (sqlite:///<folder>/<name>.db), or create the folder")
     if not args.dry_run:
         _check_port_free(args.host, args.port)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
@@ -385,6 +528,7 @@ def cmd_ui(args) -> int:
     if args.dry_run:
         print(" ".join(command))
         return 0
+    folder.mkdir(parents=True, exist_ok=True)  # the default store, before the first run
     code = subprocess.call(command)
     if code not in (0, -2, 130):  # -2 / 130: Ctrl-C
         raise UserError(f"the MLflow UI stopped with exit status {code} (its messages are above): fix what they "
@@ -409,11 +553,13 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _add_ui(subparsers) -> None:
     p = subparsers.add_parser("ui", help="start the MLflow UI on the tracking store", formatter_class=_Formatter)
-    p.add_argument("--tracking-uri", default=None, help="store (default $MLFLOW_TRACKING_URI, else the state dir's "
-                                                        "sqlite store)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="store (default $MLFLOW_TRACKING_URI, else the state dir's sqlite store); a named sqlite "
+                        "store's folder must exist (the default store's is created; --dry-run creates nothing)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=5000, help="port")
-    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command instead of running it (creates nothing)")
     p.set_defaults(func=cmd_ui)
 
 
@@ -475,7 +621,7 @@ def _storage_error(exc: OSError):
     """A full or read-only disk met anywhere (state dir, cache, run folder) as the storage error (exit 4)."""
     import errno
 
-    if errno.errorcode.get(exc.errno or -1) not in STORAGE_ERRNOS:
+    if errno.errorcode.get(exc.errno or -1) not in STORAGE_ERRNOS | {"ENOTDIR", "EEXIST", "EISDIR"}:
         return None
     from trainers.checkpoint import StorageError, storage_error
 

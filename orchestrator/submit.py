@@ -7,7 +7,9 @@ job's runtime environment. ``--wait`` streams the job's logs and returns its exi
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -39,16 +41,60 @@ def default_address() -> str:
     return os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(extra: list[str]) -> dict[str, str]:
+    """``--env KEY=VALUE`` entries (KEY: letters, digits and _, not starting with a digit)."""
+    env = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not _ENV_NAME.fullmatch(key):
+            raise UserError(f"--env '{item}' must look like KEY=VALUE (KEY: letters, digits and _, not starting "
+                            "with a digit), e.g. --env OMP_NUM_THREADS=4")
+        env[key] = value
+    return env
+
+
 def job_env(tracking_uri: str | None, extra: list[str]) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    for item in extra:
-        if "=" not in item:
-            raise UserError(f"--env '{item}' must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        env[key] = value
+    env.update(parse_env(extra))
     return env
+
+
+def check_working_dir(working_dir: str | Path | None) -> Path:
+    """The project folder a job carries: an existing sslab checkout (the job runs ``python -m
+    orchestrator.cli`` in it)."""
+    hint = "pass the sslab project folder (the one with pyproject.toml and orchestrator/cli.py)"
+    if working_dir is None or working_dir == "":
+        root = project_root()
+        if root is None:
+            raise UserError(f"no project checkout to send: --working-dir is needed: {hint}")
+        return root
+    root = Path(working_dir).expanduser()
+    if not root.exists():
+        raise UserError(f"--working-dir {working_dir} does not exist: {hint}")
+    if not root.is_dir():
+        raise UserError(f"--working-dir {working_dir} is a file, not a folder: {hint}")
+    missing = [name for name in ("pyproject.toml", "orchestrator/cli.py") if not (root / name).is_file()]
+    if missing:
+        raise UserError(f"--working-dir {working_dir} is not an sslab checkout (it has no {' and no '.join(missing)}; "
+                        f"the job runs python -m orchestrator.cli there): {hint}")
+    return root.resolve()
+
+
+def check_submit_options(args: list[str], gpus: float = 0.0, cpus: float | None = None, env: list[str] = (),
+                         working_dir: str | Path | None = None) -> Path:
+    """Everything ``submit`` can check before it connects to the job server; returns the working dir."""
+    if not args or args == ["sslab"]:
+        raise UserError("nothing to run: put the sslab command after --, e.g. sslab submit -- pretrain --config ...")
+    for option, value in (("--gpus", gpus), ("--cpus", cpus)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{option} {value:g} must be a number >= 0 (resources reserved for the job's entrypoint)")
+    parse_env(list(env))
+    return check_working_dir(working_dir)
 
 
 def upload_listing(root: str | Path) -> list[str]:
@@ -61,7 +107,12 @@ def upload_listing(root: str | Path) -> list[str]:
 
     with tempfile.TemporaryDirectory(prefix="sslab-package-") as folder:
         target = Path(folder) / "package.zip"
-        create_package(str(root), target, include_gitignore=True, excludes=EXCLUDES)
+        try:
+            create_package(str(root), target, include_gitignore=True, excludes=EXCLUDES)
+        except OSError as exc:  # an unreadable file or a special folder (/proc): the package cannot be made
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UserError(f"cannot pack {root} for the job{where}: {exc.strerror or exc}; pass a --working-dir "
+                            "whose files are all readable (the sslab checkout)") from None
         with zipfile.ZipFile(target) as archive:
             return sorted(n for n in archive.namelist() if not n.endswith("/"))
 
@@ -69,14 +120,10 @@ def upload_listing(root: str | Path) -> list[str]:
 def submit(args: list[str], address: str | None = None, name: str | None = None, wait: bool = False,
            gpus: float = 0.0, cpus: float | None = None, tracking_uri: str | None = None, env: list[str] = (),
            python: str = "python", working_dir: str | None = None, log: Callable[[str], None] = print) -> int:
-    if not args:
-        raise UserError("nothing to run: put the sslab command after --, e.g. sslab submit -- pretrain --config ...")
+    root = check_submit_options(args, gpus=gpus, cpus=cpus, env=env, working_dir=working_dir)
     if args[0] == "sslab":
         args = args[1:]
     address = address or default_address()
-    root = Path(working_dir) if working_dir else project_root()
-    if root is None:
-        raise UserError("no project checkout to send: pass --working-dir (the folder with pyproject.toml)")
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -33,23 +33,41 @@ def default_store() -> Path:
     return state_dir() / "mlflow"
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
+def resolve_tracking_uri(uri: str | None = None, create: bool = True) -> str:
+    """The absolute tracking URI. ``create``: make the sqlite store's folder (False: create nothing, e.g.
+    for a dry run; the caller checks that the folder exists where it must)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
     if not uri:
         store = default_store()
-        store.mkdir(parents=True, exist_ok=True)
+        if create:
+            store.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{store / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
+        if not path.strip():  # sqlite:/// alone would be the working directory
+            raise UserError(f"tracking URI '{uri}' names no database file: use sqlite:///<absolute path>.db, "
+                            "e.g. sqlite:////data/mlflow/mlflow.db")
         if not path.startswith("/"):  # sqlite:///relative.db -> absolute
             path = str(Path(path).resolve())
             uri = f"sqlite:///{path}"
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith("/") or Path(path).is_dir():
+            raise UserError(f"tracking URI '{uri}' names a folder, not a database file: use "
+                            f"sqlite:///{path.rstrip('/')}/mlflow.db")
+        if create:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         return uri
+    if uri.startswith("sqlite:"):
+        raise UserError(f"tracking URI '{uri}' is not a sqlite file URI: use sqlite:///<absolute path>.db "
+                        "(three slashes, then the path)")
     if uri.startswith("file:") or "://" not in uri:
         raise UserError(f"tracking URI '{uri}': MLflow's file store is not supported by this MLflow version; use "
                         f"sqlite:///<absolute path>.db for a local store or http://host:5000 for a tracking server")
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def artifact_location(uri: str) -> str | None:

@@ -486,7 +486,7 @@ def _tables_of_other_files() -> list[str]:
     import importlib.util
 
     ids = []
-    for file, tables in (("test_bad_specs.py", ("PIPELINES", "SWEEPS", "EVALS")),):
+    for file, tables in (("test_bad_specs.py", ("PIPELINES", "SWEEPS", "EVALS")), ("test_cli_checks.py", ("CASES",))):
         spec = importlib.util.spec_from_file_location(f"_cases_{file[:-3]}", ROOT / "tests" / file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

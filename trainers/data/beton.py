@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.data.datasets import DatasetSplit, load_split
+from trainers.data.datasets import DatasetSplit, check_dataset_name, load_split
 from trainers.data.sharding import check_rank, shard_indices
 from trainers.checkpoint import StorageError
+from trainers.checkpoint import WRONG_KIND_ERRNOS, wrong_kind_error
 from trainers.errors import ConfigError, DataError, DataNotFoundError
 from trainers.locks import die_with_parent, hold
 
@@ -217,7 +218,9 @@ def _storage_error(path: Path, reason: str, denied: bool = False) -> StorageErro
                         f"system); {fix}{_ELSEWHERE}")
 
 
-def _os_storage_error(path: Path, exc: OSError, tmp: Path | None = None) -> StorageError:
+def _os_storage_error(path: Path, exc: OSError, tmp: Path | None = None):
+    if exc.errno in WRONG_KIND_ERRNOS:  # a file where the output folder should be: the option is wrong
+        return wrong_kind_error(path.parent, exc, "the .beton folder (--out, data.cache_dir)")
     reason = exc.strerror or str(exc)
     if exc.filename and str(exc.filename) not in (str(tmp), str(path), str(path.parent), str(lock_path(path))):
         reason += f" (on {exc.filename})"
@@ -345,11 +348,48 @@ def _writer_class():
     return Writer
 
 
+def max_workers() -> int:
+    """More writer/loader processes than this is a typo, not a setting (each is a process with its own memory)."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_num_workers(num_workers, what: str = "--workers", default: str = "0 or unset: min(8, cores)") -> int | None:
+    """None, 0..max_workers() (0 keeps meaning the default for the writer)."""
+    if num_workers is None:
+        return None
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"{what} {num_workers} must be a whole number >= 0 ({default})")
+    if num_workers > max_workers():
+        raise ConfigError(f"{what} {num_workers} is more than the limit of {max_workers()} (64 or 4 per core, "
+                          f"whichever is larger; this machine has {os.cpu_count()} cores): pass a smaller number")
+    return num_workers
+
+
+def check_splits_exist(dataset: str, splits) -> None:
+    """An image folder must hold every split asked for, checked before any file is written: a plain
+    ``<path>/<class>/*`` tree is a train split only."""
+    if not str(dataset).startswith("imagefolder:") or "test" not in splits:
+        return
+    root = Path(dataset.split(":", 1)[1]).expanduser().resolve()
+    if not root.is_dir():
+        return  # load_split says what is missing
+    if (root / "train").is_dir():
+        if any((root / name).is_dir() for name in ("test", "val")):
+            return
+        raise DataError(f"image folder {root} has {root}/train/ but no test split: add {root}/test/<class>/ "
+                        f"(or {root}/val/<class>/), or prepare the train split only (--split train)")
+    raise DataError(f"image folder {root} is a plain <class>/* tree, which is a train split only: prepare the "
+                    f"train split only (--split train), or move the classes to {root}/train/<class>/ and add "
+                    f"{root}/test/<class>/")
+
+
 def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
                   settings: PrepareSettings = PrepareSettings(), num_workers: int | None = None,
                   force: bool = False, progress: bool = True, log=print) -> Path:
     """Write (or find up to date) the ``.beton`` of one split; returns its path."""
     settings.validate()
+    check_num_workers(num_workers)
+    check_splits_exist(dataset, (split,))
     path = beton_path(out_dir, dataset, split, settings)
     try:
         source = load_split(dataset, split, data_root)
@@ -443,7 +483,14 @@ def _prepare_locked(source, dataset, split, path, settings, num_workers, force, 
 
 def prepare(dataset: str, splits: str, out_dir, data_root=None, settings=PrepareSettings(), **kwargs) -> dict:
     """``splits``: 'train', 'test' or 'all'. Returns {split: path}."""
+    if splits not in ("train", "test", "all"):
+        raise ConfigError(f"unknown split '{splits}': use train, test or all")
     wanted = {"all": ("train", "test")}.get(splits, (splits,))
+    # every argument and every split is checked before the first file is written
+    settings.validate()
+    check_num_workers(kwargs.get("num_workers"))
+    check_dataset_name(dataset)
+    check_splits_exist(dataset, wanted)
     return {split: prepare_split(dataset, split, out_dir, data_root, settings, **kwargs) for split in wanted}
 
 

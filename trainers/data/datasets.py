@@ -556,7 +556,13 @@ def dataset_names() -> list[str]:
 
 
 def check_dataset_name(name: str) -> str:
-    if name.startswith("imagefolder:") or name in REGISTRY:
+    if name.startswith("imagefolder:"):
+        if not name.split(":", 1)[1].strip():
+            # an empty path would resolve to the current folder
+            raise ConfigError(f"data set '{name}': imagefolder: needs a path: write imagefolder:<path>, "
+                              "e.g. imagefolder:/data/pets")
+        return name
+    if name in REGISTRY:
         return name
     close = difflib.get_close_matches(name, list(REGISTRY), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
