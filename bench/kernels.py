@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.recipes import bench_config  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
 from throughput import CASES, TEACHER_METHODS, ceiling_inputs  # noqa: E402
@@ -70,7 +71,7 @@ def trainer_kernels(method: str, crops: str, batch: int, backbone: str, data_roo
         overrides.append("method.queue_length=0")
     if data_root:
         overrides.append(f"data.data_root={data_root}")
-    config = load_config(ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml", overrides)
+    config = load_config(bench_config(method), overrides)
     trainer = Trainer(config, progress=False, log=lambda *_: None)
     trainer.setup()
     trainer.method.train()

@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.recipes import bench_config  # noqa: E402
 
 from trainers.backbones import build_backbone  # noqa: E402
 from trainers.data.augment import parse_crop_spec  # noqa: E402
@@ -49,7 +50,7 @@ class PILImages(torch.utils.data.Dataset):
 
 def build(method: str, crops: str, backbone_name: str, device, spec: dict | None = None):
     """lightly's transform, heads and loss for ``method``, sized like our recipe (``spec``: our config's
-    ``method`` section, default configs/pretrain/<method>_cifar10.yaml) so only the code differs."""
+    ``method`` section, default bench/recipes.py's config for <method>) so only the code differs."""
     from lightly.loss import DINOLoss, SwaVLoss
     from lightly.models.modules import DINOProjectionHead, SwaVProjectionHead, SwaVPrototypes
     from lightly.transforms import DINOTransform, SwaVTransform
@@ -108,10 +109,10 @@ def build(method: str, crops: str, backbone_name: str, device, spec: dict | None
 
 
 def recipe(method: str) -> dict:
-    """Our recipe's resolved ``method`` section (heads, temperatures) for configs/pretrain/<method>_cifar10.yaml."""
+    """Our recipe's resolved ``method`` section (heads, temperatures) for bench/recipes.py's config of ``method``."""
     from trainers.config import load_config
 
-    return load_config(ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml").to_dict()["method"]
+    return load_config(bench_config(method)).to_dict()["method"]
 
 
 def measure(method, crops, batch, device, backbone_name, workers, window, windows, data_root):

@@ -12,7 +12,10 @@ for method in swav dino sdmp supcon simclr; do
   # the recipe's queue starts at epoch 30; start it early in a short run
   [ "$method" = swav ] && extra=(--set method.queue_start_epoch=$((epochs / 2)))
   [ "$method" = dino ] && extra=(--set method.warmup_teacher_temperature_epochs=$((epochs / 2)))
-  sslab pretrain --local --quiet --name "smoke-$method-$epochs" --config "configs/pretrain/${method}_cifar10.yaml" \
+  # our faster variants (bench/recipes.py), not solo-learn's 1000-epoch <method>_cifar10.yaml
+  case $method in swav|dino) config=${method}_cifar10_multicrop ;; supcon|simclr) config=${method}_cifar10_200ep ;;
+    *) config=${method}_cifar10 ;; esac
+  sslab pretrain --local --quiet --name "smoke-$method-$epochs" --config "configs/pretrain/${config}.yaml" \
     --set train.epochs="$epochs" --set optim.warmup_epochs=1 --set knn.every_epochs="$epochs" \
     --set train.resume=null "${extra[@]}" 2>&1 | grep -v -i warn | tail -12
 done

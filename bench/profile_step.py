@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.recipes import bench_config  # noqa: E402
 
 from trainers.config import load_config  # noqa: E402
 from trainers.loop import Trainer  # noqa: E402
@@ -85,7 +86,7 @@ def main() -> int:
         overrides.append("method.queue_length=0")
     if args.data_root:
         overrides.append(f"data.data_root={args.data_root}")
-    config = load_config(ROOT / "configs" / "pretrain" / f"{config_name}_cifar10.yaml", overrides)
+    config = load_config(bench_config(config_name), overrides)
     trainer = Trainer(config, progress=False, log=lambda msg: print(msg, file=sys.stderr))
     trainer.setup()
     trainer.method.train()

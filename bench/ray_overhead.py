@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.recipes import bench_config  # noqa: E402
 
 from trainers.config import load_config  # noqa: E402
 
@@ -55,7 +56,7 @@ def main() -> int:
                  f"train.device={'cuda' if gpu else 'cpu'}", "train.resume=null", "optim.warmup_epochs=0"]
     if args.method == "swav":
         overrides.append("method.queue_length=0")
-    config_path = ROOT / "configs" / "pretrain" / f"{args.method}_cifar10.yaml"
+    config_path = bench_config(args.method)
 
     from trainers.loop import Trainer
 

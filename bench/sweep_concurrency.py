@@ -48,7 +48,7 @@ def main() -> int:
     spec_path = scratch / "sweep.yaml"
     spec_path.write_text(f"""
 name: concurrency
-base: {ROOT / 'configs' / 'pretrain' / 'swav_cifar10.yaml'}
+base: {ROOT / 'configs' / 'pretrain' / 'swav_cifar10_multicrop.yaml'}
 set: [model.backbone={backbone}, data.batch_size={batch}, data.train_subset={subset}, data.crops=2x32,
       train.epochs={args.epochs}, optim.warmup_epochs=0, method.queue_length=0, knn.every_epochs=1,
       knn.max_train=2000, knn.max_test=500, "knn.k=[20]", train.device={'cuda' if gpu else 'cpu'}]

@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.recipes import bench_config  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
 from trainers.backbones import build_backbone  # noqa: E402
@@ -113,7 +114,7 @@ def ours(method: str, crops: str, batch: int, device: torch.device, backbone: st
         overrides.append("method.queue_length=0")
     if data_root:
         overrides.append(f"data.data_root={data_root}")
-    config = load_config(ROOT / "configs" / "pretrain" / f"{method}_cifar10.yaml", overrides)
+    config = load_config(bench_config(method), overrides)
     trainer = Trainer(config, progress=False, log=lambda *_: None)
     result = trainer.fit()
     rates = [row["img_per_s"] for row in result.history if "img_per_s" in row]

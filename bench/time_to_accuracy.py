@@ -5,7 +5,7 @@ target, online kNN time included. Prints and saves the whole curve.
   python bench/time_to_accuracy.py --method swav --device cuda                  # target 0.842, 8 min
   python bench/time_to_accuracy.py --method dino --target 0.813 --device cuda
   python bench/time_to_accuracy.py --device cpu --budget-s 300 --set model.backbone=resnet_mini   # smoke
-Set the recipe with --config / --set (defaults: configs/pretrain/<method>_cifar10.yaml with kNN every
+Set the recipe with --config / --set (defaults: bench/recipes.py's variant of <method> with kNN every
 --knn-every epochs). Writes bench/results/tta-<method>-<device>.json.
 """
 
@@ -21,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.recipes import bench_config  # noqa: E402
 
 from trainers.config import load_config  # noqa: E402
 
@@ -42,7 +43,7 @@ def main() -> int:
     parser.add_argument("--knn-every", type=int, default=2, help="epochs between online kNN evaluations")
     args = parser.parse_args()
     target = args.target or LIGHTLY_200_EPOCHS.get(args.method, 0.8)
-    config_path = args.config or ROOT / "configs" / "pretrain" / f"{args.method}_cifar10.yaml"
+    config_path = args.config or bench_config(args.method)
     overrides = [f"train.device={args.device}", "knn.k=[200]", "knn.temperature=0.1", "knn.max_train=null",
                  "knn.max_test=null", f"knn.every_epochs={args.knn_every}", "train.resume=null",
                  f"train.out_dir={ROOT / '.state' / 'bench' / f'tta-{args.method}'}", *args.set]

@@ -350,12 +350,14 @@ def _pretrain_on_ray(args, config) -> int:
 
 
 def _metric_rows(m: dict) -> list[tuple[str, str]]:
-    """Final loss, kNN top-1 per k and throughput, for the result tables."""
+    """Final loss, kNN top-1 per k, the online linear probe's top-1 and throughput, for the result tables."""
     rows = []
     if "loss" in m:
         rows.append(("final loss", f"{m['loss']:.4f}"))
     for key in sorted(k for k in m if k.startswith("knn_top1")):
         rows.append((f"kNN top-1 ({key.rsplit('_', 1)[-1].replace('k', 'k=')})", f"{m[key]:.2%}"))
+    if "online_linear_top1" in m:
+        rows.append(("online linear top-1", f"{m['online_linear_top1']:.2%}"))
     if "img_per_s" in m:
         rows.append(("throughput", f"{m['img_per_s']:,.0f} img/s"))
     return rows

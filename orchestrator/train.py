@@ -273,7 +273,8 @@ def worker_loop(loop_config: dict) -> None:
             _inject_fault(fault[0], fault[1], step, fault_folder)
 
     def report(step: int, metrics: dict, path: Path | None, final: bool = False) -> None:
-        knn = {k: v for k, v in metrics.items() if k.startswith("knn_")}
+        # the held-out evaluations (online kNN, online linear probe) come with epoch ends, not with on_log
+        knn = {k: v for k, v in metrics.items() if k.startswith(("knn_", "online_linear_top"))}
         last_knn.update(knn)
         if metric_logger is not None and knn:
             metric_logger.log_row(step, knn)
@@ -432,14 +433,14 @@ def _finish_mlflow_run(uri: str, run_id: str, checkpoint_dir: Path | None, confi
 
 
 def plot_history(history: list, path: Path, title: str = "") -> Path | None:
-    """Loss (and kNN top-1 when present) against the global step."""
+    """Loss (and kNN / online linear probe top-1 when present) against the global step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    knn_keys = sorted({k for r in history for k in r if k.startswith("knn_top1_")})
+    knn_keys = sorted({k for r in history for k in r if k.startswith("knn_top1_") or k == "online_linear_top1"})
     if not losses:
         return None
     fig, axes = plt.subplots(1, 2 if knn_keys else 1, figsize=(10 if knn_keys else 5, 3.6), squeeze=False)
@@ -447,9 +448,10 @@ def plot_history(history: list, path: Path, title: str = "") -> Path | None:
     axes[0][0].set(xlabel="step", ylabel="loss", title=f"{title} loss")
     for key in knn_keys:
         points = [(r["step"], 100 * r[key]) for r in history if key in r]
-        axes[0][1].plot(*zip(*points), marker="o", label=key.replace("knn_top1_", "k="))
+        axes[0][1].plot(*zip(*points), marker="o", label=key.replace("knn_top1_", "kNN k=").replace(
+            "online_linear_top1", "linear probe"))
     if knn_keys:
-        axes[0][1].set(xlabel="step", ylabel="kNN top-1 (%)", title="online kNN")
+        axes[0][1].set(xlabel="step", ylabel="top-1 (%)", title="online kNN / linear probe")
         axes[0][1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

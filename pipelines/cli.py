@@ -165,10 +165,12 @@ def _check_device(name: str, check_device_name) -> None:
 
 
 def eval_settings(args) -> dict:
-    """The evaluation's settings from the command line, every value checked (nothing has run yet)."""
-    from pipelines.spec import DEFAULTS, SEED_LIMIT, check_number, dataset_entry
+    """The evaluation's settings from the command line, every value checked and the protocol spelled out
+    (pipelines.stages.resolve_settings), before anything has run."""
+    from pipelines.spec import DEFAULTS, SEED_LIMIT, check_number, dataset_entry, example_value
+    from pipelines.stages import resolve_settings
     from trainers.errors import ConfigError
-    from trainers.evaluate import FinetuneSettings, LinearSettings
+    from trainers.evaluate import LINEAR_PROTOCOLS, SEMI_PROTOCOLS, check_protocol
     from trainers.loop import check_device_name
 
     if args.device is not None:
@@ -177,19 +179,16 @@ def eval_settings(args) -> dict:
     settings = dict(DEFAULTS.get(args.kind, {}))
     for key, bounds in (("epochs", {"integer": True, "minimum": 1}), ("batch_size", {"integer": True, "minimum": 1}),
                         ("min_steps", {"integer": True, "minimum": 0}), ("lr", {"above": 0}),
-                        ("weight_decay", {"minimum": 0})):
+                        ("head_lr", {"above": 0}), ("weight_decay", {"minimum": 0})):
         value = getattr(args, key, None)
         if value is not None:
             flag = "--" + key.replace("_", "-")
-            settings[key] = check_number(value, flag, **bounds, example=f"{flag} {DEFAULTS[args.kind][key]}")
-    if args.kind in ("linear", "transfer"):
-        LinearSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
-                       batch_size=settings["batch_size"], seed=args.seed).validate()
-    if args.kind == "semi":
-        FinetuneSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
-                         batch_size=settings["batch_size"], min_steps=settings["min_steps"], seed=args.seed).validate()
-        if args.fractions:
-            settings["fractions"] = _eval_fractions(args.fractions)
+            settings[key] = check_number(value, flag, **bounds, example=f"{flag} {example_value(args.kind, key)}")
+    if getattr(args, "protocol", None) is not None:
+        options = LINEAR_PROTOCOLS if args.kind == "linear" else SEMI_PROTOCOLS
+        settings["protocol"] = check_protocol(args.protocol, options, "--protocol")
+    if args.kind == "semi" and args.fractions:
+        settings["fractions"] = _eval_fractions(args.fractions)
     if args.kind == "transfer":
         settings["datasets"] = [dataset_entry(name, "eval") for name in args.dataset.split(",")]
     else:
@@ -200,7 +199,7 @@ def eval_settings(args) -> dict:
         if (out / f"{args.kind}.json").is_dir():
             raise ConfigError(f"--out {args.out}: {out / (args.kind + '.json')} is a folder, where the result file "
                               f"goes: pass another --out or move it away")
-    return settings
+    return resolve_settings(args.kind, settings)
 
 
 def cmd_eval(args) -> int:
@@ -233,9 +232,9 @@ def add_eval_commands(subparsers, formatter, add_data_root) -> None:
                                      formatter_class=formatter)
     sub = evaluate.add_subparsers(dest="kind", required=True, metavar="{knn,linear,semi,transfer}")
     helps = {"knn": "weighted kNN on frozen features (k=20/T=0.07, k=200/T=0.1)",
-             "linear": "linear probe on frozen, pre-extracted features (SGD, cosine)",
-             "semi": "fine-tune on 1%% and 10%% of the labels (stratified), top-1 on the test split",
-             "transfer": "linear probe on other data sets (--dataset a,b,c)"}
+             "linear": "linear probe: frozen_features (fast, cached features) or augmented (crops each epoch)",
+             "semi": "fine-tune on 1%% and 10%% of the labels (stratified), SwAV's protocol; top-1 on the test split",
+             "transfer": "frozen-features linear probe on other data sets (--dataset a,b,c)"}
     for kind, text in helps.items():
         p = sub.add_parser(kind, help=text, formatter_class=formatter)
         p.add_argument("--backbone", required=True, help="backbone.pt, a run folder holding one, or an MLflow run id")
@@ -246,16 +245,22 @@ def add_eval_commands(subparsers, formatter, add_data_root) -> None:
         p.add_argument("--out", default=None, help="also write the result (and semi subsets) to this folder")
         p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
         add_data_root(p)
-        if kind in ("linear", "transfer", "semi"):
-            from pipelines.spec import DEFAULTS
-
-            d = DEFAULTS[kind]
-            p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs")
-            p.add_argument("--lr", type=float, default=d["lr"], help="learning rate (batch 256, SGD + cosine)")
-            p.add_argument("--batch-size", type=int, default=d["batch_size"], help="batch size")
-            p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="weight decay")
+        if kind == "linear":
+            p.add_argument("--protocol", default=None, help="frozen_features (None: this one) or augmented: "
+                                                            "random-resized-crop + flip of the images each epoch")
         if kind == "semi":
+            p.add_argument("--protocol", default=None, help="swav (None: this one, SwAV's eval_semisup.py)")
+        if kind in ("linear", "transfer", "semi"):
+            p.add_argument("--epochs", type=int, default=None, help="epochs (None: the protocol's)")
+            p.add_argument("--lr", type=float, default=None,
+                           help="learning rate" + (" of the trunk (None: SwAV's for the fraction)" if kind == "semi"
+                                                   else " at batch 256 (None: the protocol's)"))
+            p.add_argument("--batch-size", type=int, default=None, help="batch size (None: the protocol's)")
+            p.add_argument("--weight-decay", type=float, default=None, help="weight decay (None: the protocol's)")
+        if kind == "semi":
+            p.add_argument("--head-lr", type=float, default=None,
+                           help="learning rate of the new linear head (None: SwAV's for the fraction)")
             p.add_argument("--fractions", default="0.01,0.1", help="label fractions, comma-separated")
-            p.add_argument("--min-steps", type=int, default=DEFAULTS["semi"]["min_steps"],
-                           help="at least this many steps per fraction (small subsets)")
+            p.add_argument("--min-steps", type=int, default=None,
+                           help="at least this many steps per fraction (small subsets; None: 200)")
         p.set_defaults(func=cmd_eval)

@@ -173,9 +173,13 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ stages
     def _settings(self, stage: StageSpec) -> dict:
+        """The stage's settings as it runs them: an evaluation's data set filled in and its protocol spelled
+        out (name and every setting, pipelines.stages.resolve_settings): what is hashed and logged as params."""
         settings = dict(stage.settings)
         if stage.kind in ("knn", "linear", "semi") and not settings.get("dataset"):
             settings["dataset"] = self.outcomes[stage.inputs["backbone"]].result["extra"]["dataset"]
+        if stage.kind in EVAL_KINDS:
+            settings = stage_impl.resolve_settings(stage.kind, settings)
         return settings
 
     def _key(self, stage: StageSpec, settings: dict) -> str:

@@ -11,14 +11,20 @@
       prepare: {datasets: [fashion-mnist, digits]}
       pretrain: {config: ../pretrain/swav_fashion-mnist.yaml, set: [train.epochs=2], workers: 1}
       knn: {backbone: pretrain}
-      linear: {backbone: pretrain, epochs: 30}
-      semi: {backbone: pretrain, fractions: [0.01, 0.1]}
+      linear: {backbone: pretrain, protocol: frozen_features, epochs: 30}   # or protocol: augmented
+      semi: {backbone: pretrain, protocol: swav, fractions: [0.01, 0.1]}
       transfer: {backbone: pretrain, datasets: [digits, {name: cifar10, optional: true}]}
       report: {}
 
 Paths in a pipeline file are relative to that file. Inputs name earlier stages: ``backbone``
 (knn, linear, semi, transfer; default: the pretrain stage), ``from_sweep`` (pretrain: train the
 best config of a sweep stage), ``inputs`` (report; default: every earlier stage).
+
+Evaluation protocols (trainers/evaluate.py): ``linear`` takes ``protocol: frozen_features`` (the
+default: a fast probe on cached features) or ``augmented`` (random-resized-crop + flip each epoch,
+solo-learn's settings on 32-px data, DINO's on larger images); ``semi`` follows SwAV (``protocol:
+swav``). Their ``epochs``, ``lr`` (``head_lr``), ``weight_decay``, ``batch_size`` (``min_steps``)
+default to the protocol's; the stage's MLflow params and result hold the protocol's every setting.
 """
 
 from __future__ import annotations
@@ -43,21 +49,31 @@ SETTINGS = {
     "sweep": {"config", "set"},
     "pretrain": {"config", "set", "workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "from_sweep"},
     "knn": {"backbone", "dataset", "batch_size"},
-    "linear": {"backbone", "dataset", "epochs", "lr", "weight_decay", "batch_size"},
-    "semi": {"backbone", "dataset", "fractions", "epochs", "lr", "weight_decay", "batch_size", "min_steps"},
+    "linear": {"backbone", "dataset", "protocol", "epochs", "lr", "weight_decay", "batch_size"},
+    "semi": {"backbone", "dataset", "protocol", "fractions", "epochs", "lr", "head_lr", "weight_decay", "batch_size",
+             "min_steps"},
     "transfer": {"backbone", "datasets", "epochs", "lr", "weight_decay", "batch_size"},
     "report": {"inputs"},
 }
+# Evaluation settings left None take their protocol's value for the stage's data set
+# (trainers.evaluate.linear_protocol / semi_protocol; semi's lr and head_lr: per label fraction).
 DEFAULTS = {
     "knn": {"batch_size": 512},
-    "linear": {"epochs": 100, "lr": 0.1, "weight_decay": 0.0, "batch_size": 256},
-    "semi": {"fractions": [0.01, 0.1], "epochs": 30, "lr": 0.01, "weight_decay": 5e-4, "batch_size": 256,
-             "min_steps": 200},
-    "transfer": {"epochs": 100, "lr": 0.1, "weight_decay": 0.0, "batch_size": 256},
+    "linear": {"protocol": "frozen_features", "epochs": None, "lr": None, "weight_decay": None, "batch_size": None},
+    "semi": {"protocol": "swav", "fractions": [0.01, 0.1], "epochs": None, "lr": None, "head_lr": None,
+             "weight_decay": None, "batch_size": None, "min_steps": None},
+    "transfer": {"epochs": None, "lr": None, "weight_decay": None, "batch_size": None},
     "pretrain": {"set": [], "workers": 1, "cpus_per_worker": 1.0, "gpus_per_worker": None, "max_failures": 2},
     "sweep": {"set": []},
 }
 INPUT_KEYS = {"backbone": ("pretrain",), "from_sweep": ("sweep",)}
+EXAMPLES = {"epochs": 100, "batch_size": 256, "min_steps": 200, "lr": 0.1, "head_lr": 0.2, "weight_decay": 0.0,
+            "workers": 1}  # for messages, where a default is "the protocol's"
+
+
+def example_value(kind: str, key: str):
+    value = DEFAULTS.get(kind, {}).get(key)
+    return EXAMPLES.get(key, 1) if value is None else value
 
 
 @dataclass
@@ -359,14 +375,20 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
                          example="0.01 for 1% of the labels")
         values["fractions"] = fractions
     for key in ("epochs", "batch_size", "min_steps", "workers"):
-        if key in values:
+        if values.get(key) is not None:  # None: the evaluation protocol's value
             check_number(values[key], f"stage '{name}': {key}", integer=True, minimum=0 if key == "min_steps" else 1,
-                         example=DEFAULTS.get(kind, {}).get(key, 1))
-    if "lr" in values:
-        check_number(values["lr"], f"stage '{name}': lr", above=0, example=DEFAULTS[kind]["lr"])
-    if "weight_decay" in values:
+                         example=example_value(kind, key))
+    for key in ("lr", "head_lr"):
+        if values.get(key) is not None:
+            check_number(values[key], f"stage '{name}': {key}", above=0, example=example_value(kind, key))
+    if values.get("weight_decay") is not None:
         check_number(values["weight_decay"], f"stage '{name}': weight_decay", minimum=0,
-                     example=DEFAULTS[kind]["weight_decay"])
+                     example=example_value(kind, "weight_decay"))
+    if kind in ("linear", "semi"):
+        from trainers.evaluate import LINEAR_PROTOCOLS, SEMI_PROTOCOLS, check_protocol
+
+        values["protocol"] = check_protocol(values["protocol"], LINEAR_PROTOCOLS if kind == "linear"
+                                            else SEMI_PROTOCOLS, f"stage '{name}': protocol")
     return StageSpec(name, kind, values, inputs, resources)
 
 

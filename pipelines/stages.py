@@ -116,30 +116,107 @@ def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0
     test_x, test_y, _ = features(backbone_path, dataset, "test", data_root, device, settings["batch_size"], log)
     result = knn_suite(train_x, train_y, test_x, test_y, len(classes))
     sweep = result.pop("knn_sweep")
-    return {"metrics": result, "extra": {"knn_sweep": {str(k): v for k, v in sweep.items()}, "dataset": dataset},
+    return {"metrics": result, "extra": {"knn_sweep": {str(k): v for k, v in sweep.items()}, "dataset": dataset,
+                                         "protocol": protocol_record("knn", resolve_settings("knn", settings))},
             "files": {}}
 
 
+# --------------------------------------------------------------------------- protocols
+LINEAR_KEYS = ("epochs", "lr", "weight_decay", "batch_size")  # what a stage may set over its protocol
+SEMI_KEYS = ("epochs", "lr", "head_lr", "weight_decay", "batch_size", "min_steps")
+
+
+def resolve_settings(kind: str, settings: dict) -> dict:
+    """The stage's settings with its evaluation protocol spelled out: the protocol's name and every
+    setting it fixes (schedule, crops, test view, ...), the stage's own values (None: the protocol's).
+    What the runner hashes and logs as the stage's MLflow params; resolving twice changes nothing.
+
+    ``semi``: ``lr`` / ``head_lr`` None means SwAV's per-fraction values, listed in ``lrs``
+    (``{"semi1": [trunk, head], ...}``); the other settings are those of every fraction."""
+    from trainers.evaluate import KNN_PROTOCOL, FinetuneSettings, LinearSettings
+
+    out = dict(settings)
+    if kind == "knn":
+        out.update(KNN_PROTOCOL)
+    elif kind in ("linear", "transfer"):
+        protocol = out.get("protocol") or "frozen_features"  # transfer: always the fast probe
+        dataset = out.get("dataset") or ""
+        probe = LinearSettings.for_protocol(protocol, dataset, **{k: out.get(k) for k in LINEAR_KEYS}).validate()
+        out.update(probe.record())
+    elif kind == "semi":
+        protocol, dataset = out.get("protocol") or "swav", out.get("dataset") or ""
+        lrs, tune = {}, None
+        for fraction in out["fractions"]:
+            tune = FinetuneSettings.for_fraction(protocol, dataset, fraction,
+                                                 **{k: out.get(k) for k in SEMI_KEYS}).validate()
+            lrs[fraction_name(fraction)] = [tune.lr, tune.head_lr]
+        out.update({k: v for k, v in tune.record().items() if k not in ("lr", "head_lr")})
+        out["lrs"] = lrs
+    return out
+
+
+def protocol_record(kind: str, settings: dict) -> dict:
+    """The protocol part of resolved settings, with its reference: what a stage's result JSON holds."""
+    from trainers.evaluate import KNN_PROTOCOL, FinetuneSettings, LinearSettings, protocol_reference
+
+    fields = {"knn": list(KNN_PROTOCOL), "linear": list(LinearSettings.__dataclass_fields__),
+              "transfer": list(LinearSettings.__dataclass_fields__),
+              "semi": list(FinetuneSettings.__dataclass_fields__) + ["lrs"]}[kind]
+    record = {k: settings[k] for k in fields if k in settings and k != "seed"}
+    record["reference"] = protocol_reference(settings["protocol"], settings.get("dataset") or "")
+    if kind == "semi":
+        record["label_subset"] = "stratified: class-proportional, fixed seed (stratified_subset), indices saved"
+    return record
+
+
+def _linear_settings(settings: dict, seed: int):
+    from trainers.evaluate import LinearSettings
+
+    names = set(LinearSettings.__dataclass_fields__) - {"seed"}
+    values = {k: settings[k] for k in names}
+    values["decay_at"] = tuple(values["decay_at"])
+    values["crop_scale"] = tuple(values["crop_scale"]) if values["crop_scale"] is not None else None
+    return LinearSettings(**values, seed=seed)
+
+
 def _probe(settings: dict, backbone_path: str, dataset: str, data_root, device, prefix: str, seed: int, log: Log):
-    from trainers.evaluate import LinearSettings, linear_probe
+    from trainers.evaluate import linear_probe
 
     batch = settings.get("feature_batch_size", 512)
     train_x, train_y, classes = features(backbone_path, dataset, "train", data_root, device, batch, log)
     test_x, test_y, _ = features(backbone_path, dataset, "test", data_root, device, batch, log)
-    probe = LinearSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
-                           batch_size=settings["batch_size"], seed=seed)
+    probe = _linear_settings(settings, seed)
     result = linear_probe(train_x, train_y, test_x, test_y, len(classes), probe, prefix=prefix, device=device)
     return result, classes
 
 
+def _augmented_probe(settings: dict, backbone_path: str, dataset: str, data_root, device, prefix: str, seed: int,
+                     log: Log):
+    from trainers.data.augment import normalization_for
+    from trainers.evaluate import BackboneSpec, augmented_linear_probe, load_images
+
+    train = load_images(dataset, "train", data_root=data_root, log=log)
+    test = load_images(dataset, "test", data_root=data_root, log=log)
+    backbone, dim, info = _load_backbone(backbone_path, device)
+    mean, std = normalization_for(dataset)
+    spec = BackboneSpec(info["image_size"], mean, std, device, settings.get("feature_batch_size", 512))
+    probe = _linear_settings(settings, seed)
+    log(f"linear: augmented probe, {probe.epochs} epochs over {len(train.labels):,} {dataset} images")
+    return augmented_linear_probe(backbone, dim, train, test, spec, probe, prefix=prefix), train.classes
+
+
 def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
-    result, classes = _probe(settings, backbone_path, settings["dataset"], data_root, device, "linear", seed, log)
+    settings = resolve_settings("linear", settings)
+    probe = _augmented_probe if settings["protocol"] == "augmented" else _probe
+    result, classes = probe(settings, backbone_path, settings["dataset"], data_root, device, "linear", seed, log)
     per_class = result.pop("per_class")
-    return {"metrics": result, "extra": {"per_class": dict(zip(classes, per_class)), "dataset": settings["dataset"]},
+    return {"metrics": result, "extra": {"per_class": dict(zip(classes, per_class)), "dataset": settings["dataset"],
+                                         "protocol": protocol_record("linear", settings)},
             "files": {}}
 
 
 def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+    settings = resolve_settings("transfer", settings)
     metrics, per_dataset, skipped = {}, {}, []
     for entry in settings["datasets"]:
         name = entry["name"]
@@ -157,7 +234,8 @@ def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: in
     if not per_dataset:
         raise ConfigError("transfer: none of the listed data sets is on this machine: pass data_root or list one "
                           "that is (digits always is)")
-    return {"metrics": metrics, "extra": {"top1": per_dataset, "skipped": skipped}, "files": {}}
+    return {"metrics": metrics, "extra": {"top1": per_dataset, "skipped": skipped,
+                                          "protocol": protocol_record("transfer", settings)}, "files": {}}
 
 
 def fraction_name(fraction: float) -> str:
@@ -168,6 +246,7 @@ def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 
     from trainers.data.augment import normalization_for
     from trainers.evaluate import BackboneSpec, FinetuneSettings, finetune, load_images, stratified_subset
 
+    settings = resolve_settings("semi", settings)
     dataset = settings["dataset"]
     train = load_images(dataset, "train", data_root=data_root, log=log)
     test = load_images(dataset, "test", data_root=data_root, log=log)
@@ -178,15 +257,20 @@ def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 
         indices = stratified_subset(train.labels.numpy(), fraction, seed)
         backbone, dim, info = _load_backbone(backbone_path, device)  # each fraction starts from the pretrained weights
         spec = BackboneSpec(info["image_size"], mean, std, device, 512)
-        tune = FinetuneSettings(epochs=settings["epochs"], lr=settings["lr"], weight_decay=settings["weight_decay"],
-                                batch_size=settings["batch_size"], min_steps=settings["min_steps"], seed=seed)
-        log(f"semi: fine-tuning on {len(indices):,} labels ({fraction:.0%}) of {dataset}")
+        trunk, head = settings["lrs"][name]
+        tune = FinetuneSettings.for_fraction(settings["protocol"], dataset, fraction, lr=trunk, head_lr=head,
+                                             **{k: settings[k] for k in SEMI_KEYS if k not in ("lr", "head_lr")},
+                                             seed=seed)
+        log(f"semi: fine-tuning on {len(indices):,} labels ({fraction:.0%}) of {dataset}, trunk lr {trunk:g}, "
+            f"head lr {head:g}")
         result = finetune(backbone, dim, train, indices, test, spec, tune, prefix=name)
         result.pop("per_class")
+        plan = result.pop("plan")
         metrics.update(result)
         files[f"{name}_indices.txt"] = "\n".join(map(str, indices.tolist())) + "\n"
-        extra[name] = {"labels": len(indices), "fraction": fraction}
-    return {"metrics": metrics, "extra": {"subsets": extra, "dataset": dataset}, "files": files}
+        extra[name] = {"labels": len(indices), "fraction": fraction, "lr": trunk, "head_lr": head, **plan}
+    return {"metrics": metrics, "extra": {"subsets": extra, "dataset": dataset,
+                                          "protocol": protocol_record("semi", settings)}, "files": files}
 
 
 EVALUATIONS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "transfer": run_transfer}

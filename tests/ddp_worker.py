@@ -15,6 +15,8 @@ from trainers.losses import sdmp_targets  # noqa: E402
 from trainers.methods.dino import update_center  # noqa: E402
 from trainers.methods.mixing import mixup  # noqa: E402
 from trainers.methods.sdmp import info_nce  # noqa: E402
+from trainers.distributed import convert_sync_batchnorm  # noqa: E402
+from trainers.probe import OnlineLinearProbe  # noqa: E402
 
 
 def global_batch():
@@ -26,6 +28,40 @@ def global_batch():
     features = torch.nn.functional.normalize(torch.randn(12, 2, 8, generator=g), dim=-1)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 4, 0, 5, 1])
     return prototypes, crops, teacher, features, labels
+
+
+def bn_net(sync: bool) -> torch.nn.Module:
+    """conv -> BN2d -> ReLU -> pool -> linear -> BN1d, the same weights everywhere (BN affine not 1/0)."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5),
+                              torch.nn.BatchNorm1d(5))
+    with torch.no_grad():
+        for module in net:
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return convert_sync_batchnorm(net, "cpu")[0] if sync else net
+
+
+def batch_norm_results(share: slice, sync: bool) -> dict:
+    """Two training steps' forward/backward of ``bn_net`` on this rank's share of 12 images."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 12, 3, 4, 4, generator=g) * 3 + 1  # mean and scale far from 0 / 1
+    weights = torch.randn(2, 12, 5, generator=g)  # a loss that is a sum over samples
+    net = bn_net(sync)
+    grads, outputs, input_grads = [], [], []
+    for step in range(2):
+        x = images[step, share].clone().requires_grad_()
+        out = net(x)
+        (out * weights[step, share]).sum().backward()
+        outputs.append(out.detach())
+        input_grads.append(x.grad)
+    grads = torch.cat([p.grad.reshape(-1) for p in net.parameters()])  # summed over both steps
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    return {"bn_out": torch.cat(outputs, dim=1), "bn_input_grad": torch.cat(input_grads, dim=1),
+            "bn_param_grad": grads, "bn_buffers": buffers,
+            "bn_eval": net.eval()(images[0]).detach()}  # eval mode: the running statistics, no sync
 
 
 def compute(rank: int, world_size: int) -> dict:
@@ -46,7 +82,19 @@ def compute(rank: int, world_size: int) -> dict:
             "center": update_center(torch.zeros(16), [t[share] for t in teacher], 0.9),
             "supcon": loss.detach(), "supcon_grad": local_features.grad, "simclr": simclr,
             "partners": partners, "mixed": mixed, "source_rows": source[share], "mixed_rows": mixed_targets[share],
-            "moco": info_nce(crops[0][share], crops[1][share], 0.2)}
+            "moco": info_nce(crops[0][share], crops[1][share], 0.2),
+            **batch_norm_results(share, sync=world_size > 1),
+            "bn_unsynced_buffers": batch_norm_results(share, sync=False)["bn_buffers"],
+            "probe_weight": probe_after_two_steps(features[share], labels[share])}
+
+
+def probe_after_two_steps(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The online probe's weights after two SGD steps (momentum 0.9) on two views of this rank's share."""
+    probe = OnlineLinearProbe(8, 6, lr=0.5, momentum=0.9, seed=0)
+    views = torch.cat([features[:, 0], features[:, 1]])  # [V*B, D], view-major as the loop passes them
+    for _ in range(2):
+        probe.train_step(views * 3, labels, lr=0.5)
+    return torch.cat([probe.linear.weight.detach().reshape(-1), probe.linear.bias.detach()])
 
 
 if __name__ == "__main__":

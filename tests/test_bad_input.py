@@ -293,6 +293,8 @@ CASES = {
                          "optim.weight_decay must be a number >= 0, got nan", 2),
     "nan-knn-temperature": (["pretrain", "--local", "--set", "knn.temperature=.nan"], None,
                             "temperature > 0 needed", 2),
+    "probe-bad-lr": (["pretrain", "--local", "--set", "probe.lr=0"], None,
+                     "probe: lr > 0, momentum in [0, 1), weight_decay >= 0 and every_epochs >= 1 needed, got 0.0", 2),
     "too-many-loader-workers": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
                                  "data.loader=ffcv", "--set", "data.num_workers=100000"], None,
                                 "100000 loader workers are more than this machine's", 2),

@@ -85,6 +85,13 @@ PIPELINES = {
     "p21-ray-num-cpus-text": (_pipeline(ray={"num_cpus": "abc"}), [], "ray.num_cpus is 'abc': give an integer >= 1"),
     "p21b-ray-unknown-key": (_pipeline(ray={"adress": "local"}), [],
                              "unknown key ray.adress (did you mean 'address'?): the keys are address"),
+    "p23-unknown-linear-protocol": (_with_pretrain(linear={"protocol": "augmentd"}), [],
+                                    "stage 'linear': protocol 'augmentd' is not one of frozen_features, augmented "
+                                    "(did you mean 'augmented'?)"),
+    "p23b-head-lr-negative": (_with_pretrain(semi={"head_lr": -1}), [],
+                              "stage 'semi': head_lr is -1: give a finite number > 0"),
+    "p23c-transfer-has-no-protocol": (_with_pretrain(transfer={"datasets": ["digits"], "protocol": "augmented"}), [],
+                                      "stage 'transfer' (transfer): unknown setting 'protocol'"),
     # a sweep stage's file is loaded (and refused) now, not after the stages before it ran
     "p22-sweep-stage-checked": (None, [], ("error: stage 'sweep': ", "metric 'knn_top1_k200' is not reported by "
                                            "the trials (did you mean 'knn_top1_k20'?)")),
@@ -174,6 +181,10 @@ EVALS = {
     "e26-weight-decay-nan": (["linear", "--weight-decay", "nan"], "--weight-decay is nan"),
     "e27-epochs-zero": (["linear", "--epochs", "0"], "--epochs is 0: give an integer >= 1"),
     "e28-min-steps-negative": (["semi", "--min-steps", "-1"], "--min-steps is -1: give an integer >= 0"),
+    "e45-unknown-protocol": (["linear", "--protocol", "augmentd"], "--protocol 'augmentd' is not one of "
+                                                                   "frozen_features, augmented (did you mean "
+                                                                   "'augmented'?)"),
+    "e46-head-lr-zero": (["semi", "--head-lr", "0"], "--head-lr is 0.0: give a finite number > 0"),
     "e23-out-a-file": (["knn", "--out", "{tmp}/taken"], "--out {tmp}/taken is a file, not a folder"),
     "e23b-out-under-a-file": (["knn", "--out", "{tmp}/taken/sub"], "{tmp}/taken is a file, so the folder cannot"),
     "e09-unknown-device": (["knn", "--device", "foo"], "device 'foo' is not one this trainer runs on"),
@@ -299,6 +310,9 @@ def test_good_eval_options_reach_the_evaluation(tmp_path, monkeypatch, capsys):
     kind, settings, device, seed = calls[0]
     assert (kind, device, seed) == ("semi", "cpu", 3)
     assert settings["fractions"] == [0.01, 0.1] and settings["lr"] == 0.02 and settings["dataset"] == "digits"
+    # SwAV's protocol spelled out: the trunk lr given, the head's per fraction (1%: 5, 10%: 0.2)
+    assert settings["protocol"] == "swav" and settings["lrs"] == {"semi1": [0.02, 5.0], "semi10": [0.02, 0.2]}
+    assert (settings["epochs"], settings["decay_at"], settings["gamma"]) == (20, [0.6, 0.8], 0.2)
     assert (out / "semi.json").is_file() and (out / "semi1_indices.txt").read_text() == "1\n"
 
 

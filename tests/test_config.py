@@ -22,7 +22,7 @@ def test_the_required_configs_are_shipped():
 def test_shipped_configs_are_valid(path):
     config = load_config(path)
     check_config(config)
-    method, dataset = path.stem.split("_", 1)
+    method, dataset, *variant = path.stem.split("_")  # <method>_<dataset>[_<variant>], e.g. swav_cifar10_multicrop
     assert config.method_name == method
     assert config.data.dataset == dataset
 

@@ -1,6 +1,9 @@
-"""Evaluation protocols: stratified subsets, kNN suite, linear probe, fine-tuning, reproducibility."""
+"""Evaluation protocols: stratified subsets, kNN suite, linear probes (frozen features, augmented),
+SwAV's fine-tuning schedule, the protocol in a stage's MLflow params, reproducibility."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from trainers.errors import ConfigError
-from trainers.evaluate import (KNN_SWEEP, LinearSettings, knn_suite, linear_probe, random_resized_flip,
+from trainers.evaluate import (KNN_SWEEP, BackboneSpec, FinetuneSettings, ImageSet, LinearSettings,
+                               augmented_linear_probe, eval_view, finetune, finetune_plan, knn_suite, linear_probe,
                                stratified_subset)
 from trainers.knn import knn_accuracy
 
@@ -72,12 +76,198 @@ def test_linear_probe_separates_clusters_and_is_deterministic():
     assert shuffled["linear_top1"] < 0.4  # labels carry the signal, not the probe
 
 
-def test_random_resized_flip_keeps_shape_and_mirrors():
-    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    out = random_resized_flip(x, (1.0, 1.0), torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    for i in range(2):  # full-size crops: either the image or its mirror, nothing else
-        assert torch.allclose(out[i], x[i], atol=1e-4) or torch.allclose(out[i], x[i].flip(-1), atol=1e-4)
+# --------------------------------------------------------------------------- protocols
+class _Recorder(torch.nn.Module):
+    """A frozen stand-in backbone that keeps every batch it is given: features = 2x2 average pools."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return F.adaptive_avg_pool2d(x, 2).flatten(1) * self.scale
+
+
+def _images(n, classes=2, size=8, seed=0, split="train"):
+    """uint8 images whose brightness tells the class (class c: mean ~ 60 + 120 c)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    noise = torch.randint(0, 60, (n, size, size, 3), generator=g)
+    images = (noise + 60 + 120 * labels.view(-1, 1, 1, 1)).clamp(0, 255).to(torch.uint8)
+    return ImageSet("toy", split, images, labels, [str(c) for c in range(classes)])
+
+
+SPEC = BackboneSpec(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_augmented_probe_draws_new_crops_each_epoch_and_a_fixed_view_at_test():
+    train, test = _images(1), _images(3, seed=1, split="test")
+    runs = []
+    for seed in (0, 0, 1):
+        backbone = _Recorder()
+        settings = LinearSettings.for_protocol("augmented", "digits", epochs=4, batch_size=1, seed=seed)
+        result = augmented_linear_probe(backbone, 12, train, test, SPEC, settings)
+        assert len(backbone.seen) == 4 + 1 and [v.shape[0] for v in backbone.seen] == [1, 1, 1, 1, 3]
+        runs.append((backbone.seen, result))
+    views, _ = runs[0]
+    whole = eval_view(train.images, SPEC)
+    for i in range(4):
+        assert not torch.allclose(views[i], whole, atol=1e-3), "a training view is a random crop, not the image"
+        for j in range(i):
+            assert not torch.allclose(views[i], views[j], atol=1e-3), f"epochs {j} and {i} drew the same crop"
+    # at test: exactly the whole image, resized and normalised - no randomness, whatever the seed
+    assert torch.equal(views[4], eval_view(test.images, SPEC, 1.0))
+    assert torch.equal(runs[2][0][4], views[4])
+    assert all(torch.equal(a, b) for a, b in zip(views, runs[1][0])), "same seed, same crops"
+    assert runs[0][1] == runs[1][1]
+    assert not torch.allclose(runs[2][0][0], views[0], atol=1e-3), "another seed, other crops"
+    # ImageNet-like data: DINO's test view, the central 7/8 (here 7 of 8 px), resized to the input size
+    backbone = _Recorder()
+    settings = LinearSettings.for_protocol("augmented", "tiny-imagenet", epochs=1, batch_size=1)
+    assert settings.test_crop == 0.875 and settings.schedule == "cosine_epoch" and settings.lr == 0.001
+    augmented_linear_probe(backbone, 12, train, test, SPEC, settings)
+    assert torch.equal(backbone.seen[-1], eval_view(test.images[:, :7, :7], SPEC))
+
+
+def test_augmented_probe_learns_with_solo_learn_step_schedule():
+    train, test = _images(64), _images(32, seed=1, split="test")
+    settings = LinearSettings.for_protocol("augmented", "cifar10", epochs=10, batch_size=16)
+    assert (settings.lr, settings.momentum, settings.nesterov, settings.weight_decay, settings.standardize) == \
+        (0.1, 0.9, False, 0.0, False)
+    lrs = []
+    result = augmented_linear_probe(_Recorder(), 12, train, test, SPEC, settings,
+                                    progress=lambda epoch, loss, lr: lrs.append(lr[0]))
+    # solo-learn: x0.1 at epochs 60 and 80 of 100, here 6 and 8 of 10
+    assert lrs == pytest.approx([0.1] * 6 + [0.01] * 2 + [0.001] * 2)
+    assert result["linear_top1"] == 1.0  # brightness separates the classes
+
+
+def test_semi_supervised_follows_swav_schedule_per_fraction(monkeypatch):
+    import trainers.evaluate as evaluate
+
+    seen = []
+    real_step = evaluate._sgd_step
+
+    def spy(optimizer, lrs, loss):
+        real_step(optimizer, lrs, loss)
+        seen.append([(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"], len(g["params"]))
+                     for g in optimizer.param_groups])
+
+    monkeypatch.setattr(evaluate, "_sgd_step", spy)
+    train, test = _images(20), _images(6, seed=1, split="test")
+    expected = {0.01: (0.02, 5.0), 0.1: (0.01, 0.2)}  # SwAV README: 1% / 10% labels
+    for fraction, (trunk, head) in expected.items():
+        seen.clear()
+        torch.manual_seed(0)
+        backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        settings = FinetuneSettings.for_fraction("swav", "cifar10", fraction, min_steps=0)
+        assert (settings.epochs, settings.batch_size, settings.gamma, settings.test_crop) == (20, 256, 0.2, 1.0)
+        result = finetune(backbone, 4, train, np.arange(20), test, SPEC, settings)
+        assert result["plan"] == {"batch_size": 20, "steps_per_epoch": 1, "epochs": 20, "decay_epochs": [12, 16]}
+        assert len(seen) == 20  # one update per epoch
+        for epoch, groups in enumerate(seen):
+            factor = 1.0 if epoch < 12 else 0.2 if epoch < 16 else 0.04
+            (trunk_lr, *trunk_rest), (head_lr, *head_rest) = groups
+            assert trunk_lr == pytest.approx(trunk * factor) and head_lr == pytest.approx(head * factor), epoch
+            assert trunk_rest == [0.9, False, 0.0, 2] and head_rest == [0.9, False, 0.0, 2]  # conv / head w, b
+    # a subset too small for min_steps updates in 20 epochs: longer, the decays keep their place (60%, 80%)
+    plan = finetune_plan(FinetuneSettings.for_fraction("swav", "cifar10", 0.01), 13)
+    assert plan == {"batch_size": 13, "steps_per_epoch": 1, "epochs": 200, "decay_epochs": [120, 160]}
+    plan = finetune_plan(FinetuneSettings.for_fraction("swav", "cifar10", 0.01), 600)
+    assert plan == {"batch_size": 256, "steps_per_epoch": 3, "epochs": 67, "decay_epochs": [40, 54]}
+
+
+class _FakeMlflow:
+    """What PipelineRunner._run_stage asks of an MLflow client, in memory."""
+
+    def __init__(self):
+        self.params: dict[str, dict] = {}
+
+    def _run(self, run_id):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
+                               data=SimpleNamespace(params=self.params.setdefault(run_id, {}), metrics={}, tags={}))
+
+    def search_runs(self, *_, **__):
+        return []
+
+    def create_run(self, experiment_id, run_name, tags):
+        return self._run(run_name)
+
+    def get_run(self, run_id):
+        return self._run(run_id)
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        self.params.setdefault(run_id, {}).update({p.key: p.value for p in params})
+
+    def log_artifact(self, *_, **__):
+        pass
+
+    set_tag = set_terminated = update_run = log_artifact
+
+
+def test_a_stage_logs_its_protocol_name_and_settings_as_params(tmp_path, monkeypatch):
+    import json
+
+    from pipelines.runner import PipelineRunner, StageOutcome
+    from pipelines.spec import parse_pipeline
+
+    monkeypatch.setenv("SSLAB_HOME", str(tmp_path / "home"))
+    pretrain = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "swav_fashion-mnist.yaml")
+    spec = parse_pipeline({"name": "t", "stages": {"pretrain": {"config": pretrain},
+                                                    "linear": {"protocol": "augmented"},
+                                                    "fast": {"kind": "linear", "lr": 0.5},
+                                                    "semi": {"epochs": 30}}})
+    runner = PipelineRunner(spec, tracking_uri=f"sqlite:///{tmp_path}/unused.db", out_dir=str(tmp_path / "out"))
+    runner.client, runner.experiment_id, runner.parent_id, runner.children = _FakeMlflow(), "0", "parent", {}
+    runner.outcomes["pretrain"] = StageOutcome("pretrain", "pretrain", "r", "finished", True, "k", "h",
+                                               {"metrics": {}, "extra": {"dataset": "cifar10"}})
+    computed = {}
+
+    def compute(stage, settings, folder):  # what the Ray task would be handed
+        computed[stage.name] = settings
+        return {"metrics": {}, "extra": {}, "files": {}}
+
+    monkeypatch.setattr(runner, "_compute", compute)
+    for name in ("linear", "fast", "semi"):
+        runner._run_stage(spec.stage(name))
+    params = runner.client.params
+    linear, fast, semi = params["t/linear"], params["t/fast"], params["t/semi"]
+    # solo-learn's CIFAR linear protocol, spelled out
+    assert {k: linear[k] for k in ("protocol", "dataset", "epochs", "lr", "batch_size", "weight_decay", "momentum",
+                                   "nesterov", "schedule", "decay_at", "gamma", "standardize", "crop_scale",
+                                   "test_crop")} == {
+        "protocol": "augmented", "dataset": "cifar10", "epochs": "100", "lr": "0.1", "batch_size": "256",
+        "weight_decay": "0.0", "momentum": "0.9", "nesterov": "False", "schedule": "multistep",
+        "decay_at": "[0.6, 0.8]", "gamma": "0.1", "standardize": "False", "crop_scale": "[0.08, 1.0]",
+        "test_crop": "1.0"}
+    assert (fast["protocol"], fast["lr"], fast["schedule"], fast["standardize"], fast["crop_scale"]) == \
+        ("frozen_features", "0.5", "cosine", "True", "None")
+    assert (semi["protocol"], semi["epochs"], semi["gamma"], semi["decay_at"], semi["momentum"], semi["weight_decay"],
+            semi["batch_size"]) == ("swav", "30", "0.2", "[0.6, 0.8]", "0.9", "0.0", "256")
+    assert json.loads(semi["lrs"]) == {"semi1": [0.02, 5.0], "semi10": [0.01, 0.2]}
+    assert computed["linear"]["schedule"] == "multistep" and computed["semi"]["lrs"]["semi1"] == [0.02, 5.0]
+
+
+def test_the_augmented_stage_records_its_protocol_in_the_result(monkeypatch):
+    import pipelines.stages as stages
+
+    backbone = _Recorder()
+    toy = {"train": _images(16), "test": _images(8, seed=1, split="test")}
+    monkeypatch.setattr("trainers.evaluate.load_images", lambda dataset, split, **_: toy[split])
+    monkeypatch.setattr(stages, "_load_backbone", lambda path, device: (backbone, 12, {"image_size": 8}))
+    result = stages.run_evaluation("linear", {"dataset": "tiny-imagenet", "protocol": "augmented", "epochs": 2,
+                                              "lr": None}, "unused.pt", device="cpu", log=lambda *_: None)
+    protocol = result["extra"]["protocol"]
+    assert {k: protocol[k] for k in ("protocol", "epochs", "lr", "schedule", "test_crop", "crop_scale")} == {
+        "protocol": "augmented", "epochs": 2, "lr": 0.001, "schedule": "cosine_epoch", "test_crop": 0.875,
+        "crop_scale": [0.08, 1.0]}
+    assert protocol["reference"].startswith("facebookresearch/dino eval_linear.py")
+    assert len(backbone.seen) == 2 * 1 + 1 and backbone.seen[-1].shape == (8, 3, 8, 8)  # 2 epochs, then the test
+    assert set(result["metrics"]) == {"linear_top1", "linear_top5"} and len(result["extra"]["per_class"]) == 2
 
 
 @pytest.fixture
@@ -119,6 +309,16 @@ def test_each_evaluation_is_reproducible_on_a_fixed_backbone(random_backbone, tm
     subset = first["semi"]["files"]["semi10_indices.txt"].split()
     assert len(subset) == round(0.1 * 1347)
     assert len(first["linear"]["extra"]["per_class"]) == 10
+    # each result names its protocol and every setting of it
+    assert first["knn"]["extra"]["protocol"]["k"] == [20, 200]
+    linear = first["linear"]["extra"]["protocol"]
+    assert (linear["protocol"], linear["epochs"], linear["schedule"], linear["standardize"]) == \
+        ("frozen_features", 5, "cosine", True)
+    assert first["transfer"]["extra"]["protocol"]["protocol"] == "frozen_features"
+    semi = first["semi"]["extra"]
+    assert (semi["protocol"]["protocol"], semi["protocol"]["lrs"]) == ("swav", {"semi10": [0.01, 0.2]})
+    assert {k: semi["subsets"]["semi10"][k] for k in ("lr", "head_lr", "steps_per_epoch", "epochs", "decay_epochs")} \
+        == {"lr": 0.01, "head_lr": 0.2, "steps_per_epoch": 3, "epochs": 7, "decay_epochs": [4, 6]}  # 135 labels, 64
 
 
 def test_eval_command_on_a_backbone_file(random_backbone, data_root, capsys, tmp_path):

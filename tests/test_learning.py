@@ -25,7 +25,7 @@ from trainers.loop import Trainer
 STEPS = 300
 COMMON = ["data.dataset=cifar10", "data.batch_size=128", "model.backbone=resnet_mini", "train.epochs=20",
           "optim.warmup_epochs=0.05", f"train.max_steps={STEPS}", "train.log_every=50", "knn.every_epochs=1",
-          "knn.max_train=5000", "knn.max_test=1000", "knn.k=[20]"]
+          "knn.max_train=5000", "knn.max_test=1000", "knn.k=[20]", "probe.online_linear=false"]
 SETTINGS = {
     "swav": ["data.crops=2x16+2x8", "method.prototypes=300", "optim.lr=0.15"],
     "dino": ["data.crops=2x16+2x8", "method.out_dim=1024", "method.hidden_dim=512", "method.bottleneck_dim=128",
@@ -36,16 +36,22 @@ SETTINGS = {
     "supcon": ["data.crops=2x16", "optim.lr=0.15"],
 }
 MARGINS = {"swav": 0.015, "dino": 0.01, "sdmp": 0.05, "supcon": 0.05}
+METRIC = "knn_top1_k20"
+
+
+def overrides(method: str, seed: int, out_dir) -> list[str]:
+    """The test's config for ``method`` (bench/learning_spread.py measures its seed spread with it)."""
+    return [f"method.name={method}", *COMMON, f"train.seed={seed}", f"train.out_dir={out_dir}", *SETTINGS[method]]
 
 
 @pytest.mark.parametrize("method", list(SETTINGS))
 def test_short_pretraining_beats_random_init(method, tmp_path):
-    config = load_config(None, [f"method.name={method}", *COMMON, f"train.out_dir={tmp_path}", *SETTINGS[method]])
+    config = load_config(None, overrides(method, 0, tmp_path))
     trainer = Trainer(config, progress=False, log=lambda *_: None)
     trainer.setup()
-    before = trainer.knn()["knn_top1_k20"]
+    before = trainer.knn()[METRIC]
     result = trainer.fit()
-    after = result.metrics["knn_top1_k20"]
+    after = result.metrics[METRIC]
     print(f"{method}: kNN top-1 {before:.4f} at random init -> {after:.4f} after {STEPS} steps")
     assert result.steps == STEPS
     assert 0.25 < before < 0.33, "random-init reference moved: re-measure the margins"

@@ -1,6 +1,7 @@
 """The training loop on real data (Fashion-MNIST, CPU): exact resume, checkpoints, failures."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def tiny_config(method, out_dir, *extra):
     return load_config(None, [
         f"method.name={method}", *METHOD_SETTINGS[method], "data.dataset=fashion-mnist", "data.batch_size=32",
         "data.train_subset=256", "data.num_workers=1", "model.backbone=resnet_mini", "train.epochs=2",
-        "optim.warmup_epochs=1", "train.log_every=1", "knn.every_epochs=0", f"train.out_dir={out_dir}", *extra])
+        "optim.warmup_epochs=1", "train.log_every=1", "knn.every_epochs=0", "knn.max_test=300",  # the probe's test set
+        f"train.out_dir={out_dir}", *extra])
 
 
 def run(config, **kwargs):
@@ -34,6 +36,17 @@ def run(config, **kwargs):
                       on_log=lambda step, row: losses.__setitem__(step, row["loss"]), **kwargs)
     result = trainer.fit()
     return trainer, result, losses
+
+
+def tensors_of(tree, prefix="") -> dict:
+    """Every tensor of a nested dict/list (a state dict, an optimizer's), by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    found = {}
+    for key, value in items:
+        found.update(tensors_of(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
@@ -48,14 +61,21 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(method, tmp_path):
     assert sorted(resumed_losses) == list(range(6, 17))  # only the steps after the checkpoint ran again
     for step in range(6, 17):
         assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
-    final_full = load_checkpoint(full.checkpoint)["model"]
-    final_resumed = load_checkpoint(resumed.checkpoint)["model"]
+    full_state, resumed_state = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    final_full, final_resumed = full_state["model"], resumed_state["model"]
     for key, value in final_full.items():
         assert torch.equal(value, final_resumed[key]), key
-    # metrics.jsonl holds every step once
+    # the online linear probe resumes exactly too (weights and SGD momentum)
+    probe_full, probe_resumed = tensors_of(full_state["probe"]), tensors_of(resumed_state["probe"])
+    assert len(probe_full) == 4 and probe_full.keys() == probe_resumed.keys()  # weight, bias, 2 momentum buffers
+    for key, value in probe_full.items():
+        assert torch.equal(value, probe_resumed[key]), key
+    assert resumed.metrics["online_linear_top1"] == full.metrics["online_linear_top1"]
+    # metrics.jsonl holds every step once, and the probe's evaluations (the cut run's final one at step 5)
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 17))
+    assert [r["step"] for r in rows if "online_linear_top1" in r] == [5, 8, 16]
 
 
 def test_backbone_file_loads_for_evaluation(tmp_path):
@@ -73,6 +93,66 @@ def test_online_knn_is_reported(tmp_path):
     assert result.metrics["knn_top1_k20"] > 0.2  # 10 classes: chance is 0.1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["knn_top1_k20"] == result.metrics["knn_top1_k20"]
+
+
+def test_online_probe_trains_beside_the_run_without_changing_it(tmp_path):
+    from trainers.probe import OnlineLinearProbe
+
+    trainer, on, _ = run(tiny_config("supcon", tmp_path / "on", "probe.every_epochs=2"))
+    _, off, _ = run(tiny_config("supcon", tmp_path / "off", "probe.online_linear=false"))
+    with_probe, without = load_checkpoint(on.checkpoint), load_checkpoint(off.checkpoint)
+    # backbone, heads and BN statistics: bit for bit those of the same run without the probe (its
+    # features are detached, its optimizer holds only its own weights, it draws no random numbers)
+    assert with_probe["model"].keys() == without["model"].keys()
+    for key, value in with_probe["model"].items():
+        assert torch.equal(value, without["model"][key]), key
+    assert without["probe"] == {} and "online_linear_top1" not in off.metrics
+    # the probe itself trained: its weights left their (seeded) start, with solo-learn's SGD settings
+    start = OnlineLinearProbe(256, 10, lr=0.1, seed=0).linear.state_dict()
+    trained = with_probe["probe"]["linear"]
+    assert (trained["weight"] - start["weight"]).abs().max() > 1e-3 and not torch.equal(trained["bias"], start["bias"])
+    group = with_probe["probe"]["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.9, 0.0)
+    assert trainer.probe_peak_lr == pytest.approx(0.1 * 32 / 256)  # per 256 images, as the backbone's lr
+    # reported: fit()'s metrics, metrics.jsonl (every 2nd epoch: after the last one only), summary.json
+    assert 0.0 <= on.metrics["online_linear_top1"] <= on.metrics["online_linear_top5"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "online_linear_top1" in r]
+    assert [r["step"] for r in evaluated] == [16] and evaluated[0]["online_linear_top1"] == on.metrics["online_linear_top1"]
+    assert all(math.isfinite(r["online_linear_loss"]) for r in rows if "loss" in r)
+    assert json.loads((tmp_path / "on" / "summary.json").read_text())["online_linear_top1"] == on.metrics[
+        "online_linear_top1"]
+
+
+def test_online_probe_learns_digits(tmp_path):
+    # 40 steps of 16 images; min_lr = the peak lr keeps the backbone's (and so the probe's) lr constant
+    config = load_config(None, ["method.name=supcon", "data.dataset=digits", "data.crops=2x8", "data.batch_size=16",
+                                "data.train_subset=640", "data.num_workers=1", "model.backbone=resnet_mini",
+                                "train.epochs=1", "optim.warmup_epochs=0", f"optim.min_lr={0.3 * 16 / 256}",
+                                "knn.every_epochs=0", f"train.out_dir={tmp_path}"])
+    _, result, _ = run(config)
+    assert result.metrics["online_linear_top1"] > 0.35  # 450 held-out digits, 10 classes: chance is 0.1
+    assert result.metrics["online_linear_top5"] > 0.8
+
+
+def test_a_data_set_without_a_held_out_split_trains_without_the_probe_unless_the_knn_needs_that_split(tmp_path):
+    from PIL import Image
+
+    for i in range(16):  # a plain <class>/* tree: a train split only
+        path = tmp_path / "images" / "ab"[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(path)
+    settings = ["method.name=supcon", f"data.dataset=imagefolder:{tmp_path / 'images'}", "data.crops=2x8",
+                "data.batch_size=8", "data.loader=torch", "data.num_workers=1", "model.backbone=resnet_mini",
+                "train.epochs=1", "optim.warmup_epochs=0", "train.resume=null"]
+    said = []
+    trainer = Trainer(load_config(None, [*settings, "knn.every_epochs=0", f"train.out_dir={tmp_path / 'a'}"]),
+                      progress=False, log=said.append)
+    result = trainer.fit()
+    assert result.steps == 2 and trainer.probe is None and "online_linear_top1" not in result.metrics
+    assert any(line.startswith("no online linear probe: its held-out split knn.split=test") for line in said)
+    with pytest.raises(DataError, match="no test split"):  # the kNN asked for it: the error stands
+        run(load_config(None, [*settings, "knn.every_epochs=1", "knn.k=[2]", f"train.out_dir={tmp_path / 'b'}"]))
 
 
 def test_non_finite_loss_stops_with_step_method_and_remedy(tmp_path):

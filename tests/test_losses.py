@@ -139,6 +139,43 @@ def test_supcon_loss_matches_reference():
     assert abs(float(simclr) - reference_supcon(features, list(range(12)), 0.5, 0.5)) < 1e-6
 
 
+def solo_learn_supcon(features, labels, temperature):
+    """solo-learn's simclr_loss_func (solo/losses/simclr.py, vturrisi/solo-learn @ 9187ea39) written out:
+    per anchor -log(sum_pos exp(s / T) / (sum_pos + sum_neg)), self excluded, mean over all anchors."""
+    batch, views, _ = features.shape
+    z = features.transpose(0, 1).reshape(batch * views, -1)  # view-major, as solo concatenates the crops
+    index = torch.tensor(labels).repeat(views)
+    sim = torch.exp(z @ z.t() / temperature)
+    pos = (index.unsqueeze(1) == index.unsqueeze(0)).float().fill_diagonal_(0)
+    neg = (index.unsqueeze(1) != index.unsqueeze(0)).float()
+    return -torch.log((sim * pos).sum(1) / ((sim * pos).sum(1) + (sim * neg).sum(1))).mean()
+
+
+def test_supcon_in_form_is_solo_learns_loss_up_to_log_positive_count():
+    features = normalized(12, 2, 8, seed=21).requires_grad_()
+    labels = [0, 1, 2, 0, 1, 2, 0, 3, 3, 4, 5, 0]
+    ours = supcon_loss(features, torch.tensor(labels), 0.2, 0.2, form="in")
+    solo = solo_learn_supcon(features, labels, 0.2)
+    # L_in = -log mean_p p_ip, solo's = -log sum_p p_ip: the difference is the mean of log|P(i)|
+    counts = {c: labels.count(c) * 2 - 1 for c in labels}  # positives per anchor: same-class views minus itself
+    offset = sum(math.log(counts[c]) for c in labels) / len(labels)
+    assert float(ours) == pytest.approx(float(solo) + offset, abs=1e-5)
+    assert float(ours) != pytest.approx(float(supcon_loss(features, torch.tensor(labels), 0.2, 0.2)), abs=1e-3)
+    grad_ours, = torch.autograd.grad(ours, features)
+    grad_solo, = torch.autograd.grad(solo, features)
+    assert torch.allclose(grad_ours, grad_solo, atol=1e-6)  # the same training signal
+    # one positive per anchor (SimCLR): both forms are NT-Xent and equal solo-learn's loss exactly
+    simclr_in = supcon_loss(features, None, 0.2, 0.2, form="in")
+    assert float(simclr_in) == pytest.approx(float(supcon_loss(features, None, 0.2, 0.2)), abs=1e-6)
+    assert float(simclr_in) == pytest.approx(float(solo_learn_supcon(features, list(range(12)), 0.2)), abs=1e-5)
+    # SupContrast's factor: base temperature 0.07 scales the same loss by T / 0.07
+    assert float(supcon_loss(features, None, 0.2, 0.07)) == pytest.approx(float(simclr_in) * 0.2 / 0.07, rel=1e-5)
+    single_view = normalized(6, 1, 6, seed=13).requires_grad_()
+    lonely = supcon_loss(single_view, None, form="in")  # no anchor has a positive: 0, finite gradients
+    lonely.backward()
+    assert float(lonely.detach()) == 0.0 and torch.isfinite(single_view.grad).all()
+
+
 def test_supcon_with_distinct_labels_is_simclr_and_no_positive_is_not_nan():
     features = normalized(10, 2, 6, seed=12)
     assert torch.allclose(supcon_loss(features, torch.arange(10) * 7), supcon_loss(features, None))

@@ -49,6 +49,18 @@ def test_swav_prototypes_normalised_and_frozen_for_the_first_steps():
         assert swav.student.projector.net[0].weight.grad is not None
 
 
+def test_swav_freeze_prototypes_epochs_counts_whole_epochs():
+    ctx = context(((2, 16),), steps=4)
+    assert build("swav", SwAVConfig(prototypes=20, freeze_prototypes_epochs=2), ctx).freeze_steps == 8
+    assert build("swav", SwAVConfig(prototypes=20), ctx).freeze_steps == 4  # neither set: one epoch
+    assert build("swav", SwAVConfig(prototypes=20, freeze_prototypes_epochs=0), ctx).freeze_steps == 0
+    assert build("swav", SwAVConfig(prototypes=20, freeze_prototypes_steps=3), ctx).freeze_steps == 3
+    with pytest.raises(ConfigError, match="both set"):
+        build("swav", SwAVConfig(prototypes=20, freeze_prototypes_steps=3, freeze_prototypes_epochs=2), ctx)
+    with pytest.raises(ConfigError, match="freeze_prototypes_epochs must be >= 0"):
+        build("swav", SwAVConfig(prototypes=20, freeze_prototypes_epochs=-1), ctx)
+
+
 def test_swav_step_is_the_swav_loss_of_its_scores():
     ctx = context(((2, 16), (2, 8)))
     swav = build("swav", SwAVConfig(prototypes=20), ctx)
@@ -144,8 +156,9 @@ def test_contrastive_step(name, options):
     loss, _ = method.training_step(views, labels, 0)
     features = F.normalize(method.student.head(method.student.backbone(torch.cat(views))), dim=1)
     features = features.view(2, 8, -1).transpose(0, 1)
-    expected = supcon_loss(features, labels if name == "supcon" else None, options.temperature,
-                           options.base_temperature)
+    base = options.temperature if options.base_temperature is None else options.base_temperature
+    assert base == (0.07 if name == "supcon" else 0.5)  # SimCLR: null means = temperature, factor 1 (NT-Xent)
+    expected = supcon_loss(features, labels if name == "supcon" else None, options.temperature, base)
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
@@ -166,11 +179,12 @@ def test_mixup_cutmix_resizemix_really_mix_pixels():
     assert torch.all(visible >= lam - 0.1)  # clipping at the border only shrinks the pasted box
     assert ((mixed != images).any(dim=1).float().mean() > 0.2)
 
-    mixed, visible = resizemix(images, partners, lam, scale=(0.25, 0.5), generator=g)
+    mixed, visible = resizemix(images, partners, lam, generator=g)
     changed = (mixed != images).any(dim=1)
     assert torch.allclose(1 - changed.float().mean(dim=(1, 2)), visible, atol=1e-6)
-    side = changed.float().sum(dim=(1, 2)).sqrt().round()
-    assert torch.all((side >= 4) & (side <= 8))  # pasted squares of 0.25..0.5 of 16 px
+    side = changed.float().sum(dim=(1, 2)).sqrt()
+    # SDMP's code: lam -> 0.1 + 0.8 lam, side floor(16 sqrt(1 - that)): 15, 13, 11, 9, 6, 5 px
+    assert torch.equal(side, torch.tensor([15.0, 13, 11, 9, 6, 5]))
     # the pasted square is the whole partner shrunk: its mean matches the partner's mean
     k = 2
     rows, cols = changed[k].nonzero(as_tuple=True)
@@ -190,13 +204,14 @@ def test_sdmp_step_mixes_with_flip_partners_and_adds_both_terms(base):
     modes = {sdmp.mix_mode(step) for step in range(30)}
     assert modes == {"mixup", "cutmix", "resizemix"} and sdmp.mix_mode(7) == sdmp.mix_mode(7)
     torch.manual_seed(1)
-    mixed, source, mixed_targets = sdmp.mixed_batch(views[0], 3)
+    mixed, mixed_key, source, mixed_targets = sdmp.mixed_views(views[0], views[1], sdmp.mix_mode(3))
     assert not torch.allclose(mixed, views[0])  # the bug in the released code: mixed == original
+    assert not torch.allclose(mixed_key, views[1])
     assert torch.allclose(source.sum(1), torch.ones(8)) and torch.allclose(mixed_targets.sum(1), torch.ones(8))
     assert torch.all(source[torch.arange(8), torch.arange(8).flip(0)] > 0) or sdmp.mix_mode(3) != "mixup"
     loss, logs = sdmp.training_step(views, None, 3)
     assert torch.isfinite(loss)
-    total = logs["loss_base"] + logs["loss_source"] + logs["loss_mixed"]
+    total = logs["loss_base"] + 0.5 * (logs["loss_source"] + logs["loss_mixed"])  # mix_weight 0.5
     assert torch.allclose(loss.detach(), total, atol=1e-5)
     assert logs["loss_source"] > 0 and logs["loss_mixed"] > 0
     loss.backward()

@@ -95,3 +95,48 @@ def test_lars_over_many_parameters_and_steps_matches_the_per_parameter_formula()
     for name, group in (("decay", decay), ("excluded", excluded)):
         for param, want in zip(group, expected[name][0]):
             assert torch.allclose(param, want, atol=1e-5)
+
+
+def _one_lars_step(lr, clip_lr, trust):
+    # w and g orthogonal, so ||g + wd w|| (update) and ||g|| + wd ||w|| (paper) differ
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64).view(1, 2))  # ||w|| = 5
+    weight.grad = torch.tensor([[0.8, -0.6]], dtype=torch.float64)  # ||g|| = 1
+    bias = torch.nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    bias.grad = torch.tensor([0.5], dtype=torch.float64)
+    opt = LARS([{"params": [weight]}, {"params": [bias], "lars_exclude": True, "weight_decay": 0.0}],
+               lr=lr, momentum=0.9, weight_decay=0.1, eta=0.02, clip_lr=clip_lr, trust=trust)
+    opt.step()
+    return weight.detach().view(-1).tolist(), float(bias.detach())
+
+
+@pytest.mark.parametrize("trust, lr, clip_lr, expected", [
+    # update = g + 0.1 w = (1.1, -0.2). paper: ratio 0.02 * 5 / (1 + 0.1 * 5) = 0.0666667
+    ("paper", 0.5, False, [3 - 0.5 * 0.0666667 * 1.1, 4 + 0.5 * 0.0666667 * 0.2]),  # step lr * ratio
+    ("paper", 0.5, True, [3 - 0.0666667 * 1.1, 4 + 0.0666667 * 0.2]),  # clipped: min(ratio / lr, 1) = 0.1333
+    ("paper", 0.05, True, [3 - 0.05 * 1.1, 4 + 0.05 * 0.2]),  # ratio / lr = 1.33 -> 1: plain SGD at lr
+    # update: ratio 0.02 * 5 / ||(1.1, -0.2)|| = 0.1 / 1.1180340 = 0.0894427
+    ("update", 0.5, False, [3 - 0.5 * 0.0894427 * 1.1, 4 + 0.5 * 0.0894427 * 0.2]),
+    ("update", 0.5, True, [3 - 0.0894427 * 1.1, 4 + 0.0894427 * 0.2]),
+    ("update", 0.05, True, [3 - 0.05 * 1.1, 4 + 0.05 * 0.2]),
+])
+def test_lars_clipped_trust_ratio_on_values(trust, lr, clip_lr, expected):
+    """solo-learn's LARS (solo/utils/lars.py @ 9187ea39): ratio = eta ||w|| / (||g|| + wd ||w||), with
+    clip_lr ratio = min(ratio / lr, 1): the step lr * ratio * update is then min(eta ||w|| / D, lr) * update."""
+    weight, bias = _one_lars_step(lr, clip_lr, trust)
+    assert weight == pytest.approx(expected, abs=1e-6)
+    assert bias == pytest.approx(2.0 - lr * 0.5)  # excluded: plain SGD, no decay, never scaled nor clipped
+
+
+def test_lars_clip_at_lr_zero_is_finite_and_still():
+    weight, bias = _one_lars_step(0.0, True, "paper")
+    assert weight == [3.0, 4.0] and bias == 2.0
+
+
+def test_build_optimizer_passes_the_lars_options():
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer("lars", parameter_groups(model), lr=0.4, weight_decay=1e-4, lars_eta=0.02,
+                          lars_clip_lr=True, lars_trust="paper")
+    assert [(g["clip_lr"], g["trust"], g["eta"], g["lars_exclude"]) for g in opt.param_groups] == [
+        (True, "paper", 0.02, False), (True, "paper", 0.02, True)]
+    with pytest.raises(Exception, match="lars_trust"):
+        build_optimizer("lars", parameter_groups(model), lr=0.4, weight_decay=0.0, lars_trust="sum")

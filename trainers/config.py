@@ -1,10 +1,10 @@
 """Pretraining configuration: dataclasses, YAML files, ``--set section.key=value`` overrides.
 
-A config has the sections ``data``, ``model``, ``method``, ``optim``, ``train`` and ``knn``. The
-``method`` section holds ``name`` plus that method's own options (each method module declares them
-as a dataclass), so ``method.temperature`` means SwAV's temperature in a SwAV config and SupCon's in
-a SupCon config. Every key is checked: an unknown key fails with the closest known one suggested,
-a value of the wrong type fails with the expected type.
+A config has the sections ``data``, ``model``, ``method``, ``optim``, ``train``, ``knn`` and
+``probe``. The ``method`` section holds ``name`` plus that method's own options (each method module
+declares them as a dataclass), so ``method.temperature`` means SwAV's temperature in a SwAV config
+and SupCon's in a SupCon config. Every key is checked: an unknown key fails with the closest known
+one suggested, a value of the wrong type fails with the expected type.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ class DataConfig:
     batch_size: int = 512  # global batch (all ranks together)
     global_scale: list[float] | None = None  # crop scale range of the global crops; None: method default
     local_scale: list[float] | None = None  # same for the local crops
+    # any augmentation setting of the global crops (first group) / of every local group, over the method's
+    # preset: scale, ratio, flip_p, jitter [b, c, s, h], jitter_p, grayscale_p, blur_p, blur_sigma, solarize_p,
+    # solarize_threshold; a *_p may be a list with one probability per view, e.g. {blur_p: [1.0, 0.1]}
+    global_augment: dict | None = None
+    local_augment: dict | None = None
     canvas_size: int | None = None  # decode every image to this square first (needed for mixed sizes)
     num_workers: int | None = None  # loader threads/processes per rank; None: one per core
     cache_dir: str | None = None  # where .beton files live; None: <state dir>/data
@@ -44,6 +49,9 @@ class ModelConfig:
     backbone: str = "resnet18"  # resnet_mini, resnet18, resnet50, vit_tiny, vit_small
     cifar_stem: bool | None = None  # None: automatic for global crops <= 64 px
     patch_size: int | None = None  # ViT patch size; None: 4 for small images, 16 otherwise
+    # BatchNorm statistics over the global batch under DDP (torch.nn.SyncBatchNorm for the student, the
+    # teacher and the heads, as DINO, MoCo v3 and solo-learn do); None: on with more than one worker
+    sync_batchnorm: bool | None = None
 
 
 @dataclass
@@ -58,9 +66,12 @@ class OptimConfig:
     momentum: float = 0.9  # SGD / LARS momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     lars_eta: float = 0.001  # LARS trust coefficient
+    lars_clip_lr: bool = False  # LARS trust ratio clipped to min(ratio / lr, 1) (apex LARC, solo-learn's clip_lr)
+    lars_trust: str = "update"  # LARS ratio's denominator: update (||g + wd w||) or paper (||g|| + wd ||w||, solo-learn)
     clip_grad: float | None = None  # gradient clipping threshold; None: off
     clip_mode: str = "global"  # global (one norm over all parameters) or per_parameter (DINO's)
-    exclude_bias_norm: bool = True  # no weight decay (nor LARS scaling) on biases and norm layers
+    exclude_bias_norm: bool = True  # no weight decay (nor LARS scaling) on biases and norm layers (solo-learn's
+    # LARS exclude_bias_n_norm); false: weight decay on every parameter (solo-learn's SGD default)
 
 
 @dataclass
@@ -93,6 +104,20 @@ class KnnConfig:
 
 
 @dataclass
+class ProbeConfig:
+    # online linear probe (solo-learn's online classifier): a linear layer on the detached features of the
+    # evaluation backbone (the one the kNN uses), trained on the global crops of every batch with the labels;
+    # its own SGD, never the backbone's optimizer. Reported as online_linear_top1 / _top5 on knn.split
+    # (at most knn.max_test images). Skipped, with a log line, when the data set has no labels or (with the
+    # kNN off) no readable knn.split, e.g. an image folder that is one <class>/* tree.
+    online_linear: bool = True
+    lr: float = 0.1  # solo-learn's classifier_lr: per 256 images (optim.lr_scaling), backbone's warm-up + cosine shape
+    momentum: float = 0.9  # SGD momentum (solo-learn's default)
+    weight_decay: float = 0.0  # solo-learn: none on the classifier
+    every_epochs: int = 1  # evaluate every N epochs and after the last one
+
+
+@dataclass
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +126,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     # ------------------------------------------------------------------ views
     @property
@@ -134,7 +160,8 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "knn": KnnConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "knn": KnnConfig,
+            "probe": ProbeConfig}
 TOP_LEVEL = ("name", *SECTIONS, "method")
 
 

@@ -1,16 +1,25 @@
 """Evaluating a pretrained backbone: kNN, linear probe, semi-supervised fine-tuning, transfer.
 
-Protocols (all numbers are fractions in [0, 1] on the full held-out split):
+Protocols (all numbers are fractions in [0, 1] on the full held-out split). Each has a name; its
+settings are spelled out by ``linear_protocol`` / ``semi_protocol`` and recorded with the result.
 
-- kNN: weighted k-nearest neighbours on L2-normalised frozen features (Wu et al., 2018), k=20 with
-  T=0.07 (DINO's protocol) and k=200 with T=0.1 (lightly's benchmark tables); a k-sweep for plots.
-- Linear probe: features extracted once (frozen backbone, centre view), standardised with the
-  training split's mean and std, one linear layer trained with SGD + momentum and a cosine
-  schedule on the feature tensors (fast: no image is decoded twice).
-- Semi-supervised: a stratified subset of the training labels (1% or 10%, exact counts, fixed seed)
-  fine-tunes the whole network plus a linear head (SimCLR's protocol, random-resized-crop + flip
-  made on the device in one batched op), top-1 on the full test split.
-- Transfer: the linear probe on another data set's features, the backbone frozen.
+- kNN (``weighted_knn``): weighted k-nearest neighbours on L2-normalised frozen features (Wu et
+  al., 2018), k=20 with T=0.07 (DINO's protocol) and k=200 with T=0.1 (lightly's benchmark
+  tables); a k-sweep for plots.
+- Linear probe ``frozen_features`` (fast): features extracted once (frozen backbone, whole image),
+  standardised with the training split's mean and std, one linear layer trained with SGD +
+  Nesterov momentum and a per-update cosine schedule on the feature tensors (no image is decoded
+  or run through the backbone twice).
+- Linear probe ``augmented`` (the published one): the frozen backbone (eval mode) sees a new
+  random-resized crop + horizontal flip of every training image each epoch, made on the device in
+  one batched op (trainers/data/augment.py, colour jitter off); the whole image (small data sets)
+  or its centre crop (ImageNet-like ones) at test. Settings per data set family: solo-learn's for
+  32-px data, DINO's for ImageNet-like data (see ``linear_protocol``).
+- Semi-supervised ``swav``: SwAV's fine-tuning protocol (eval_semisup.py and its README): the
+  whole network plus a new linear head on a fixed, seeded, class-stratified 1% / 10% label subset,
+  20 epochs, trunk/head learning rates per fraction, x0.2 at epochs 12 and 16; random-resized-crop
+  + flip on the device; top-1 on the full test split.
+- Transfer: the ``frozen_features`` linear probe on another data set's features.
 
 Everything here is plain PyTorch: the pipeline (``pipelines/``) adds Ray and MLflow around it.
 """
@@ -81,18 +90,35 @@ class BackboneSpec:
     batch_size: int = 512
 
 
+def center_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The central square of ``fraction`` of the shorter side of uint8 canvases [B, H, W, 3];
+    ``fraction`` 1: the canvases unchanged (the whole image). 0.875 is DINO's and SwAV's test view,
+    Resize(256) + CenterCrop(224)."""
+    if fraction >= 1:
+        return images
+    height, width = images.shape[1:3]
+    side = max(1, int(round(fraction * min(height, width))))
+    top, left = (height - side) // 2, (width - side) // 2
+    return images[:, top:top + side, left:left + side]
+
+
+def eval_view(images: torch.Tensor, spec: BackboneSpec, crop: float = 1.0) -> torch.Tensor:
+    """uint8 canvases on the device -> the normalised float test view [B, 3, s, s] (no randomness)."""
+    mean = torch.as_tensor(spec.mean, dtype=torch.float32, device=images.device)
+    std = torch.as_tensor(spec.std, dtype=torch.float32, device=images.device)
+    return prepare_eval_images(center_crop(images, crop), spec.image_size, mean, std)
+
+
 @torch.no_grad()
-def extract(backbone: torch.nn.Module, images: ImageSet, spec: BackboneSpec) -> torch.Tensor:
-    """Raw (not normalised) features [N, D], float32 on the CPU, from the centre (whole) view."""
+def extract(backbone: torch.nn.Module, images: ImageSet, spec: BackboneSpec, crop: float = 1.0) -> torch.Tensor:
+    """Raw (not normalised) features [N, D], float32 on the CPU, from the test view (``eval_view``)."""
     was_training = backbone.training
     backbone.eval()
-    mean = torch.as_tensor(spec.mean, dtype=torch.float32, device=spec.device)
-    std = torch.as_tensor(spec.std, dtype=torch.float32, device=spec.device)
     out = []
     try:
         for start in range(0, len(images.labels), spec.batch_size):
             batch = images.images[start:start + spec.batch_size].to(spec.device, non_blocking=True)
-            out.append(backbone(prepare_eval_images(batch, spec.image_size, mean, std)).float().cpu())
+            out.append(backbone(eval_view(batch, spec, crop)).float().cpu())
     finally:
         backbone.train(was_training)
     return torch.cat(out)
@@ -124,11 +150,136 @@ def knn_suite(train_features, train_labels, test_features, test_labels, num_clas
             "knn_sweep": {k: top1[f"k{k}"] / n for k in KNN_SWEEP}}
 
 
-def _cosine_sgd_step(optimizer, base_lrs, step: int, total: int, loss: torch.Tensor) -> None:
-    """One update at the cosine-decayed learning rate of ``step`` (of ``total``)."""
-    scale = 0.5 * (1 + math.cos(math.pi * step / total))
-    for group, lr in zip(optimizer.param_groups, base_lrs):
-        group["lr"] = lr * scale
+
+
+# --------------------------------------------------------------------------- protocols
+LINEAR_PROTOCOLS = ("frozen_features", "augmented")
+SEMI_PROTOCOLS = ("swav",)
+SCHEDULES = ("cosine", "cosine_epoch", "multistep")
+# 32-px (and smaller) data sets take solo-learn's CIFAR settings; the others (tiny-imagenet, image
+# folders) DINO's / SwAV's ImageNet ones
+SMALL_IMAGE_DATASETS = ("cifar10", "fashion-mnist", "digits")
+KNN_PROTOCOL = {"protocol": "weighted_knn", "k": [20, 200], "temperature": [0.07, 0.1], "k_sweep": list(KNN_SWEEP)}
+# Where each protocol's settings come from (commits of the copies read).
+REFERENCES = {
+    "frozen_features": "this project: the fast probe on cached frozen features (SGD + Nesterov, cosine per update)",
+    ("augmented", "cifar"): "solo-learn main_linear.py + scripts/linear/imagenet*/*.yaml + "
+                            "solo/data/classification_dataloader.py cifar_pipeline @9187ea39",
+    ("augmented", "imagenet"): "facebookresearch/dino eval_linear.py @7c446df5",
+    "swav": "facebookresearch/swav eval_semisup.py + README.md @06b1b7cb",
+    "weighted_knn": "Wu et al. 2018; DINO eval_knn.py (k=20, T=0.07); lightly benchmarks (k=200, T=0.1)",
+}
+
+
+def dataset_family(dataset: str) -> str:
+    """``cifar`` (32 px and less) or ``imagenet`` (larger images): which reference's defaults apply."""
+    return "cifar" if dataset in SMALL_IMAGE_DATASETS else "imagenet"
+
+
+def protocol_reference(protocol: str, dataset: str = "") -> str:
+    return REFERENCES.get(protocol) or REFERENCES[(protocol, dataset_family(dataset))]
+
+
+def check_protocol(value, options, what: str) -> str:
+    """A protocol name among ``options``; else one line naming them."""
+    if not isinstance(value, str) or value not in options:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{what} {value!r} is not one of {', '.join(options)}{hint}: pick one of them")
+    return value
+
+
+def linear_protocol(protocol: str, dataset: str) -> dict:
+    """Every setting of a linear-probe protocol (the ``LinearSettings`` fields but the seed) on ``dataset``.
+
+    ``frozen_features``: this project's fast probe: 100 epochs over standardised cached features,
+    SGD + Nesterov momentum 0.9, lr 0.1 at batch 256 with a cosine per update, no weight decay.
+
+    ``augmented``, 32-px data (solo-learn, vturrisi/solo-learn @9187ea39): 100 epochs
+    (``max_epochs``), SGD momentum 0.9 (solo/args/linear.py), batch 256, lr 0.1 (scaled by batch/256;
+    scripts/linear/imagenet/*.yaml and imagenet-100/barlow.yaml: the per-method values there range
+    0.1-3.0), no weight decay, MultiStepLR x0.1 at epochs 60 and 80 (solo/methods/linear.py);
+    train: RandomResizedCrop(32, scale=(0.08, 1)) + horizontal flip, test: the whole image
+    (classification_dataloader.py cifar_pipeline); raw features.
+
+    ``augmented``, ImageNet-like data (DINO eval_linear.py, facebookresearch/dino @7c446df5): 100
+    epochs, SGD momentum 0.9, no weight decay, lr 0.001 per 256 images (linear scaling rule) at batch
+    256 (its README's evaluation logs use 256 in total), CosineAnnealingLR to 0 stepped per epoch;
+    train: RandomResizedCrop(224) (scale 0.08-1) + flip, test: Resize(256) + CenterCrop(224), the
+    central 0.875; raw features, linear layer initialised N(0, 0.01), bias 0.
+    """
+    check_protocol(protocol, LINEAR_PROTOCOLS, "linear probe protocol")
+    if protocol == "frozen_features":
+        return {"protocol": protocol, "epochs": 100, "lr": 0.1, "weight_decay": 0.0, "batch_size": 256,
+                "momentum": 0.9, "nesterov": True, "schedule": "cosine", "decay_at": [], "gamma": 1.0,
+                "standardize": True, "crop_scale": None, "test_crop": 1.0}
+    common = {"protocol": protocol, "epochs": 100, "weight_decay": 0.0, "batch_size": 256, "momentum": 0.9,
+              "nesterov": False, "standardize": False, "crop_scale": [0.08, 1.0]}
+    if dataset_family(dataset) == "cifar":
+        return {**common, "lr": 0.1, "schedule": "multistep", "decay_at": [0.6, 0.8], "gamma": 0.1, "test_crop": 1.0}
+    return {**common, "lr": 0.001, "schedule": "cosine_epoch", "decay_at": [], "gamma": 1.0, "test_crop": 0.875}
+
+
+# SwAV's learning rates (trunk, head) per label fraction: README.md "Semi-supervised learning on
+# ImageNet" (facebookresearch/swav @06b1b7cb): 10%: --lr 0.01 --lr_last_layer 0.2; 1%: --lr 0.02
+# --lr_last_layer 5.
+SWAV_SEMI_LRS = {0.01: (0.02, 5.0), 0.1: (0.01, 0.2)}
+
+
+def swav_lrs(fraction: float) -> tuple[float, float]:
+    """(trunk lr, head lr) of the SwAV setting nearest to ``fraction`` on a log scale (1% up to ~3.2%)."""
+    nearest = min(SWAV_SEMI_LRS, key=lambda f: abs(math.log(fraction / f)))
+    return SWAV_SEMI_LRS[nearest]
+
+
+def semi_protocol(protocol: str, dataset: str, fraction: float) -> dict:
+    """Every setting of the semi-supervised protocol for one label fraction (``FinetuneSettings`` but the seed).
+
+    ``swav`` (facebookresearch/swav eval_semisup.py @06b1b7cb): 20 epochs, SGD momentum 0.9 (no
+    Nesterov), weight decay 0, batch 32 per GPU x 8 GPUs = 256, trunk / head lr per fraction
+    (``SWAV_SEMI_LRS``), MultiStepLR x0.2 (``--gamma``) at epochs 12 and 16 (``--decay_epochs``), kept
+    at 60% and 80% of the training when it is longer; train: RandomResizedCrop(224) (scale 0.08-1) +
+    flip, test: Resize(256) + CenterCrop(224) (0.875) on ImageNet-like data, the whole image on 32-px
+    data (as solo-learn's CIFAR test view). The label subset: SwAV reads SimCLR's fixed ImageNet lists
+    (class-balanced, ~12.8 / 128 images per class); here ``stratified_subset`` draws a fixed-seed,
+    class-proportional subset (balanced on balanced data sets), saved with the result. Not SwAV's:
+    ``min_steps`` (200) stretches the epochs for subsets so small that 20 epochs are fewer updates.
+    """
+    check_protocol(protocol, SEMI_PROTOCOLS, "semi-supervised protocol")
+    trunk, head = swav_lrs(fraction)
+    return {"protocol": protocol, "epochs": 20, "lr": trunk, "head_lr": head, "weight_decay": 0.0, "batch_size": 256,
+            "min_steps": 200, "momentum": 0.9, "decay_at": [0.6, 0.8], "gamma": 0.2, "crop_scale": [0.08, 1.0],
+            "test_crop": 1.0 if dataset_family(dataset) == "cifar" else 0.875}
+
+
+# --------------------------------------------------------------------------- schedules
+def decay_epochs(decay_at, epochs: int) -> list[int]:
+    """Epochs at which a ``multistep`` schedule multiplies the lr by gamma; ``decay_at`` are fractions of
+    the training (SwAV's epochs 12 and 16 of 20 and solo-learn's 60 and 80 of 100 are 0.6 and 0.8)."""
+    return [int(math.floor(f * epochs + 0.5)) for f in decay_at]
+
+
+def lr_scale(schedule: str, epoch: int, epochs: int, step: int = 0, total: int = 1, decays=(),
+             gamma: float = 1.0) -> float:
+    """The factor on the base lr during ``epoch`` (0-based) / update ``step`` (of ``total``).
+
+    ``cosine``: 0.5 (1 + cos(pi step / total)), per update; ``cosine_epoch``: 0.5 (1 + cos(pi epoch /
+    epochs)), per epoch (torch CosineAnnealingLR(T_max=epochs, eta_min=0) stepped after each epoch, as
+    DINO's eval_linear.py); ``multistep``: gamma ** (how many of ``decays`` are <= epoch) (MultiStepLR)."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    if schedule == "cosine_epoch":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "multistep":
+        return gamma ** sum(epoch >= d for d in decays)
+    raise ConfigError(f"lr schedule '{schedule}' is not one of {', '.join(SCHEDULES)}")
+
+
+def _sgd_step(optimizer, lrs, loss: torch.Tensor) -> None:
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -150,25 +301,82 @@ def _check_hyperparameters(what: str, settings) -> None:
     seed = settings.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"{what} seed is {seed!r}: give an integer in [0, {SEED_LIMIT})")
-    for key, positive in (("lr", True), ("weight_decay", False)):
+    for key, positive in (("lr", True), ("head_lr", True), ("weight_decay", False)):
+        if not hasattr(settings, key):
+            continue
         value = getattr(settings, key)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise ConfigError(f"{what} {key} is {value!r}: give a finite number {'> 0' if positive else '>= 0'}")
 
 
+def _check_protocol_settings(what: str, settings) -> None:
+    """The settings a protocol fixes (schedule, crops, test view): checked for code that builds its own."""
+    schedule = getattr(settings, "schedule", "multistep")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{what} schedule '{schedule}' is not one of {', '.join(SCHEDULES)}")
+    decay_at = list(settings.decay_at)
+    if any(not 0 < f <= 1 for f in decay_at) or decay_at != sorted(decay_at):
+        raise ConfigError(f"{what} decay_at {decay_at} must be increasing fractions of the training in (0, 1]")
+    if not 0 < settings.gamma <= 1 or not 0 <= settings.momentum < 1:
+        raise ConfigError(f"{what} gamma {settings.gamma} must lie in (0, 1] and momentum {settings.momentum} "
+                          f"in [0, 1)")
+    scale = settings.crop_scale
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"{what} crop_scale {list(scale)} must satisfy 0 < low <= high <= 1")
+    if not 0 < settings.test_crop <= 1:
+        raise ConfigError(f"{what} test_crop {settings.test_crop} must be a fraction of the side in (0, 1]")
+
+
+def _record(settings) -> dict:
+    """A settings dataclass as JSON-able values, without the seed (the pipeline records that)."""
+    out = {}
+    for name in settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if name != "seed":
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 # --------------------------------------------------------------------------- linear probe
 @dataclass
 class LinearSettings:
+    """A linear probe: ``LinearSettings.for_protocol(name, dataset, lr=...)`` fills a protocol's settings."""
+
+    protocol: str = "frozen_features"
     epochs: int = 100
-    lr: float = 0.1  # for standardised features and batch 256
+    lr: float = 0.1  # frozen_features: for standardised features and batch 256
     weight_decay: float = 0.0
     batch_size: int = 256
     seed: int = 0
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "cosine"  # cosine (per update), cosine_epoch, multistep (see lr_scale)
+    decay_at: tuple = ()  # multistep: fractions of the epochs
+    gamma: float = 1.0  # multistep: the factor at each decay
+    standardize: bool = True  # features standardised with the training split's (whole-image) mean and std
+    crop_scale: tuple | None = None  # augmented: random-resized-crop area range (None: no augmentation)
+    test_crop: float = 1.0  # test view: central square of this fraction of the side (1: whole image)
+
+    @classmethod
+    def for_protocol(cls, protocol: str, dataset: str, **overrides) -> "LinearSettings":
+        """``protocol``'s settings on ``dataset``; an override that is None keeps the protocol's value."""
+        values = linear_protocol(protocol, dataset)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("decay_at", "crop_scale"):
+            values[key] = tuple(values[key]) if values[key] is not None else None
+        return cls(**values)
 
     def validate(self) -> "LinearSettings":
+        check_protocol(self.protocol, LINEAR_PROTOCOLS, "linear probe protocol")
         _check_hyperparameters("linear probe", self)
+        _check_protocol_settings("linear probe", self)
+        if self.protocol == "augmented" and self.crop_scale is None:
+            raise ConfigError("linear probe protocol augmented needs a crop_scale (e.g. [0.08, 1.0])")
         return self
+
+    def record(self) -> dict:
+        return _record(self)
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, prefix: str) -> dict:
@@ -182,27 +390,44 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
             "per_class": per_class}
 
 
+def _linear_head(dim: int, num_classes: int, generator: torch.Generator, device) -> torch.nn.Linear:
+    """A linear classifier initialised N(0, 0.01), bias 0 (DINO's LinearClassifier)."""
+    layer = torch.nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.01, generator=generator)
+        layer.bias.zero_()
+    return layer.to(device)
+
+
+def _probe_optimizer(layer, settings: LinearSettings):
+    return torch.optim.SGD(layer.parameters(), lr=settings.lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay, nesterov=settings.nesterov and settings.momentum > 0)
+
+
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int,
                  settings: LinearSettings = LinearSettings(), prefix: str = "linear", device="cpu",
-                 progress: Callable[[int, float], None] | None = None) -> dict:
-    """Train one linear layer on frozen features; top-1/top-5 and per-class accuracy on the test features."""
+                 progress: Callable[[int, float, tuple], None] | None = None) -> dict:
+    """The ``frozen_features`` probe: one linear layer on fixed features; top-1/top-5 and per-class
+    accuracy on the test features. ``progress(epoch, mean loss, (lr,))`` after each epoch."""
     settings.validate()
+    if settings.protocol != "frozen_features":
+        raise ConfigError(f"linear_probe trains on fixed features: protocol {settings.protocol} needs the images "
+                          f"(augmented_linear_probe)")
     device = torch.device(device)
-    mean = train_features.mean(0, keepdim=True)
-    std = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    if settings.standardize:
+        mean = train_features.mean(0, keepdim=True)
+        std = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    else:
+        mean, std = torch.zeros(1, train_features.shape[1]), torch.ones(1, train_features.shape[1])
     x_train = ((train_features - mean) / std).to(device)
     x_test = ((test_features - mean) / std).to(device)
     y_train = train_labels.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
-    layer = torch.nn.Linear(x_train.shape[1], num_classes)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.01, generator=generator)
-        layer.bias.zero_()
-    layer = layer.to(device)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay,
-                                nesterov=True)
+    layer = _linear_head(x_train.shape[1], num_classes, generator, device)
+    optimizer = _probe_optimizer(layer, settings)
     steps_per_epoch = math.ceil(len(y_train) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
+    decays = decay_epochs(settings.decay_at, settings.epochs)
     step = 0
     for epoch in range(settings.epochs):
         order = torch.randperm(len(y_train), generator=generator).to(device)
@@ -210,14 +435,95 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
             loss = F.cross_entropy(layer(x_train[index]), y_train[index])
-            _cosine_sgd_step(optimizer, [settings.lr], step, total, loss)
+            lr = settings.lr * lr_scale(settings.schedule, epoch, settings.epochs, step, total, decays, settings.gamma)
+            _sgd_step(optimizer, [lr], loss)
             loss_sum += loss.detach()
             step += 1
         if progress is not None:
-            progress(epoch + 1, (loss_sum / steps_per_epoch).item())
+            progress(epoch + 1, (loss_sum / steps_per_epoch).item(), (lr,))
     with torch.no_grad():
         logits = layer(x_test).cpu()
     return accuracy_report(logits, test_labels, num_classes, prefix)
+
+
+def train_augment(spec: BackboneSpec, crop_scale, seed: int, record: bool = False):
+    """One random-resized crop (area ``crop_scale``, aspect 3/4-4/3) + horizontal flip (p 0.5) per image, at
+    the backbone's input size, normalised: torchvision's RandomResizedCrop + RandomHorizontalFlip of the
+    references, made in one batched op on the device (MultiCropAugment, colour jitter, grayscale, blur and
+    solarization off)."""
+    from trainers.data.augment import CropGroup, MultiCropAugment
+
+    group = CropGroup(count=1, size=spec.image_size, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3), flip_p=0.5,
+                      jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    return MultiCropAugment([group], mean=spec.mean, std=spec.std, seed=seed, record=record)
+
+
+@torch.no_grad()
+def _logits(model, images: ImageSet, spec: BackboneSpec, crop: float) -> torch.Tensor:
+    out = []
+    for start in range(0, len(images.labels), spec.batch_size):
+        batch = images.images[start:start + spec.batch_size].to(spec.device, non_blocking=True)
+        out.append(model(eval_view(batch, spec, crop)).float().cpu())
+    return torch.cat(out)
+
+
+def augmented_linear_probe(backbone: torch.nn.Module, feature_dim: int, train: ImageSet, test: ImageSet,
+                           spec: BackboneSpec, settings: LinearSettings, prefix: str = "linear",
+                           progress: Callable[[int, float, tuple], None] | None = None) -> dict:
+    """The ``augmented`` probe: a linear layer on the frozen backbone (eval mode, no gradient) fed a new
+    random-resized crop + flip of every training image each epoch (``train_augment``); the fixed test view
+    (``eval_view`` with ``settings.test_crop``) at test. ``progress(epoch, mean loss, (lr,))``."""
+    settings.validate()
+    if settings.protocol != "augmented":
+        raise ConfigError(f"augmented_linear_probe runs the augmented protocol, not {settings.protocol}")
+    device = spec.device
+    generator = torch.Generator().manual_seed(settings.seed)
+    augment = train_augment(spec, settings.crop_scale, settings.seed)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        if settings.standardize:
+            whole = extract(backbone, train, spec, settings.test_crop)
+            mean, std = whole.mean(0).to(device), whole.std(0).clamp_min(1e-6).to(device)
+        else:
+            mean = torch.zeros(feature_dim, device=device)
+            std = torch.ones(feature_dim, device=device)
+        layer = _linear_head(feature_dim, train.num_classes, generator, device)
+        optimizer = _probe_optimizer(layer, settings)
+        labels = train.labels
+        steps_per_epoch = math.ceil(len(labels) / settings.batch_size)
+        total = steps_per_epoch * settings.epochs
+        decays = decay_epochs(settings.decay_at, settings.epochs)
+        step = 0
+        for epoch in range(settings.epochs):
+            order = torch.randperm(len(labels), generator=generator)
+            loss_sum = torch.zeros((), device=device)
+            for index in order.split(settings.batch_size):
+                with torch.no_grad():
+                    view = augment(train.images[index].to(device, non_blocking=True))[0]
+                    features = (backbone(view).float() - mean) / std
+                loss = F.cross_entropy(layer(features), labels[index].to(device))
+                lr = settings.lr * lr_scale(settings.schedule, epoch, settings.epochs, step, total, decays,
+                                            settings.gamma)
+                _sgd_step(optimizer, [lr], loss)
+                loss_sum += loss.detach()
+                step += 1
+            if progress is not None:
+                progress(epoch + 1, (loss_sum / steps_per_epoch).item(), (lr,))
+        model = torch.nn.Sequential(backbone, _Standardize(mean, std), layer).eval()
+        logits = _logits(model, test, spec, settings.test_crop)
+    finally:
+        backbone.train(was_training)
+    return accuracy_report(logits, test.labels, test.num_classes, prefix)
+
+
+class _Standardize(torch.nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
 
 
 # --------------------------------------------------------------------------- semi-supervised
@@ -249,75 +555,84 @@ def stratified_subset(labels: np.ndarray | torch.Tensor, fraction: float, seed: 
 
 @dataclass
 class FinetuneSettings:
-    epochs: int = 30
-    lr: float = 0.01  # backbone; the new head learns at 10x (batch 256, SGD, cosine)
-    weight_decay: float = 5e-4
+    """Semi-supervised fine-tuning: ``FinetuneSettings.for_fraction(protocol, dataset, fraction, lr=...)``."""
+
+    protocol: str = "swav"
+    epochs: int = 20
+    lr: float = 0.01  # the pretrained trunk (SwAV, 10% labels)
+    head_lr: float = 0.2  # the new linear head (SwAV, 10% labels)
+    weight_decay: float = 0.0
     batch_size: int = 256
-    min_steps: int = 200  # tiny subsets (1%) still get enough updates
-    crop_scale: tuple = (0.5, 1.0)
+    min_steps: int = 200  # tiny subsets still get this many updates (the schedule stretches with them)
+    momentum: float = 0.9
+    decay_at: tuple = (0.6, 0.8)  # x gamma at epochs 12 and 16 of 20
+    gamma: float = 0.2
+    crop_scale: tuple = (0.08, 1.0)
+    test_crop: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def for_fraction(cls, protocol: str, dataset: str, fraction: float, **overrides) -> "FinetuneSettings":
+        """The protocol's settings for ``fraction`` of the labels; an override that is None keeps them."""
+        values = semi_protocol(protocol, dataset, fraction)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["decay_at"], values["crop_scale"] = tuple(values["decay_at"]), tuple(values["crop_scale"])
+        return cls(**values)
+
     def validate(self) -> "FinetuneSettings":
+        check_protocol(self.protocol, SEMI_PROTOCOLS, "semi-supervised protocol")
         _check_hyperparameters("fine-tuning", self)
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < low <= high <= 1")
+        _check_protocol_settings("fine-tuning", self)
         return self
 
+    def record(self) -> dict:
+        return _record(self)
 
-def random_resized_flip(x: torch.Tensor, scale: tuple, generator: torch.Generator) -> torch.Tensor:
-    """One batched affine resample: a random square crop of area in ``scale`` anywhere in the image,
-    mirrored with probability 1/2, resized back to the input size."""
-    n = x.shape[0]
-    rand = torch.rand(n, 4, generator=generator).to(x.device)
-    side = (scale[0] + (scale[1] - scale[0]) * rand[:, 0]).sqrt()  # fraction of the width
-    flip = torch.where(rand[:, 1] < 0.5, -1.0, 1.0).to(x.device)
-    tx = (1 - side) * (2 * rand[:, 2] - 1)
-    ty = (1 - side) * (2 * rand[:, 3] - 1)
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 0, 2] = side * flip, tx
-    theta[:, 1, 1], theta[:, 1, 2] = side, ty
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+def finetune_plan(settings: FinetuneSettings, labels: int) -> dict:
+    """How long fine-tuning on ``labels`` images runs: batch, updates per epoch (every image once, in
+    near-equal batches), epochs (``settings.epochs``, more when that is under ``min_steps`` updates) and
+    the epochs where the lr decays (``decay_at`` of them)."""
+    batch = min(settings.batch_size, labels)
+    steps_per_epoch = math.ceil(labels / batch)
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
+    return {"batch_size": batch, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+            "decay_epochs": decay_epochs(settings.decay_at, epochs)}
 
 
 def finetune(backbone: torch.nn.Module, feature_dim: int, train: ImageSet, indices: np.ndarray, test: ImageSet,
              spec: BackboneSpec, settings: FinetuneSettings = FinetuneSettings(), prefix: str = "semi",
-             progress: Callable[[int, float], None] | None = None) -> dict:
-    """Fine-tune ``backbone`` + a new linear head on ``train[indices]``; accuracy on all of ``test``."""
+             progress: Callable[[int, float, tuple], None] | None = None) -> dict:
+    """Fine-tune ``backbone`` + a new linear head on ``train[indices]``; accuracy on all of ``test``, and the
+    ``plan`` that ran (``finetune_plan``). SGD (momentum, no Nesterov) with the trunk at ``lr`` and the head
+    at ``head_lr``, both x gamma at each decay epoch; a random-resized crop + flip per image and epoch
+    (``train_augment``); BatchNorm in training mode. ``progress(epoch, mean loss, (trunk lr, head lr))``."""
     settings.validate()
     device = spec.device
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
+    augment = train_augment(spec, settings.crop_scale, settings.seed)
     head = torch.nn.Linear(feature_dim, train.num_classes).to(device)
     model = torch.nn.Sequential(backbone, head).to(device).train()
-    mean = torch.as_tensor(spec.mean, dtype=torch.float32, device=device)
-    std = torch.as_tensor(spec.std, dtype=torch.float32, device=device)
     optimizer = torch.optim.SGD([{"params": backbone.parameters(), "lr": settings.lr},
-                                 {"params": head.parameters(), "lr": settings.lr * 10}],
-                                momentum=0.9, weight_decay=settings.weight_decay, nesterov=True)
-    base = [g["lr"] for g in optimizer.param_groups]
-    images, labels = train.images[torch.as_tensor(indices)], train.labels[torch.as_tensor(indices)]
-    batch = min(settings.batch_size, len(labels))
-    steps_per_epoch = max(1, len(labels) // batch)
-    epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))
-    total, step = epochs * steps_per_epoch, 0
-    for epoch in range(epochs):
+                                 {"params": head.parameters(), "lr": settings.head_lr}],
+                                momentum=settings.momentum, weight_decay=settings.weight_decay)
+    index_tensor = torch.as_tensor(indices)
+    images, labels = train.images[index_tensor], train.labels[index_tensor]
+    plan = finetune_plan(settings, len(labels))
+    for epoch in range(plan["epochs"]):
+        scale = lr_scale("multistep", epoch, plan["epochs"], decays=plan["decay_epochs"], gamma=settings.gamma)
+        lrs = (settings.lr * scale, settings.head_lr * scale)
         order = torch.randperm(len(labels), generator=generator)
         loss_sum = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
-            index = order[i * batch:(i + 1) * batch]
-            x = prepare_eval_images(images[index].to(device), spec.image_size, mean, std)
-            x = random_resized_flip(x, settings.crop_scale, generator)
+        for index in order.tensor_split(plan["steps_per_epoch"]):
+            x = augment(images[index].to(device, non_blocking=True))[0]
             loss = F.cross_entropy(model(x), labels[index].to(device))
-            _cosine_sgd_step(optimizer, base, step, total, loss)
+            _sgd_step(optimizer, lrs, loss)
             loss_sum += loss.detach()
-            step += 1
         if progress is not None:
-            progress(epoch + 1, (loss_sum / steps_per_epoch).item())
+            progress(epoch + 1, (loss_sum / plan["steps_per_epoch"]).item(), lrs)
     model.eval()
-    logits = []
-    with torch.no_grad():
-        for start in range(0, len(test.labels), spec.batch_size):
-            x = prepare_eval_images(test.images[start:start + spec.batch_size].to(device), spec.image_size, mean, std)
-            logits.append(model(x).float().cpu())
-    return accuracy_report(torch.cat(logits), test.labels, test.num_classes, prefix)
+    result = accuracy_report(_logits(model, test, spec, settings.test_crop), test.labels, test.num_classes, prefix)
+    result["plan"] = plan
+    return result

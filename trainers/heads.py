@@ -25,10 +25,11 @@ def _positive(name: str, value: int) -> int:
 
 class ProjectionHead(nn.Module):
     """``layers`` linear layers with (BN +) ReLU between them. ``last_bn`` adds a BN without affine
-    parameters after the last layer (MoCo v3's projector and predictor)."""
+    parameters after the last layer (MoCo v3's projectors, and its ViT predictor). ``last_bias``: a
+    bias on the last linear layer (default: only without ``last_bn``; MoCo v3 never uses one)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128, layers: int = 2, batch_norm: bool = True,
-                 last_bn: bool = False):
+                 last_bn: bool = False, last_bias: bool | None = None):
         super().__init__()
         _positive("head hidden size", hidden_dim)
         _positive("head output size", out_dim)
@@ -41,7 +42,7 @@ class ProjectionHead(nn.Module):
                 blocks.append(nn.BatchNorm1d(hidden_dim))
             blocks.append(nn.ReLU(inplace=True))
             width = hidden_dim
-        blocks.append(nn.Linear(width, out_dim, bias=not last_bn))
+        blocks.append(nn.Linear(width, out_dim, bias=(not last_bn) if last_bias is None else last_bias))
         if last_bn:
             blocks.append(nn.BatchNorm1d(out_dim, affine=False))
         self.net = nn.Sequential(*blocks)

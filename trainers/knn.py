@@ -26,8 +26,10 @@ def prepare_eval_images(images: torch.Tensor, size: int, mean: torch.Tensor, std
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, batches: Iterable, size: int, mean, std, device,
-                     autocast_dtype=None, channels_last: bool = False, limit: int | None = None):
-    """L2-normalised features [N, D] (float32) and labels [N] of every (images, labels) batch."""
+                     autocast_dtype=None, channels_last: bool = False, limit: int | None = None,
+                     normalize: bool = True):
+    """L2-normalised (``normalize=False``: raw) features [N, D] (float32) and labels [N] of every
+    (images, labels) batch."""
     was_training = backbone.training
     backbone.eval()
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
@@ -40,7 +42,7 @@ def extract_features(backbone: torch.nn.Module, batches: Iterable, size: int, me
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
                 out = backbone(x)
-            features.append(F.normalize(out.float(), dim=1))
+            features.append(F.normalize(out.float(), dim=1) if normalize else out.float())
             labels.append(batch_labels.to(device).long().view(-1))
             seen += len(images)
             if limit is not None and seen >= limit:

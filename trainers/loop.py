@@ -2,9 +2,10 @@
 
 ``Trainer(config).fit()`` builds the multi-crop loader, the backbone and the method, then runs
 ``epochs`` of: schedules -> method step under autocast -> backward -> (clip) -> optimizer step ->
-method's post-step hook (EMA). It writes atomic checkpoints that resume exactly (model, teacher,
-optimizer, scaler, queue, center, step, all random-number states), runs online kNN on a held-out
-split, and keeps ``metrics.jsonl`` in the run folder. Orchestrators (Ray Train) pass callbacks to
+method's post-step hook (EMA) -> online linear probe step (trainers/probe.py, on detached features).
+It writes atomic checkpoints that resume exactly (model, teacher, optimizer, scaler, queue, center,
+probe, step, all random-number states), runs online kNN and evaluates the probe on a held-out split,
+and keeps ``metrics.jsonl`` in the run folder. Orchestrators (Ray Train) pass callbacks to
 see metrics and checkpoints; nothing here imports Ray or MLflow.
 """
 
@@ -24,7 +25,7 @@ import torch
 from trainers.backbones import build_backbone, check_backbone, check_vit_crops
 from trainers.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
-from trainers.errors import ConfigError, UserError
+from trainers.errors import ConfigError, DataError, UserError
 from trainers.knn import extract_features, knn_accuracy
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext
@@ -87,6 +88,10 @@ def check_config(config: Config, world_size: int = 1) -> None:
             raise ConfigError(f"data.{key} {list(scale)} must be [min, max] with 0 < min <= max <= 1 (fractions of "
                               f"the image area), e.g. [0.14, 1.0] for global and [0.05, 0.14] for local crops")
     d = config.data
+    from trainers.data.augment import method_crop_groups
+
+    method_crop_groups(method_class(config.method_name).crop_preset, config.data.crops,  # every setting checked now
+                       global_augment=d.global_augment, local_augment=d.local_augment)
     if d.batch_size < 1:
         raise ConfigError(f"data.batch_size must be positive, got {d.batch_size}")
     if d.loader not in LOADERS:
@@ -135,6 +140,8 @@ def check_config(config: Config, world_size: int = 1) -> None:
                           f"{o.lars_eta}")
     if o.lr_scaling not in ("linear", "none"):
         raise ConfigError(f"optim.lr_scaling '{o.lr_scaling}' must be linear or none")
+    if o.lars_trust not in ("update", "paper"):
+        raise ConfigError(f"optim.lars_trust '{o.lars_trust}' must be update (||g + wd w||) or paper (||g|| + wd ||w||)")
     if not 0 <= o.warmup_epochs <= t.epochs:
         raise ConfigError(f"optim.warmup_epochs {o.warmup_epochs} must lie in [0, train.epochs={t.epochs}]")
     for key in ("weight_decay", "weight_decay_end"):
@@ -164,6 +171,11 @@ def check_config(config: Config, world_size: int = 1) -> None:
             raise ConfigError(f"knn.{key} must be >= 1 or null (all images), got {value}")
     if k.batch_size < 1:
         raise ConfigError(f"knn.batch_size must be >= 1, got {k.batch_size}")
+    p = config.probe
+    if not (0 < p.lr < math.inf and 0 <= p.momentum < 1 and 0 <= p.weight_decay < math.inf and p.every_epochs >= 1):
+        raise ConfigError(f"probe: lr > 0, momentum in [0, 1), weight_decay >= 0 and every_epochs >= 1 needed, got "
+                          f"{p.lr}, {p.momentum}, {p.weight_decay}, {p.every_epochs} (solo-learn: 0.1, 0.9, 0, 1; "
+                          "probe.online_linear=false turns the probe off)")
     cls = method_class(config.method_name)
     ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size, t.epochs, 1)
     cls.check(config.method_options(), ctx)
@@ -284,6 +296,7 @@ class Trainer:
         per_rank = c.data.batch_size // self.world_size
         crop_overrides = {k: v for k, v in (("global_scale", c.data.global_scale),
                                               ("local_scale", c.data.local_scale)) if v is not None}
+        crop_overrides.update(global_augment=c.data.global_augment, local_augment=c.data.local_augment)
         view_dtype = self.autocast_dtype if self.autocast_dtype is not None and self.device.type == "cuda" else torch.float32
         self.loader = build_multicrop_loader(
             c.data.dataset, "train", c.data.crops, cls.crop_preset, per_rank, device=self.device,
@@ -314,6 +327,12 @@ class Trainer:
         self.method = cls(options, self.ctx, backbone).to(self.device)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
+        sync_bn = c.model.sync_batchnorm if c.model.sync_batchnorm is not None else self.world_size > 1
+        if sync_bn and self.world_size > 1:  # every BatchNorm of the method: student, teacher, heads
+            from trainers.distributed import convert_sync_batchnorm
+
+            self.method, layers = convert_sync_batchnorm(self.method, self.device.type)
+            self.log(f"model.sync_batchnorm: {layers} BatchNorm layers use the statistics of the global batch")
         if t.compile:
             self.method.student.backbone.compile()
             if hasattr(self.method, "teacher"):
@@ -336,16 +355,26 @@ class Trainer:
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay if o.weight_decay_end is None
                                            else o.weight_decay_end, self.total_steps)
         self.optimizer = build_optimizer(o.name, parameter_groups(self.method.student, o.exclude_bias_norm),
-                                         self.peak_lr, o.weight_decay, o.momentum, o.betas, o.lars_eta)
+                                         self.peak_lr, o.weight_decay, o.momentum, o.betas, o.lars_eta,
+                                         lars_clip_lr=o.lars_clip_lr, lars_trust=o.lars_trust)
         self.trained_parameters = [p for p in self.method.student.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.probe = self._build_probe(scale)
         self.step = 0
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
         self._resume()
-        if c.knn.every_epochs:  # a bad split or bank fails now, not after an epoch; training draws stay as they were
+        if c.knn.every_epochs or self.probe is not None:  # a bad split or bank fails now, not after an epoch;
+            # training draws stay as they were
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                self._knn_loaders = self._build_knn_loaders()
+                try:
+                    self._knn_loaders = self._build_knn_loaders(bank=bool(c.knn.every_epochs))
+                except DataError as exc:
+                    if c.knn.every_epochs:
+                        raise
+                    self.probe = None  # on by default: a data set without a held-out split trains without it
+                    self.log(f"no online linear probe: its held-out split knn.split={c.knn.split} cannot be read "
+                             f"({str(exc).splitlines()[0]})")
         if self.is_main:
             try:
                 c.dump(self.out_dir / "config.yaml")
@@ -356,6 +385,24 @@ class Trainer:
                  f"{c.data.batch_size} ({self.loader.kind} loader) | {t.epochs} epochs x {self.steps_per_epoch} steps | "
                  f"{o.name} lr {self.peak_lr:.3g} | {self.device}, "
                  f"{'fp32' if self.autocast_dtype is None else str(self.autocast_dtype).split('.')[-1]}")
+        if self.probe is not None:
+            self.log(f"online linear probe: {self.ctx.num_classes} classes, SGD lr {self.probe_peak_lr:.3g} "
+                     f"(momentum {c.probe.momentum}), on knn.split={c.knn.split} every {c.probe.every_epochs} "
+                     f"epoch(s)")
+
+    def _build_probe(self, scale: float):
+        """The online linear probe (trainers/probe.py), or None when it is off or the data has no labels."""
+        p = self.config.probe
+        if not p.online_linear:
+            return None
+        if not self.ctx.num_classes:
+            self.log("probe.online_linear: the training set has no class labels, so no online linear probe")
+            return None
+        from trainers.probe import OnlineLinearProbe
+
+        self.probe_peak_lr = p.lr * scale  # solo-learn scales classifier_lr by the batch like the backbone's lr
+        return OnlineLinearProbe(self.ctx.feature_dim, self.ctx.num_classes, self.probe_peak_lr, p.momentum,
+                                 p.weight_decay, seed=self.config.train.seed, device=self.device)
 
     # ------------------------------------------------------------------ checkpoints
     def rng_state(self) -> dict:
@@ -381,6 +428,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "model": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "probe": self.probe.checkpoint_state() if self.probe is not None else {},
                 "rng": rng_ranks[0], "rng_ranks": rng_ranks, "config": json.dumps(self.config.to_dict())}
 
     def save(self, epoch_end: bool) -> Path | None:
@@ -453,6 +501,12 @@ class Trainer:
                               f"with the same optim settings, or {new_run}") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.probe is not None:
+            try:
+                self.probe.load_checkpoint_state(state["probe"])
+            except (KeyError, ValueError, RuntimeError, TypeError):  # written without it (or another one)
+                self.log(f"{path} holds no online linear probe for this run: the probe starts afresh at step "
+                         f"{state['step']}")
         self.step = int(state["step"])
         ranks = state.get("rng_ranks") or []
         if len(ranks) == self.world_size:
@@ -496,15 +550,18 @@ class Trainer:
             raise storage_error(path, exc, "metrics") from None
 
     # ------------------------------------------------------------------ kNN
-    def _build_knn_loaders(self):
+    def _build_knn_loaders(self, bank: bool = True):
+        """(memory bank or None, held-out queries): the kNN's loaders; the online probe uses the queries."""
         from trainers.data.multicrop import build_canvas_loader
 
         c, k = self.config, self.config.knn
         common = dict(device=self.device, loader=c.data.loader, data_root=c.data.data_root, cache_dir=c.data.cache_dir,
                       seed=c.train.seed, shuffle=False, drop_last=False, num_workers=c.data.num_workers,
                       canvas_size=c.data.canvas_size, log=self.log)
-        bank, _ = build_canvas_loader(c.data.dataset, "train", k.batch_size, subset=k.max_train, **common)
         queries, _ = build_canvas_loader(c.data.dataset, k.split, k.batch_size, subset=k.max_test, **common)
+        if not bank:
+            return None, queries
+        bank, _ = build_canvas_loader(c.data.dataset, "train", k.batch_size, subset=k.max_train, **common)
         bank_size = _loader_size(bank)
         too_large = [kk for kk in k.k if kk > bank_size]
         if too_large:
@@ -514,10 +571,16 @@ class Trainer:
         return bank, queries
 
     def knn(self) -> dict:
+        return self.evaluate_online(knn=True, probe=False)
+
+    def evaluate_online(self, knn: bool = True, probe: bool = True) -> dict:
+        """kNN accuracy (``knn_top1_k20``, ...) and/or the online probe's (``online_linear_top1``, ...) on the
+        held-out split, from one pass over it; the training's random draws are left as they were."""
         from trainers.data.augment import normalization_for
 
         c, k = self.config, self.config.knn
-        if not hasattr(self, "_knn_loaders"):
+        probe = probe and self.probe is not None
+        if not hasattr(self, "_knn_loaders") or (knn and self._knn_loaders[0] is None):
             self._knn_loaders = self._build_knn_loaders()
         bank, queries = self._knn_loaders
         mean, std = normalization_for(c.data.dataset)
@@ -525,10 +588,17 @@ class Trainer:
         extract = dict(size=self.global_size, mean=mean, std=std, device=self.device,
                        autocast_dtype=self.autocast_dtype if self.device.type == "cuda" else None,
                        channels_last=self.channels_last)
-        train_features, train_labels = extract_features(backbone, bank, **extract)
-        test_features, test_labels = extract_features(backbone, queries, **extract)
-        return knn_accuracy(train_features, train_labels, test_features, test_labels, k.k, k.temperature,
-                            self.ctx.num_classes)
+        results = {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            test_features, test_labels = extract_features(backbone, queries, normalize=False, **extract)
+            if knn:
+                train_features, train_labels = extract_features(backbone, bank, **extract)
+                results.update(knn_accuracy(train_features, train_labels,
+                                            torch.nn.functional.normalize(test_features, dim=1), test_labels, k.k,
+                                            k.temperature, self.ctx.num_classes))
+            if probe:
+                results.update(self.probe.evaluate(test_features, test_labels))
+        return results
 
     # ------------------------------------------------------------------ training
     def _non_finite(self, step: int, value: float) -> NonFiniteLossError:
@@ -593,7 +663,13 @@ class Trainer:
         else:
             self.optimizer.step()
         self.method.after_optimizer_step(step)
-        return loss.detach(), {k: v.detach() for k, v in logs.items()}
+        logs = {k: v.detach() for k, v in logs.items()}
+        if self.probe is not None:  # on the updated evaluation backbone, detached: its weights stay as they are
+            features = self.probe.features(self.method.eval_backbone(), views[: self.ctx.num_global],
+                                           self.autocast_dtype)
+            probe_lr = self.probe_peak_lr * lr / self.peak_lr  # the backbone's warm-up + cosine shape
+            logs["online_linear_loss"] = self.probe.train_step(features, labels, probe_lr)
+        return loss.detach(), logs
 
     def fit(self) -> TrainResult:
         try:
@@ -644,12 +720,18 @@ class Trainer:
             completed = self.step // self.steps_per_epoch
             metrics = dict(last)
             final = self.step >= max_steps
-            if c.knn.every_epochs and ((epoch_done and completed % c.knn.every_epochs == 0) or final):
-                knn = self.knn()
-                metrics.update(knn)
-                self.history.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, **knn})
-                self.log(f"epoch {completed}: kNN top-1 " + ", ".join(
-                    f"k={kk} {knn[f'knn_top1_k{kk}']:.2%}" for kk in c.knn.k))
+            knn_due = bool(c.knn.every_epochs) and ((epoch_done and completed % c.knn.every_epochs == 0) or final)
+            probe_due = self.probe is not None and (
+                (epoch_done and completed % c.probe.every_epochs == 0) or final)
+            if knn_due or probe_due:
+                found = self.evaluate_online(knn=knn_due, probe=probe_due)
+                metrics.update(found)
+                self.history.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, **found})
+                parts = ["kNN top-1 " + ", ".join(f"k={kk} {found[f'knn_top1_k{kk}']:.2%}" for kk in c.knn.k)
+                         ] if knn_due else []
+                if probe_due:
+                    parts.append(f"online linear top-1 {found['online_linear_top1']:.2%}")
+                self.log(f"epoch {completed}: " + "; ".join(parts))
             elif epoch_done:
                 self.log(f"epoch {completed}: loss {metrics.get('loss', float('nan')):.4f}")
             checkpoint = None
@@ -705,7 +787,8 @@ def train(config: Config, **kwargs) -> TrainResult:
 
 
 # what a checkpoint's weights and schedules were made with: a resume cannot change these
-RESUME_FIXED = {"data": ("dataset", "crops", "global_scale", "local_scale", "canvas_size", "train_subset"),
+RESUME_FIXED = {"data": ("dataset", "crops", "global_scale", "local_scale", "global_augment", "local_augment",
+                         "canvas_size", "train_subset"),
                 "model": None, "method": None}  # None: every key of the section
 
 

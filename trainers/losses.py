@@ -132,21 +132,34 @@ def dino_loss(student: Sequence[torch.Tensor] | torch.Tensor, teacher: Sequence[
 
 # --------------------------------------------------------------------------- SupCon / SimCLR
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temperature: float = 0.1,
-                base_temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss, L_out form (Khosla et al., 2020, "Supervised Contrastive
-    Learning", Eq. 2; temperature 0.1, base temperature 0.07). ``labels=None`` makes every sample its
-    own class: SimCLR's NT-Xent (Chen et al., 2020).
+                base_temperature: float = 0.07, form: str = "out") -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020, "Supervised Contrastive Learning"; defaults:
+    temperature T 0.1, base temperature T_b 0.07 and the L_out form, Eq. 2, as HobbitLong/SupContrast).
 
-    ``features`` [B, V, D], L2-normalised. Every view is an anchor; its positives are the other views
-    with the same label; the denominator runs over every other view in the *global* batch (features
-    gathered across ranks), self excluded. Loss per anchor: -(temperature / base_temperature) times
-    the mean log-probability of its positives; averaged over the anchors that have a positive (an
-    anchor without one contributes nothing instead of NaN).
+    ``features`` [B, V, D], L2-normalised. Every view is an anchor i; its positives P(i) are the other
+    views with the same label; with p_ia = exp(z_i . z_a / T) / sum_{a' != i} exp(z_i . z_a' / T), the
+    denominator running over every other view in the *global* batch (features gathered across ranks),
+    the loss per anchor is
+
+    - ``form="out"`` (Eq. 2, L_out): -(T / T_b) * mean_{p in P(i)} log p_ip;
+    - ``form="in"`` (Eq. 3, L_in): -(T / T_b) * log mean_{p in P(i)} p_ip. solo-learn's SupCon
+      (solo/losses/simclr.py ``simclr_loss_func`` with class labels as indexes) is -log sum_{p in P(i)}
+      p_ip: L_in with T_b = T minus log|P(i)|, so the same gradients and a value lower by the mean log|P(i)|;
+
+    averaged over the anchors that have a positive (an anchor without one contributes nothing instead
+    of NaN). The factor T / T_b is 1 only when ``base_temperature == temperature``.
+
+    ``labels=None`` makes every sample its own class: with 2 views each anchor has exactly one
+    positive, both forms agree, and with ``base_temperature == temperature`` this is SimCLR's NT-Xent
+    (Chen et al., 2020) exactly, as solo-learn's ``simclr_loss_func``. With SupContrast's own SimCLR
+    setting (T_b left at 0.07) it is NT-Xent times T / 0.07.
     """
     if features.ndim != 3:
         raise ValueError(f"supcon_loss expects features [B, V, D], got shape {tuple(features.shape)}")
     if temperature <= 0 or base_temperature <= 0:
         raise ValueError("SupCon temperatures must be > 0")
+    if form not in ("out", "in"):
+        raise ValueError(f"supcon_loss form must be 'out' or 'in', got {form!r}")
     batch, views, _ = features.shape
     local = _float32(features).reshape(batch * views, -1)  # sample-major: row = sample * V + view
     if labels is None:
@@ -166,38 +179,53 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
     positives = (local_labels.unsqueeze(1) == all_labels.unsqueeze(0)) & not_self
     count = positives.sum(dim=1)
     has_positive = count > 0
-    mean_log_prob = (log_prob * positives).sum(dim=1) / count.clamp(min=1)
-    per_anchor = -(temperature / base_temperature) * mean_log_prob
+    if form == "out":
+        log_term = (log_prob * positives).sum(dim=1) / count.clamp(min=1)
+    else:
+        # log of the mean probability over the positives; a row without a positive is replaced by zeros
+        # before the logsumexp (an all -inf row would send NaN through the backward pass), masked below
+        positive_logs = log_prob.masked_fill(~positives, float("-inf"))
+        positive_logs = torch.where(has_positive.unsqueeze(1), positive_logs, torch.zeros_like(positive_logs))
+        log_term = torch.logsumexp(positive_logs, dim=1) - torch.log(count.clamp(min=1).to(log_prob.dtype))
+    per_anchor = -(temperature / base_temperature) * log_term
     # masked mean instead of boolean indexing: no host sync, and 0 (not NaN) when no anchor has a positive
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------- SDMP
-def sdmp_targets(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sdmp_targets(lam: torch.Tensor, key_lam: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft labels of SDMP (Ren et al., 2022, "A Simple Data Mixing Prior for Improving
     Self-Supervised Learning") for an intra-batch mix: sample i is mixed with its flip partner
-    p = B - 1 - i, keeping weight lam[i] of itself.
+    p = B - 1 - i, keeping weight lam[i] of itself. The query is view a mixed with lam; the keys
+    are the other view b, clean (source term) and mixed with the same partners (mixed term) keeping
+    ``key_lam`` of itself (default: lam, as in SDMP; box mixes may show a slightly different share).
 
     Returns (source_targets, mixed_targets), both [B, B] with rows summing to 1:
-    source: lam[i] on i, 1 - lam[i] on p (mixed image vs the clean images);
-    mixed: 1/(1+c) on i, c/(1+c) on p with c = min(lam[i], 1 - lam[p]) + min(1 - lam[i], lam[p]),
-    the content mixed image i shares with mixed image p (mixed image vs the mixed images).
+    source: lam[i] on i, 1 - lam[i] on p (mixed image vs the clean images of the other view);
+    mixed: weights proportional to the content query i shares with mixed key i,
+    s = min(lam[i], k[i]) + min(1 - lam[i], 1 - k[i]), and with mixed key p,
+    c = min(lam[i], 1 - k[p]) + min(1 - lam[i], k[p]); with k = lam (SDMP) that is
+    1/(1+c) on i and c/(1+c) on p (OliverRensu/SDMP moco/moco/builder.py, ``common``).
     When i == p (odd B, middle sample) all weight is on i.
     """
     if lam.ndim != 1:
         raise ValueError(f"lam must be [B], got shape {tuple(lam.shape)}")
     lam = _float32(lam)
+    key = lam if key_lam is None else _float32(key_lam)
+    if key.shape != lam.shape:
+        raise ValueError(f"key_lam must have lam's shape {tuple(lam.shape)}, got {tuple(key.shape)}")
     batch = lam.shape[0]
     index = torch.arange(batch, device=lam.device)
     partner = index.flip(0)
-    lam_partner = lam[partner]
     source = torch.zeros(batch, batch, device=lam.device, dtype=lam.dtype)
     source.index_put_((index, index), lam, accumulate=True)
     source.index_put_((index, partner), 1.0 - lam, accumulate=True)
-    shared = torch.minimum(lam, 1.0 - lam_partner) + torch.minimum(1.0 - lam, lam_partner)
+    own = torch.minimum(lam, key) + torch.minimum(1.0 - lam, 1.0 - key)
+    shared = torch.minimum(lam, 1.0 - key[partner]) + torch.minimum(1.0 - lam, key[partner])
+    total = (own + shared).clamp_min(1e-12)  # 0 only if query and keys share nothing: an all-zero row
     mixed = torch.zeros_like(source)
-    mixed.index_put_((index, index), 1.0 / (1.0 + shared), accumulate=True)
-    mixed.index_put_((index, partner), shared / (1.0 + shared), accumulate=True)
+    mixed.index_put_((index, index), own / total, accumulate=True)
+    mixed.index_put_((index, partner), shared / total, accumulate=True)
     return source, mixed
 
 

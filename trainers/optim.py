@@ -33,16 +33,28 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017, "Large Batch Training
-    of Convolutional Networks"), as SwAV and BYOL use it: per parameter, the update is scaled by
-    eta * ||w|| / (||g + wd * w||) when both norms are positive. Groups with ``lars_exclude=True``
-    (biases, norm layers) get plain SGD with momentum and no weight decay from the group's setting."""
+    of Convolutional Networks"). Per parameter the update ``g + wd * w`` is scaled by the trust ratio
+    ``eta * ||w|| / D`` when ``||w||`` and the denominator's norm are positive, where ``trust`` picks D:
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+    - ``"update"``: D = ||g + wd * w|| (the norm of the update; SwAV's and BYOL's LARS);
+    - ``"paper"``: D = ||g|| + wd * ||w|| + 1e-8 (You et al., Eq. 6; solo-learn's solo/utils/lars.py).
+
+    ``clip_lr`` (NVIDIA apex LARC's clipping, solo-learn's ``clip_lr``): the ratio becomes
+    ``min(ratio / lr, 1)``, so the step ``lr * ratio`` is at most ``lr`` (the scheduled learning rate of
+    the group at this step). Groups with ``lars_exclude=True`` (biases, norm layers) get plain SGD with
+    momentum and no weight decay from the group's setting (solo-learn's ``exclude_bias_n_norm``)."""
+
+    TRUST = ("update", "paper")
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 clip_lr: bool = False, trust: str = "update"):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or eta <= 0:
             raise ConfigError(f"LARS: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0, eta > 0; got "
                               f"{lr}, {momentum}, {weight_decay}, {eta}")
+        if trust not in self.TRUST:
+            raise ConfigError(f"optim.lars_trust '{trust}' must be one of {', '.join(self.TRUST)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=False))
+                                      lars_exclude=False, clip_lr=bool(clip_lr), trust=trust))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -60,9 +72,17 @@ class LARS(torch.optim.Optimizer):
                 updates = (torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"]
                            else [g.clone() for g in grads])
                 param_norms = torch.stack(torch._foreach_norm(params))
-                update_norms = torch.stack(torch._foreach_norm(updates))
-                trust = torch.where((param_norms > 0) & (update_norms > 0),
-                                    group["eta"] * param_norms / update_norms, 1.0)
+                if group.get("trust", "update") == "paper":
+                    grad_norms = torch.stack(torch._foreach_norm(grads))
+                    valid = (param_norms > 0) & (grad_norms > 0)
+                    denominators = grad_norms + group["weight_decay"] * param_norms + 1e-8
+                else:
+                    denominators = torch.stack(torch._foreach_norm(updates))
+                    valid = (param_norms > 0) & (denominators > 0)
+                trust = torch.where(valid, group["eta"] * param_norms / denominators, 1.0)
+                if group.get("clip_lr", False) and group["lr"] > 0:
+                    # lr 0 (the first warm-up step): the ratio stays 1, the step is 0 either way
+                    trust = torch.where(valid, (trust / group["lr"]).clamp_(max=1.0), trust)
                 torch._foreach_mul_(updates, list(trust.unbind(0)))
             buffers = [self.state[p].get("momentum_buffer") for p in params]
             if any(b is None for b in buffers):  # first step: the buffer starts as the update itself
@@ -95,7 +115,8 @@ def parameter_groups(model: nn.Module, exclude_bias_norm: bool = True) -> list[d
 
 
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, momentum: float = 0.9,
-                    betas=(0.9, 0.999), lars_eta: float = 0.001) -> torch.optim.Optimizer:
+                    betas=(0.9, 0.999), lars_eta: float = 0.001, lars_clip_lr: bool = False,
+                    lars_trust: str = "update") -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer '{name}': use one of {', '.join(OPTIMIZERS)}")
     for group in groups:
@@ -105,7 +126,8 @@ def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: floa
     if name == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     elif name == "lars":
-        opt = LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
+        opt = LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta, clip_lr=lars_clip_lr,
+                   trust=lars_trust)
     else:
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
     return opt

@@ -145,19 +145,63 @@ METHOD_PRESETS = {
 METHOD_PRESETS["simclr"] = METHOD_PRESETS["supcon"]
 
 
-def method_crop_groups(method: str, spec: str, **overrides) -> list[CropGroup]:
+AUGMENT_KEYS = ("scale", "ratio", "flip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
+                "solarize_threshold")
+_PAIRS = {"scale": 2, "ratio": 2, "blur_sigma": 2, "jitter": 4}
+_PER_VIEW = ("jitter_p", "grayscale_p", "blur_p", "solarize_p")
+
+
+def check_augment_settings(settings: dict | None, where: str) -> dict:
+    """A ``data.global_augment`` / ``data.local_augment`` mapping checked and normalised (tuples)."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where} must be a mapping of augmentation settings, e.g. {{jitter: [0.4, 0.4, 0.4, 0.1]}}")
+    out = {}
+    for key, value in settings.items():
+        if key not in AUGMENT_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), AUGMENT_KEYS, n=1, cutoff=0.5)
+            raise ConfigError(f"unknown augmentation setting '{where}.{key}': "
+                              f"{f'did you mean {close[0]!r}? ' if close else ''}use {', '.join(AUGMENT_KEYS)}")
+        number = (int, float)
+        if key in _PAIRS:
+            if (not isinstance(value, (list, tuple)) or len(value) != _PAIRS[key]
+                    or not all(isinstance(v, number) and not isinstance(v, bool) for v in value)):
+                raise ConfigError(f"{where}.{key} = {value!r} must be a list of {_PAIRS[key]} numbers")
+            value = tuple(float(v) for v in value)
+        elif key in _PER_VIEW and isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, number) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{where}.{key} = {value!r} must be a probability or a list of them (one per view)")
+            value = tuple(float(v) for v in value)
+        else:
+            if not isinstance(value, number) or isinstance(value, bool) or value != value:
+                raise ConfigError(f"{where}.{key} = {value!r} must be a number")
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def method_crop_groups(method: str, spec: str, global_augment: dict | None = None, local_augment: dict | None = None,
+                       **overrides) -> list[CropGroup]:
     """Crop groups for ``method`` with the paper's defaults, sizes from ``spec`` ("2x32+6x16").
 
-    ``overrides`` may hold ``global_scale``/``local_scale`` or any CropGroup field (applied to all groups).
+    ``global_augment`` / ``local_augment``: CropGroup settings over the preset for the first group /
+    every other group (``data.global_augment``, ``data.local_augment``); ``overrides`` may hold
+    ``global_scale``/``local_scale`` or any CropGroup field (applied to all groups).
     """
     if method not in METHOD_PRESETS:
         raise ConfigError(f"unknown method '{method}' for crop defaults: use one of {', '.join(METHOD_PRESETS)}")
     preset = METHOD_PRESETS[method]
     global_scale = overrides.pop("global_scale", None)
     local_scale = overrides.pop("local_scale", None)
+    own = (check_augment_settings(global_augment, "data.global_augment"),
+           check_augment_settings(local_augment, "data.local_augment"))
     groups = []
     for index, (count, size) in enumerate(parse_crop_spec(spec)):
         kwargs = dict(preset["global_" if index == 0 else "local"])
+        kwargs.update(own[0 if index == 0 else 1])
         for name, value in list(kwargs.items()):
             # per-view tuples sized for 2 globals: repeat the last value for extra views, cut for fewer
             if isinstance(value, tuple) and name.endswith("_p"):
@@ -166,7 +210,11 @@ def method_crop_groups(method: str, spec: str, **overrides) -> list[CropGroup]:
         if scale is not None:
             kwargs["scale"] = tuple(scale)
         kwargs.update(overrides)
-        groups.append(CropGroup(count=count, size=size, **kwargs).validate())
+        where = "data.global_augment" if index == 0 else "data.local_augment"
+        try:
+            groups.append(CropGroup(count=count, size=size, **kwargs).validate())
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") if own[0 if index == 0 else 1] else exc
     return groups
 
 

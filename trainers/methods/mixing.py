@@ -2,9 +2,12 @@
 
 Every function takes the images [B, C, H, W], their partners [B, C, H, W] (for SDMP the flip
 partners of the global batch) and lam [B] (the share of the image itself), and returns the mixed
-images and the lam that is actually visible (box mixes round to whole pixels). The pixels are
-really pasted: SDMP's released code at its last commit builds the mixed batch but never writes
-it, a bug we do not reproduce.
+images and the lam that is actually visible (box mixes round to whole pixels). All are pure,
+batched and stay on the images' device; randomness (box places) comes from ``generator`` or
+torch's default generator. SDMP picks one of the three per batch (``MIX_MODES``, its default
+choice set). The pixels are really pasted: SDMP's released code at its last commit
+(OliverRensu/SDMP 8615686, moco/moco/builder.py ``datamixing``) builds the mixed batch but never
+writes it, a bug we do not reproduce.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 from trainers.errors import ConfigError
 
-MIX_MODES = ("mixup", "cutmix", "resizemix")
+MIX_MODES = ("mixup", "cutmix", "resizemix")  # SDMP picks one uniformly per batch
 
 
 def mixup(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor):
@@ -58,33 +61,39 @@ def cutmix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor, gene
     return torch.where(mask, partners, images), visible.to(lam.dtype)
 
 
-def resizemix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor, scale=(0.1, 0.8), generator=None):
-    """Qin et al., 2020: the whole partner, shrunk to a square of side tau * side, pasted at a random
-    place. tau = sqrt(1 - lam) clipped to ``scale`` (so lam keeps its Beta distribution inside the
-    range); the returned lam is the visible share of the image."""
-    lo, hi = scale
+def resizemix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor, lam_range=(0.1, 0.9),
+              generator=None):
+    """ResizeMix (Qin et al., 2020) as SDMP's released code does it (OliverRensu/SDMP,
+    moco/moco/builder.py ``datamixing``/``rand_bbox``, commits cd26a51 and 8615686): lam is first
+    mapped linearly onto ``lam_range`` (SDMP: 0.1 + 0.8 * lam), the whole partner is shrunk
+    (bilinear) to a box of floor(side * sqrt(1 - lam)) pixels per side, placed wholly inside the
+    image at a random place. Returns the mixed images and the visible share of the image itself,
+    1 - box area / image area."""
+    lo, hi = lam_range
     batch, _, height, width = images.shape
-    tau = (1 - lam.float()).clamp(0, 1).sqrt().clamp(lo, hi)
-    box_h = (tau * height).round().long().clamp(min=1)
-    box_w = (tau * width).round().long().clamp(min=1)
+    ratio = (1 - (lo + (hi - lo) * lam.float())).clamp(0, 1).sqrt()
+    # int() of the reference, with a hair of slack so that e.g. 16 * 0.5 stays 8 in float32
+    box_h = (ratio * height + 1e-4).floor().long().clamp(0, height)
+    box_w = (ratio * width + 1e-4).floor().long().clamp(0, width)
     x0, y0, x1, y1 = _random_boxes(box_h, box_w, height, width, inside=True, generator=generator)
     # an affine grid per sample maps the box onto the partner's full extent (align_corners=False)
-    sx, sy = box_w.float() / width, box_h.float() / height
-    cx = (x0.float() + x1.float()) / width - 1  # box centre in [-1, 1] coordinates
-    cy = (y0.float() + y1.float()) / height - 1
+    sx, sy = box_w.clamp(min=1).float() / width, box_h.clamp(min=1).float() / height
+    cx = (x0.float() + x0.float() + box_w.clamp(min=1).float()) / width - 1  # box centre in [-1, 1]
+    cy = (y0.float() + y0.float() + box_h.clamp(min=1).float()) / height - 1
     theta = torch.zeros(batch, 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 2] = 1 / sx, -cx / sx
     theta[:, 1, 1], theta[:, 1, 2] = 1 / sy, -cy / sy
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    # plain bilinear sampling, as ResizeMix's own resize
+    # plain bilinear sampling, as the reference's F.interpolate(mode="bilinear")
     shrunk = F.grid_sample(partners.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     mask = _box_masks(x0, y0, x1, y1, height, width)
-    visible = 1 - mask.float().mean(dim=(1, 2, 3))
+    visible = 1 - (box_h * box_w).float() / (height * width)
     return torch.where(mask, shrunk.to(images.dtype), images), visible.to(lam.dtype)
 
 
-def mix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor, mode: str, resizemix_scale=(0.1, 0.8),
+def mix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor, mode: str, resizemix_lam=(0.1, 0.9),
         generator=None):
+    """One of ``MIX_MODES`` on the whole batch; see the functions above."""
     if images.shape != partners.shape or lam.shape != images.shape[:1]:
         raise ValueError(f"mix: images {tuple(images.shape)}, partners {tuple(partners.shape)} and lam "
                          f"{tuple(lam.shape)} do not match")
@@ -93,5 +102,5 @@ def mix(images: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor, mode: s
     if mode == "cutmix":
         return cutmix(images, partners, lam, generator)
     if mode == "resizemix":
-        return resizemix(images, partners, lam, resizemix_scale, generator)
+        return resizemix(images, partners, lam, resizemix_lam, generator)
     raise ConfigError(f"unknown mix mode '{mode}': use {', '.join(MIX_MODES)}")

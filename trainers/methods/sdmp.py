@@ -1,20 +1,35 @@
 """SDMP (Ren et al., 2022, "A Simple Data Mixing Prior for Improving Self-Supervised Learning").
 
-A data-mixing prior on top of a base method. Per batch one of Mixup / CutMix / ResizeMix is picked
-uniformly (same pick on every rank: drawn from (seed, step)); the first global crop of every image
-is mixed with its flip partner in the *global* batch (index G - 1 - i, fetched from another rank
-when needed) with lam ~ Beta(1, 1) per sample, recomputed as the visible share for box mixes.
-The mixed images get soft targets (``trainers.losses.sdmp_targets``): against the clean images
-("source": lam on itself, 1 - lam on the partner) and against the other mixed images ("mixed").
+A data-mixing prior on top of a base method, after the released code (OliverRensu/SDMP,
+moco/moco/builder.py ``MoCo.forward``, commit cd26a51, unchanged in its terms at 8615686). Per
+step (same draws on every rank, from (seed, step) alone) one of ``mix_modes`` (default Mixup /
+CutMix / ResizeMix) is picked uniformly and the two global crops are randomly assigned the roles
+a and b. lam ~ Beta(1, 1) per sample; *both* views are mixed with their flip partners in the
+*global* batch (index G - 1 - i, fetched from another rank when needed) with that same lam (box
+places drawn independently per view, the visible share recomputed for box mixes):
+
+- the mixed view b is the query (student);
+- source term: its keys are the teacher's clean view a, soft targets lam on i, 1 - lam on the
+  partner;
+- mixed term: its keys are the teacher's *mixed view a* (the other view, same partners, same lam),
+  soft targets 1/(1+c) on i and c/(1+c) on the partner, c the content the two mixes share
+  (``trainers.losses.sdmp_targets``). Never the query's own mixed image (a trivial positive).
+
+Both terms are soft cross-entropies (the paper's pseudo-code and commit cd26a51; the last commit
+scores -log(lam p_i + (1 - lam) p_partner) instead), each weighted by ``mix_weight`` = 0.5 (the
+released code halves both).
 
 - ``base: moco_v3`` (default; Chen et al., 2021, "An Empirical Study of Training Self-Supervised
-  Vision Transformers"): query encoder = backbone + 3-layer projector + 2-layer predictor,
-  momentum encoder = backbone + projector (momentum 0.99 -> 1, cosine), InfoNCE at temperature 0.2
-  scaled by 2T, symmetrised over the two views. Mixed queries are scored against the momentum keys
-  of the clean second view (source targets) and of the mixed images (mixed targets).
-- ``base: dino``: L = L_DINO + L_source + L_mixed, where the targets are the teacher's centred,
-  sharpened distributions mixed with the same soft weights (clean second view for source, teacher
-  on the mixed images for mixed).
+  Vision Transformers"): L = InfoNCE(q(a), k(b)) + 0.5 (L_source + L_mixed), as the released code:
+  the clean query is view a only (the mixed view b takes the place of MoCo v3's second query).
+  Query encoder = backbone + projector + predictor, momentum encoder = backbone + projector
+  (momentum 0.99 -> 1, cosine), InfoNCE at temperature 0.2 scaled by 2T. Heads by backbone as in
+  facebookresearch/moco-v3 moco/builder.py (337f3c9): ResNets a 2-layer projector and a 2-layer
+  predictor without its final BN (``MoCo_ResNet``), ViTs a 3-layer projector and a 2-layer
+  predictor with it (``MoCo_ViT``); no biases, BN after every hidden layer.
+- ``base: dino``: L = L_DINO (all crops) + 0.5 (L_source + L_mixed); the student sees the mixed
+  view b, the targets are the teacher's centred, sharpened distributions of the clean view a
+  (source) and of the mixed view a (mixed), combined with the same soft weights.
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.backbones import VITS
 from trainers.distributed import all_gather_cat_no_grad, flip_partner_rows, rank
 from trainers.heads import ProjectionHead
 from trainers.losses import dino_loss, sdmp_targets, soft_cross_entropy
@@ -40,10 +56,10 @@ BASES = ("moco_v3", "dino")
 @dataclass
 class SDMPConfig(DINOConfig):
     base: str = "moco_v3"  # moco_v3 or dino
-    mix_modes: list[str] = field(default_factory=lambda: list(MIX_MODES))  # picked uniformly per batch
+    mix_modes: list[str] = field(default_factory=lambda: list(MIX_MODES))  # picked uniformly per step
     mix_alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
-    resizemix_scale: list[float] = field(default_factory=lambda: [0.1, 0.8])  # side of the pasted image
-    mix_weight: float = 1.0  # weight of the source and mixed terms
+    resizemix_lam: list[float] = field(default_factory=lambda: [0.1, 0.9])  # lam mapped onto this (SDMP code)
+    mix_weight: float = 0.5  # weight of the source and of the mixed term (the released code's / 2)
     moco_temperature: float = 0.2
     moco_hidden_dim: int = 4096
     moco_out_dim: int = 256
@@ -51,22 +67,31 @@ class SDMPConfig(DINOConfig):
     moco_momentum: float = 0.99  # raised to 1 along a cosine over all steps
 
 
+def is_vit(backbone_name: str) -> bool:
+    return backbone_name in VITS
+
+
 class MoCoEncoder(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig):
+    """Backbone + projector: 3 layers for a ViT, 2 for a ResNet (MoCo v3), BN without affine last."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool):
         super().__init__()
         self.backbone = backbone
-        self.projector = ProjectionHead(feature_dim, o.moco_hidden_dim, o.moco_out_dim, layers=3, last_bn=True)
+        self.projector = ProjectionHead(feature_dim, o.moco_hidden_dim, o.moco_out_dim, layers=3 if vit else 2,
+                                        last_bn=True, last_bias=False)
 
     def forward(self, views):
         return self.projector(encode_views(self.backbone, views))
 
 
 class MoCoStudent(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig):
+    """Query encoder: MoCoEncoder + 2-layer predictor, with the final BN for a ViT only (MoCo v3)."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool):
         super().__init__()
-        self.encoder = MoCoEncoder(backbone, feature_dim, o)
+        self.encoder = MoCoEncoder(backbone, feature_dim, o, vit)
         self.predictor = ProjectionHead(o.moco_out_dim, o.moco_predictor_hidden_dim, o.moco_out_dim, layers=2,
-                                        last_bn=True)
+                                        last_bn=vit, last_bias=False)
 
     @property
     def backbone(self) -> nn.Module:
@@ -99,9 +124,10 @@ class SDMP(Method):
         require(len(o.mix_modes) >= 1 and all(m in MIX_MODES for m in o.mix_modes),
                 f"method.mix_modes {o.mix_modes} must be a non-empty list from {', '.join(MIX_MODES)}")
         require(o.mix_alpha > 0, f"method.mix_alpha must be > 0 (Beta(alpha, alpha); SDMP uses 1), got {o.mix_alpha}")
-        lo, hi = (list(o.resizemix_scale) + [0, 0])[:2]
-        require(len(o.resizemix_scale) == 2 and 0 < lo <= hi <= 1,
-                f"method.resizemix_scale {o.resizemix_scale} must be [min, max] with 0 < min <= max <= 1")
+        lo, hi = (list(o.resizemix_lam) + [-1, -1])[:2]
+        require(len(o.resizemix_lam) == 2 and 0 <= lo <= hi <= 1,
+                f"method.resizemix_lam {o.resizemix_lam} must be [min, max] with 0 <= min <= max <= 1 "
+                f"(SDMP: [0.1, 0.9])")
         require(o.mix_weight >= 0, f"method.mix_weight must be >= 0, got {o.mix_weight}")
         if o.base == "moco_v3":
             require(o.moco_temperature > 0, f"method.moco_temperature must be > 0 (MoCo v3: 0.2), got {o.moco_temperature}")
@@ -115,7 +141,7 @@ class SDMP(Method):
         super().__init__(options, ctx)
         self.check(options, ctx)
         if options.base == "moco_v3":
-            self.student = MoCoStudent(backbone, ctx.feature_dim, options)
+            self.student = MoCoStudent(backbone, ctx.feature_dim, options, is_vit(ctx.backbone))
             self.teacher = make_teacher(self.student.encoder)
             self.momenta = cosine_schedule(options.moco_momentum, 1.0, ctx.total_steps)
         else:
@@ -126,42 +152,53 @@ class SDMP(Method):
             self.momenta = cosine_schedule(options.teacher_momentum, 1.0, ctx.total_steps)
 
     # ------------------------------------------------------------------ mixing
-    def mix_mode(self, step: int) -> str:
-        """The same pick on every rank, reproducible from (seed, step) alone."""
+    def draws(self, step: int) -> tuple[str, bool]:
+        """(mix mode, whether the views swap roles): the same on every rank, from (seed, step) alone."""
         modes = self.options.mix_modes
-        return modes[int(np.random.default_rng([self.ctx.seed, step]).integers(len(modes)))]
+        rng = np.random.default_rng([self.ctx.seed, step])
+        return modes[int(rng.integers(len(modes)))], bool(rng.random() < 0.5)
 
-    def mixed_batch(self, images: torch.Tensor, step: int):
-        """Images mixed with their global flip partners; the global source / mixed targets of this
-        rank's rows."""
+    def mix_mode(self, step: int) -> str:
+        return self.draws(step)[0]
+
+    def roles(self, step: int) -> tuple[int, int]:
+        """Indices (a, b) of the two global crops: b is mixed into the query, a is the key side."""
+        return (1, 0) if self.draws(step)[1] else (0, 1)
+
+    def mixed_views(self, query_images: torch.Tensor, key_images: torch.Tensor, mode: str):
+        """Both views mixed with their global flip partners with the same lam: (mixed query [B, ...],
+        mixed key [B, ...], source targets [B, G], mixed targets [B, G]), the targets this rank's rows."""
         o = self.options
-        batch = images.shape[0]
-        alpha = torch.tensor(o.mix_alpha, device=images.device)
+        batch = query_images.shape[0]
+        alpha = torch.tensor(o.mix_alpha, device=query_images.device)
         # validate_args=False: the argument checks read values back from the device (a host sync per
         # check, every step); mix_alpha > 0 is checked once in check()
         lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample((batch,))
-        partners = flip_partner_rows(images)
-        mixed, lam = mix(images, partners, lam, self.mix_mode(step), tuple(o.resizemix_scale))
-        source, mixed_targets = sdmp_targets(all_gather_cat_no_grad(lam))
+        scale = tuple(o.resizemix_lam)
+        mixed_query, lam_query = mix(query_images, flip_partner_rows(query_images), lam, mode, scale)
+        mixed_key, lam_key = mix(key_images, flip_partner_rows(key_images), lam, mode, scale)
+        source, mixed_targets = sdmp_targets(all_gather_cat_no_grad(lam_query), all_gather_cat_no_grad(lam_key))
         rows = slice(rank() * batch, (rank() + 1) * batch)
-        return mixed, source[rows], mixed_targets[rows]
+        return mixed_query, mixed_key, source[rows], mixed_targets[rows]
 
     # ------------------------------------------------------------------ steps
     def training_step(self, views, labels, step):
-        mixed, source_targets, mixed_targets = self.mixed_batch(views[0], step)
+        mode = self.mix_mode(step)
+        a, b = self.roles(step)
+        mixed_b, mixed_a, source_targets, mixed_targets = self.mixed_views(views[b], views[a], mode)
         if self.options.base == "moco_v3":
-            return self._moco_step(views, mixed, source_targets, mixed_targets)
-        return self._dino_step(views, mixed, source_targets, mixed_targets, step)
+            return self._moco_step(views, a, b, mixed_b, mixed_a, source_targets, mixed_targets)
+        return self._dino_step(views, a, mixed_b, mixed_a, source_targets, mixed_targets, step)
 
-    def _moco_step(self, views, mixed, source_targets, mixed_targets):
+    def _moco_step(self, views, a, b, mixed_b, mixed_a, source_targets, mixed_targets):
         o = self.options
         t = o.moco_temperature
-        q1, q2, q_mix = self.run_student([views[0], views[1], mixed]).chunk(3)
+        q_a, q_mix = self.run_student([views[a], mixed_b]).chunk(2)
         with torch.no_grad():
-            k1, k2, k_mix = self.teacher([views[0], views[1], mixed]).chunk(3)
-        contrastive = info_nce(q1, k2, t) + info_nce(q2, k1, t)
+            k_a, k_b, k_mix = self.teacher([views[a], views[b], mixed_a]).chunk(3)
+        contrastive = info_nce(q_a, k_b, t)
         q_mix = F.normalize(q_mix.float(), dim=1)
-        keys_clean = all_gather_cat_no_grad(F.normalize(k2.float(), dim=1))
+        keys_clean = all_gather_cat_no_grad(F.normalize(k_a.float(), dim=1))
         keys_mixed = all_gather_cat_no_grad(F.normalize(k_mix.float(), dim=1))
         source = soft_cross_entropy(q_mix @ keys_clean.t(), source_targets, t) * (2 * t)
         mixed_term = soft_cross_entropy(q_mix @ keys_mixed.t(), mixed_targets, t) * (2 * t)
@@ -169,22 +206,22 @@ class SDMP(Method):
         return loss, {"loss_base": contrastive.detach(), "loss_source": source.detach(),
                       "loss_mixed": mixed_term.detach()}
 
-    def _dino_step(self, views, mixed, source_targets, mixed_targets, step):
+    def _dino_step(self, views, a, mixed_b, mixed_a, source_targets, mixed_targets, step):
         o = self.options
         globals_ = self.ctx.num_global
         tau_t = float(self.teacher_temperatures[min(self.epoch_of(step), len(self.teacher_temperatures) - 1)])
         with torch.no_grad():
-            teacher_all = self.teacher(list(views[:globals_]) + [mixed]).chunk(globals_ + 1)
+            teacher_all = self.teacher(list(views[:globals_]) + [mixed_a]).chunk(globals_ + 1)
         teacher, teacher_mixed = list(teacher_all[:globals_]), teacher_all[globals_]
-        # mixed image right after the globals: one backbone call for all global-size inputs
-        student_all = self.run_student(list(views[:globals_]) + [mixed] + list(views[globals_:])).chunk(len(views) + 1)
+        # the mixed view right after the globals: one backbone call for all global-size inputs
+        student_all = self.run_student(list(views[:globals_]) + [mixed_b] + list(views[globals_:])).chunk(len(views) + 1)
         student = list(student_all[:globals_]) + list(student_all[globals_ + 1:])
         student_mixed = student_all[globals_]
         base = dino_loss(student, teacher, self.center, o.student_temperature, tau_t)
         with torch.no_grad():
             def sharpened(logits):
                 return F.softmax((logits.float() - self.center) / tau_t, dim=-1)
-            source_probs = all_gather_cat_no_grad(sharpened(teacher[1]))
+            source_probs = all_gather_cat_no_grad(sharpened(teacher[a]))
             mixed_probs = all_gather_cat_no_grad(sharpened(teacher_mixed))
         source = soft_cross_entropy(student_mixed, source_targets @ source_probs, o.student_temperature)
         mixed_term = soft_cross_entropy(student_mixed, mixed_targets @ mixed_probs, o.student_temperature)
@@ -206,7 +243,6 @@ class SDMP(Method):
         return self.student.backbone if self.options.base == "moco_v3" else self.teacher.backbone
 
     def describe(self) -> str:
-        return f"SDMP on {self.options.base}: mixes {'/'.join(self.options.mix_modes)}, weight {self.options.mix_weight}"
-
-
-
+        heads = "ViT" if is_vit(self.ctx.backbone) else "ResNet"
+        return (f"SDMP on {self.options.base}: mixes {'/'.join(self.options.mix_modes)}, weight {self.options.mix_weight}"
+                + (f", MoCo v3 {heads} heads" if self.options.base == "moco_v3" else ""))

@@ -1,8 +1,8 @@
 """SwAV (Caron et al., 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
 Assignments"). Defaults from the reference code (facebookresearch/swav): 3000 prototypes, embedding
 128, temperature 0.1, epsilon 0.05, 3 Sinkhorn iterations, codes from the 2 global crops,
-prototypes frozen for the first epoch, no queue (batch-4096 recipe; the batch-256 recipe uses a
-3840-long queue from epoch 15).
+prototypes frozen for the first epoch (``freeze_prototypes_epochs`` / ``freeze_prototypes_steps``), no
+queue (batch-4096 recipe; the batch-256 recipe uses a 3840-long queue from epoch 15).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class SwAVConfig:
     epsilon: float = 0.05  # Sinkhorn entropy regularisation
     sinkhorn_iterations: int = 3
     assign_crops: list[int] = field(default_factory=lambda: [0, 1])  # crops whose codes are predicted
-    freeze_prototypes_steps: int | None = None  # prototype gradients dropped for this many steps; None: 1 epoch
+    freeze_prototypes_steps: int | None = None  # prototype gradients dropped for this many steps
+    freeze_prototypes_epochs: int | None = None  # ... or for this many epochs; both None: 1 epoch
     queue_length: int = 0  # stored embeddings per assign crop (global); 0: no queue
     queue_start_epoch: int = 15  # the queue is filled from this epoch and used once full
 
@@ -80,6 +81,11 @@ class SwAV(Method):
         require(o.queue_length >= 0, f"method.queue_length must be >= 0, got {o.queue_length}")
         require(o.freeze_prototypes_steps is None or o.freeze_prototypes_steps >= 0,
                 f"method.freeze_prototypes_steps must be >= 0 or null (one epoch), got {o.freeze_prototypes_steps}")
+        require(o.freeze_prototypes_epochs is None or o.freeze_prototypes_epochs >= 0,
+                f"method.freeze_prototypes_epochs must be >= 0 or null (one epoch), got {o.freeze_prototypes_epochs}")
+        require(o.freeze_prototypes_steps is None or o.freeze_prototypes_epochs is None,
+                "method.freeze_prototypes_steps and method.freeze_prototypes_epochs are both set: keep one, "
+                "set the other to null")
         if o.prototypes <= o.out_dim:
             # measured on CIFAR-10 (BENCHMARKS.md, CPU learning check): 100 prototypes for a 128-d embedding
             # stayed on the ln K plateau, since an embedding can score all prototypes equally
@@ -91,8 +97,11 @@ class SwAV(Method):
         super().__init__(options, ctx)
         self.check(options, ctx)
         self.student = SwAVNet(backbone, ctx.feature_dim, options)
-        self.freeze_steps = ctx.steps_per_epoch if options.freeze_prototypes_steps is None \
-            else options.freeze_prototypes_steps
+        if options.freeze_prototypes_steps is not None:
+            self.freeze_steps = options.freeze_prototypes_steps
+        else:
+            epochs = 1 if options.freeze_prototypes_epochs is None else options.freeze_prototypes_epochs
+            self.freeze_steps = epochs * ctx.steps_per_epoch
         # the queue holds whole global batches (check() refuses other lengths); each rank keeps its share
         self.queue_length = options.queue_length
         local_rows = options.queue_length // ctx.world_size

@@ -1,0 +1,109 @@
+"""bench/parity.py: both sides get the shared recipe, and one deterministic evaluator scores them.
+
+No data and no training: the recipe read back from our config (the call the Trainer's loader makes) and
+from our method modules, the shared kNN scorer on synthetic images, the report's table. The lightly side's
+readback runs only where lightly is installed (a bench-only tool, not in CI).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_parity():
+    spec = importlib.util.spec_from_file_location("bench_parity", ROOT / "bench" / "parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+parity = load_parity()
+SMALL = ["--steps", "5", "--subset", "512"]
+
+
+@pytest.mark.parametrize("method", parity.METHODS)
+def test_our_config_gives_every_view_the_shared_recipe(method):
+    config = parity.ours_config(method, 0, parity.parse_args(SMALL))
+    views = parity.ours_views(config)
+    assert views == parity.shared_views(method)
+    assert [v["blur_p"] for v in views] == [0.0, 0.0]
+    assert [v["jitter"] for v in views] == [(0.4, 0.4, 0.4, 0.1)] * 2
+    expected_solarize = [0.0, 0.2] if method == "dino" else [0.0, 0.0]  # DINO's second view only
+    assert [v["solarize_p"] for v in views] == expected_solarize
+    # without data.global_augment the method's own preset applies, and the readback sees it
+    config.data.global_augment = None
+    assert parity.ours_views(config) != parity.shared_views(method)
+
+
+@pytest.mark.parametrize("method, heads", [
+    ("swav", {"head (Linear in, out)": [(256, 256), (256, 128)], "prototypes (Linear in, out)": [(128, 512)],
+              "prototypes frozen (steps)": 0, "queue": 0, "temperature": 0.1}),
+    ("dino", {"head (Linear in, out)": [(256, 2048), (2048, 2048), (2048, 256), (256, 2048)],
+              "head BatchNorm": True, "last layer frozen (epochs)": 0, "student temperature": 0.1}),
+    ("simclr", {"head (Linear in, out)": [(256, 256), (256, 128)], "temperature": 0.5, "loss scale": 1.0}),
+])
+def test_our_method_modules_have_the_shared_head_sizes(method, heads):
+    config = parity.ours_config(method, 0, parity.parse_args(SMALL))
+    knobs = parity.ours_knobs(method, parity.ours_method(method, config))
+    assert {key: knobs[key] for key in heads} == heads
+
+
+def test_the_plan_is_the_trainers_schedule_for_the_default_measurement():
+    p = parity.plan(312, 10_000, 128, 0.5, 0.06)
+    assert (p["steps_per_epoch"], p["epochs"], p["total_steps"], p["warmup_steps"]) == (78, 4, 312, 39)
+    lr = p["lr_schedule"]
+    assert lr[0] == 0.0 and lr[39] == pytest.approx(0.06) and lr[-1] == pytest.approx(0.0, abs=1e-12)
+    assert np.all(np.diff(lr[:40]) > 0) and np.all(np.diff(lr[39:]) <= 0)
+
+
+def test_lightly_side_reads_back_the_same_settings():
+    pytest.importorskip("lightly")
+    args = parity.parse_args(SMALL)
+    p = parity.plan(args.steps, args.subset, args.batch, args.warmup_epochs, args.lr)
+    for method in parity.METHODS:
+        side = parity.LightlySide(method, parity.random_init(0), 256, p)
+        rows = parity.settings_rows(method, parity.ours_config(method, 0, args), side, p)
+        assert [row for row in rows if not row[3]] == [], method
+
+
+def synthetic(count_per_class: int, seed: int):
+    """Images of 10 classes, each a fixed 2x2 pattern of colours plus a little noise."""
+    rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(0).integers(0, 256, size=(10, 2, 2, 3))
+    labels = np.repeat(np.arange(10), count_per_class)
+    images = np.kron(palette[labels], np.ones((1, 16, 16, 1))) + rng.integers(-3, 4, size=(len(labels), 32, 32, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def test_shared_evaluator_is_deterministic_and_tells_features_apart():
+    bank, bank_labels = synthetic(20, seed=1)
+    test, test_labels = synthetic(10, seed=2)
+    knn = parity.SharedKnn(bank, bank_labels, test, test_labels, k=20, temperature=0.07)
+    backbone = parity.random_init(0)
+    first, second = knn.score(backbone), knn.score(backbone)
+    assert first == second
+    assert backbone.training  # the scorer leaves the module's mode as it found it
+    assert parity.same_weights(parity.random_init(0), backbone)
+    assert not parity.same_weights(parity.random_init(1), backbone)
+    pooled = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())  # sees the colour pattern
+    assert knn.score(pooled) == 1.0
+    shuffled = parity.SharedKnn(bank, np.random.default_rng(3).permutation(bank_labels), test, test_labels)
+    assert shuffled.score(pooled) < 0.5
+
+
+def test_report_table_has_mean_sd_per_side_and_the_paired_difference():
+    runs = []
+    for seed, (random, ours, theirs) in enumerate([(0.30, 0.40, 0.38), (0.32, 0.42, 0.43)]):
+        runs += [{"method": "swav", "seed": seed, "side": side, "knn_top1": value}
+                 for side, value in (("random", random), ("ours", ours), ("lightly", theirs))]
+    summary = parity.summarize(runs, ["swav", "dino"], [0, 1])
+    assert [row["method"] for row in summary] == ["swav"]  # dino has no runs yet
+    facts = {"k": 20, "temperature": 0.07, "bank": 10_000, "test_images": 2_000, "backbone": "resnet_mini",
+             "steps": 312, "batch": 128, "subset": 10_000}
+    table = parity.markdown(summary, facts).splitlines()
+    assert table[-1] == "| swav | 0,1 | 31.0 ± 1.4 | 41.0 ± 1.4 | 40.5 ± 3.5 | +0.5 ± 2.1 |"
