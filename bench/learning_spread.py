@@ -60,10 +60,11 @@ def summary(rows: list[dict], margins: dict) -> str:
         mean = statistics.fmean(gains)
         sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
         margin = 100 * margins[method]
-        lines.append(f"| {method} | {','.join(str(r['seed']) for r in mine)} | "
-                     f"{' / '.join(f'{100 * r['before']:.1f}' for r in mine)} | "
-                     f"{' / '.join(f'{100 * r['after']:.1f}' for r in mine)} | {mean:+.2f} ± {sd:.2f} | "
-                     f"{min(gains):+.2f} | {margin:.1f} | {margin / sd:.1f} | {(mean - margin) / sd:.1f} |")
+        before = " / ".join(f"{100 * r['before']:.1f}" for r in mine)
+        after = " / ".join(f"{100 * r['after']:.1f}" for r in mine)
+        seeds = ",".join(str(r["seed"]) for r in mine)
+        lines.append(f"| {method} | {seeds} | {before} | {after} | {mean:+.2f} ± {sd:.2f} | {min(gains):+.2f} | "
+                     f"{margin:.1f} | {margin / sd:.1f} | {(mean - margin) / sd:.1f} |")
     return "\n".join(lines)
 
 

@@ -335,6 +335,9 @@ CASES = {
     "num-to-keep-zero": (["pretrain", "--num-to-keep", "0"], None, "--num-to-keep must be >= 1", 2),
     "negative-resource-timeout": (["pretrain", "--resource-timeout", "-1"], None,
                                   "--resource-timeout must be a number of seconds >= 0", 2),
+    # found by probing (issue 15's augmentation settings)
+    "per-view-list-length": (["pretrain", "--local", "--set", "data.global_augment={{blur_p: [0.1, 0.2, 0.3]}}"], None,
+                             "data.global_augment.blur_p lists 3 probabilities for the 2 views", 2),
 }
 
 

@@ -123,6 +123,9 @@ def test_three_sigkills_mid_epoch_give_the_uninterrupted_run_and_one_mlflow_run(
     assert sorted(loss_steps) == list(range(1, 17)), "each step logged exactly once despite the restarts"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1_k20")] == [16]
     assert 0.0 < run.data.metrics["knn_top1_k20"] <= 1.0
+    # the online linear probe is on by default: its top-1 reaches MLflow once per evaluation, like kNN
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "online_linear_top1")] == [16]
+    assert 0.0 < run.data.metrics["online_linear_top1"] <= run.data.metrics["online_linear_top5"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "curves.png", "backbone", "checkpoint"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "backbone")} == {"backbone/backbone.pt"}

@@ -201,7 +201,14 @@ def method_crop_groups(method: str, spec: str, global_augment: dict | None = Non
     groups = []
     for index, (count, size) in enumerate(parse_crop_spec(spec)):
         kwargs = dict(preset["global_" if index == 0 else "local"])
-        kwargs.update(own[0 if index == 0 else 1])
+        mine = own[0 if index == 0 else 1]
+        for name, value in mine.items():
+            # a per-view list the user wrote must have one value, or one per view of this group
+            if isinstance(value, tuple) and name in _PER_VIEW and len(value) not in (1, count):
+                where = "data.global_augment" if index == 0 else "data.local_augment"
+                raise ConfigError(f"{where}.{name} lists {len(value)} probabilities for the {count} views of crop "
+                                  f"group {count}x{size}: give one value for all views or exactly {count}")
+        kwargs.update(mine)
         for name, value in list(kwargs.items()):
             # per-view tuples sized for 2 globals: repeat the last value for extra views, cut for fewer
             if isinstance(value, tuple) and name.endswith("_p"):
