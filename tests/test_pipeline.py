@@ -21,7 +21,7 @@ SMALL = ["stages.prepare.datasets=[fashion-mnist, digits]",
          "optim.warmup_epochs=0, knn.every_epochs=1, knn.max_train=256, knn.max_test=128, 'knn.k=[20]', "
          "train.log_every=2]",
          "stages.pretrain.cpus_per_worker=1", "stages.linear.epochs=2", "stages.semi.epochs=1",
-         "stages.semi.min_steps=5", "stages.semi.batch_size=64", "stages.transfer.datasets=[digits]",
+         "stages.semi.min_steps=40", "stages.semi.batch_size=64", "stages.transfer.datasets=[digits]",
          "stages.transfer.epochs=2"]
 
 
