@@ -7,7 +7,7 @@ seed). This script measures that spread with the test's own settings and prints,
 gains, their mean and standard deviation, and how many standard deviations separate the asserted
 margin from 0 and from the mean gain.
 
-  python bench/learning_spread.py                       # every method, seeds 0,1,2 (~25 min on 2 cores)
+  python bench/learning_spread.py                       # every method, seeds 0,1,2 (~35 min on 2 cores)
   python bench/learning_spread.py --methods swav --seeds 0,1,2,3
 Writes bench/results/learning-spread-cpu.json. Re-measure after changing the test's settings and
 copy the table into the test's docstring.

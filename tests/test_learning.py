@@ -35,8 +35,7 @@ COMMON = ["data.dataset=cifar10", "data.batch_size=128", "model.backbone=resnet_
 # its ln K plateau; at batch 128 SwAV and DINO leave their plateau in some seeds only (bench/learning_spread.py)
 PLATEAU = ["data.crops=2x16", "data.batch_size=256", f"data.global_augment={AUGMENT}"]
 SETTINGS = {
-    "swav": [*PLATEAU, "method.prototypes=300", "method.freeze_prototypes_steps=20",
-             "optim.lr=0.15"],
+    "swav": [*PLATEAU, "method.prototypes=300", "method.freeze_prototypes_steps=20", "optim.lr=0.15"],
     "dino": [*PLATEAU, "method.out_dim=1024", "method.hidden_dim=512", "method.bottleneck_dim=128",
              "method.head_batch_norm=true", "method.teacher_momentum=0.99", "optim.lr=0.12", "optim.clip_grad=3.0",
              "optim.clip_mode=per_parameter"],
