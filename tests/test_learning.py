@@ -9,7 +9,7 @@ Measured on 2 CPU cores with bench/learning_spread.py (this file's settings; 300
 5,000 training images as the bank and 2,000 test images; 2026-12-06), top-1 gain over random init
 (~29.5%) per seed:
   swav    batch 256, 2x16, CIFAR jitter: +4.15 / +4.45 / +3.75 (seeds 0/1/2), mean +4.12, sd 0.35 -> margin 1.5
-  dino    batch 256, 2x16, CIFAR jitter, BN head: +4.70 (seed 0) -> margin 1.0
+  dino    batch 256, 2x16, CIFAR jitter, BN head: +4.70 / +3.40 / +5.50, mean +4.53, sd 1.06 -> margin 1.0
   sdmp    MoCo v3 base, preset augmentation: +10.0 (2026-11-22, 1,000 test images) -> margin 5
   supcon  labels, preset augmentation: +9.8 (2026-11-22, 1,000 test images) -> margin 5
 What did not work (kept for the next person who tunes this): SwAV at batch 128 with 2x16+2x8 gave
