@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # ffcv 1.0.2 is built from source: it needs pkg-config, OpenCV and libjpeg-turbo headers.
 SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+# tests/test_mlflow_server.py starts a throwaway PostgreSQL (not in the image: the cluster's is a service)
+TEST_PACKAGES := postgresql
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv test demo bench-loader clean help
@@ -18,7 +20,7 @@ help:
 setup: system-packages venv
 
 system-packages:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(SYSTEM_PACKAGES) $(TEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -z "$$missing" ]; then echo "setup: system packages present"; \
 	elif ! command -v apt-get >/dev/null; then \
 	  echo "setup: missing system packages ($$missing) and no apt-get: install their equivalents for your OS, then rerun make setup" >&2; exit 1; \

@@ -88,6 +88,30 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_stage(args) -> int:
+    from orchestrator.staging import stage_data
+    from trainers.config import load_config
+    from trainers.data.datasets import check_dataset_name
+    from trainers.data.multicrop import ffcv_available
+
+    check_dataset_name(args.dataset)
+    if not args.storage.strip():
+        raise UserError("--storage is empty: name the run storage the cluster's runs use (a shared folder, "
+                        "s3://bucket/runs, gs://bucket/runs)")
+    if not ffcv_available():
+        raise UserError("data stage writes .beton files, which needs ffcv: install it (make setup) or run on a "
+                        "machine that has it")
+    settings = [f"data.dataset={args.dataset}", f"data.cache_dir={args.cache_dir}", "data.loader=ffcv"]
+    if args.data_root:
+        settings.append(f"data.data_root={args.data_root}")
+    config = load_config(None, settings)
+    uri = stage_data(config, args.storage, log=lambda msg: print(msg, file=sys.stderr), require_source=True,
+                     progress=not args.quiet)
+    print(f"staged {args.dataset} (train, test) in {uri}: runs with --storage {args.storage} read them on nodes "
+          f"that have no data")
+    return 0
+
+
 def cmd_data_preview(args) -> int:
     from trainers.data.augment import method_crop_groups
     from trainers.data.beton import check_num_workers
@@ -164,7 +188,7 @@ def _check_device(name: str) -> str:
 def _add_data_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="data sets: list, prepare .beton files, preview crops",
                                  formatter_class=_Formatter)
-    commands = data.add_subparsers(dest="data_command", metavar="{list,prepare,preview}", required=True)
+    commands = data.add_subparsers(dest="data_command", metavar="{list,prepare,stage,preview}", required=True)
 
     listing = commands.add_parser("list", help="known data sets and whether they are found",
                                   formatter_class=_Formatter)
@@ -186,6 +210,22 @@ def _add_data_commands(subparsers) -> None:
     prep.add_argument("--force", action="store_true", help="rewrite even when an up-to-date file exists")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_data_prepare)
+
+    stage = commands.add_parser(
+        "stage", help="put a data set's .beton files into run storage, for cluster nodes without the data",
+        formatter_class=_Formatter,
+        description="Writes the .beton files here (from --data-root, skipped when up to date) and copies them to "
+                    "<storage>/_data/ (a shared folder, s3://, gs://, file://; skipped when an identical copy is "
+                    "there). A run with the same --storage then fetches them to each node's cache, also on nodes "
+                    "and drivers that have no data archives. Example: sslab data stage --dataset cifar10 "
+                    "--storage s3://my-bucket/sslab-runs")
+    stage.add_argument("--dataset", required=True,
+                       help="cifar10, tiny-imagenet, fashion-mnist, digits or imagefolder:<path>")
+    stage.add_argument("--storage", required=True, help="the run storage the cluster's runs use (--storage there)")
+    _add_data_root(stage)
+    stage.add_argument("--cache-dir", default=_default_cache_dir(), help="where the .beton files are written here")
+    stage.add_argument("--quiet", action="store_true", help="no progress bar")
+    stage.set_defaults(func=cmd_data_stage)
 
     prev = commands.add_parser("preview", help="PNG grid of images and their augmented views + tensor facts",
                                formatter_class=_Formatter)
@@ -487,11 +527,14 @@ def _add_submit(subparsers) -> None:
                     "configs/pretrain/swav_cifar10.yaml --workers 8 --address auto")
     p.add_argument("--address", default=None, help="Ray job server (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
     p.add_argument("--name", default=None, help="job id (default: Ray picks one)")
-    p.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
+    p.add_argument("--wait", action="store_true",
+                   help="stream the logs and exit with the job's own exit status (6 when it was stopped)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved for the job's entrypoint (>= 0)")
     p.add_argument("--cpus", type=float, default=None, help="CPUs reserved for the job's entrypoint (>= 0)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable for the job")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default: the cluster's own MLFLOW_TRACKING_URI; "
+                        "a cluster on this machine: this checkout's store)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable for the job (no secrets: the job's env is shown on the "
+                        "dashboard; names like *TOKEN*, *PASSWORD*, *SECRET* are refused)")
     p.add_argument("--python", default="python", help="Python interpreter on the cluster")
     p.add_argument("--working-dir", default=None,
                    help="project folder to send: an sslab checkout (with pyproject.toml and orchestrator/cli.py); "

@@ -70,11 +70,25 @@ def _remote_size(filesystem, path: str) -> int | None:
     return info.size if info.type == fs.FileType.File else None
 
 
-def stage_data(config: Config, storage: str, log: Callable[[str], None] = print) -> str | None:
-    """Driver: write the run's ``.beton`` files here and copy them to ``<storage>/_data/``.
+def staged_already(config: Config, uri: str) -> bool:
+    """True when ``uri`` holds every split of the run's data set, complete (size as its sidecar says)."""
+    filesystem, root = _filesystem(uri)
+    for name in _file_names(config):
+        meta = _read_remote_meta(filesystem, f"{root}/{name}.json")
+        if meta is None or _remote_size(filesystem, f"{root}/{name}") != meta.get("bytes"):
+            return False
+    return True
+
+
+def stage_data(config: Config, storage: str, log: Callable[[str], None] = print,
+               require_source: bool = False, progress: bool = False) -> str | None:
+    """Driver (or ``sslab data stage``): write the run's ``.beton`` files here and copy them to
+    ``<storage>/_data/``.
 
     Returns the staging URI, or None when there is nothing to stage (torch loader, no ffcv, or no
-    source data on the driver: each worker then prepares the files from its own data root)."""
+    source data here and nothing staged earlier: each worker then prepares the files from its own
+    data root). Without source data here, files staged earlier (``sslab data stage`` from a machine
+    that has the archives) are used as they are; ``require_source`` raises instead."""
     from pyarrow import fs
 
     from trainers.data.beton import PrepareSettings, prepare, read_meta
@@ -83,14 +97,19 @@ def stage_data(config: Config, storage: str, log: Callable[[str], None] = print)
     if not _uses_ffcv(config):
         return None
     cache = config.data.cache_dir or str(default_cache_dir())
+    uri = stage_uri(storage)
     try:
         paths = prepare(config.data.dataset, "all", cache, config.data.data_root, PrepareSettings(),
-                        progress=False, log=lambda msg: None)
+                        progress=progress, log=log if progress else (lambda msg: None))
     except DataNotFoundError as exc:
-        log(f"note: the data is not on this machine ({str(exc)[:100]}...); each worker prepares it from its own "
-            f"data root")
+        if require_source:
+            raise
+        if staged_already(config, uri):
+            log(f"the data is not on this machine; the workers read the files staged in {uri}")
+            return uri
+        log(f"note: the data is not on this machine ({str(exc)[:100]}...) and nothing is staged in {uri} "
+            f"(sslab data stage puts it there); each worker prepares it from its own data root")
         return None
-    uri = stage_uri(storage)
     filesystem, root = _filesystem(uri)
     filesystem.create_dir(root, recursive=True)
     local_fs = fs.LocalFileSystem()

@@ -1,8 +1,13 @@
 """``sslab submit``: run any sslab command as a Ray job on a cluster (``JobSubmissionClient``).
 
 The project folder is the job's working directory (data, state, virtual environments and build
-outputs excluded); the tracking URI, the Ray auth settings and any ``--env`` pass through the
-job's runtime environment. ``--wait`` streams the job's logs and returns its exit status.
+outputs excluded). The job's runtime environment, which every dashboard user can read, carries no
+secret and none of the submitter's paths: a cluster's pods keep their own ``MLFLOW_TRACKING_URI``,
+``SSLAB_HOME``, ``SSLAB_DATA_ROOT`` and credentials (Kubernetes Secrets, the env of ``ray start``).
+Only ``--tracking-uri`` and ``--env`` (secret-looking names refused) are sent. When the cluster is
+this machine (every node reports this host name, even through a tunnel's loopback address), the
+job also gets this checkout's state folder, data root and tracking store, which are then valid
+paths for it. ``--wait`` streams the job's logs and returns the job's own exit status.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ EXCLUDES = [
     "auth_token", ".ray/", ".aws/", ".ssh/", ".kube/", "*kubeconfig*", "*credentials*", "*.secret", "*secret*.yaml",
     "*secrets*.yaml", "!cluster/kuberay/secrets.example.yaml",
 ]
-PASS_THROUGH = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "SSLAB_HOME", "SSLAB_DATA_ROOT")
+# An --env name that looks like a credential: refused (the runtime env is public to dashboard users).
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+STOPPED_EXIT = 6  # `submit --wait` when the job was stopped before it ended (docs/errors.md)
 
 
 def default_address() -> str:
@@ -56,12 +62,47 @@ def parse_env(extra: list[str]) -> dict[str, str]:
     return env
 
 
-def job_env(tracking_uri: str | None, extra: list[str]) -> dict[str, str]:
-    env = {k: os.environ[k] for k in PASS_THROUGH if os.environ.get(k)}
+def check_no_secrets(env: dict[str, str]) -> None:
+    for key in env:
+        if SECRET_NAME.search(key):
+            raise UserError(f"--env {key}=... would put a secret into the job's runtime env, which every Ray dashboard "
+                            "user can read: give it to the cluster instead (a Kubernetes Secret in the pods' env, or "
+                            "the environment `ray start` runs in)")
+
+
+def job_env(tracking_uri: str | None, extra: list[str], same_machine: bool = False) -> dict[str, str]:
+    """The job's runtime env: ``--env`` entries, ``--tracking-uri``, and on this machine only, the
+    submitter's state folder, data root and tracking store. Never a secret, never the submitter's
+    paths on another machine."""
+    env = parse_env(extra)
+    check_no_secrets(env)
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env.update(parse_env(extra))
+    if same_machine:
+        # the job runs in a temporary copy of the checkout: point it at this checkout's state and data
+        from orchestrator.tracking import resolve_tracking_uri
+        from trainers.paths import default_data_root, state_dir
+
+        env.setdefault("SSLAB_HOME", str(state_dir()))
+        root_dir = default_data_root()
+        if root_dir is not None:
+            env.setdefault("SSLAB_DATA_ROOT", str(root_dir))
+        env.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(None))
     return env
+
+
+def cluster_is_this_machine(client) -> bool:
+    """True when every alive node of the job server's cluster reports this machine's host name (a
+    ``ray start`` here), False for a remote cluster, also one reached through a tunnel on 127.0.0.1,
+    and when the server does not say (the safe answer: nothing local is sent)."""
+    import socket
+
+    try:
+        response = client._do_request("GET", "/nodes?view=hostNameList", timeout=10)
+        names = set(response.json()["data"]["hostNameList"])
+    except Exception:  # noqa: BLE001 - an older or proxied dashboard
+        return False
+    return names == {socket.gethostname()}
 
 
 def check_working_dir(working_dir: str | Path | None) -> Path:
@@ -93,7 +134,7 @@ def check_submit_options(args: list[str], gpus: float = 0.0, cpus: float | None 
     for option, value in (("--gpus", gpus), ("--cpus", cpus)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{option} {value:g} must be a number >= 0 (resources reserved for the job's entrypoint)")
-    parse_env(list(env))
+    check_no_secrets(parse_env(list(env)))
     return check_working_dir(working_dir)
 
 
@@ -131,19 +172,10 @@ def submit(args: list[str], address: str | None = None, name: str | None = None,
     except Exception as exc:  # noqa: BLE001 - ConnectionError, auth errors, bad URLs
         raise UserError(f"cannot reach the Ray job server at {address} ({str(exc).splitlines()[0][:160]}): start a "
                         f"head with `ray start --head` (dashboard on port 8265) or pass --address http://HEAD:8265")
-    variables = job_env(tracking_uri, list(env))
-    if address.startswith(("http://127.0.0.1", "http://localhost")):
-        # same machine: the job sees this checkout's state, data and tracking store, not its temporary copy's
-        from orchestrator.tracking import resolve_tracking_uri
-        from trainers.paths import default_data_root, state_dir
-
-        variables.setdefault("SSLAB_HOME", str(state_dir()))
-        root_dir = default_data_root()
-        if root_dir is not None:
-            variables.setdefault("SSLAB_DATA_ROOT", str(root_dir))
-        variables.setdefault("MLFLOW_TRACKING_URI", resolve_tracking_uri(None))
+    same_machine = cluster_is_this_machine(client)
+    variables = job_env(tracking_uri, list(env), same_machine=same_machine)
     uri = variables.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith("sqlite:///") and not address.startswith(("http://127.0.0.1", "http://localhost")):
+    if uri.startswith("sqlite:") and not same_machine:
         log(f"warning: the job logs to {uri}, a file on the cluster's machines; use a tracking server "
             f"(--tracking-uri http://mlflow:5000) to see the runs here")
     entrypoint = f"{python} -m orchestrator.cli {shlex.join(args)}"
@@ -164,7 +196,9 @@ def submit(args: list[str], address: str | None = None, name: str | None = None,
 
 
 def follow(client, job_id: str, poll_s: float = 1.0) -> int:
-    """Print the job's new log text until it ends; 0 when it succeeded, 1 otherwise."""
+    """Print the job's new log text until it ends. Returns 0 when it succeeded; when it failed, the
+    job's own exit status (2 for its bad config, 3 for missing data, ... as if run here), or 1 when it
+    has none (it never started); STOPPED_EXIT when it was stopped (``ray job stop``)."""
     shown = 0
     while True:
         status = str(client.get_job_status(job_id)).split(".")[-1]
@@ -174,8 +208,12 @@ def follow(client, job_id: str, poll_s: float = 1.0) -> int:
             sys.stdout.flush()
             shown = len(logs)
         if status in TERMINAL:
+            if status == "SUCCEEDED":
+                return 0
             info = client.get_job_info(job_id)
-            if status != "SUCCEEDED":
-                print(f"job {job_id} {status.lower()}: {info.message or ''}".strip(), file=sys.stderr)
-            return 0 if status == "SUCCEEDED" else 1
+            print(f"job {job_id} {status.lower()}: {info.message or ''}".strip(), file=sys.stderr)
+            if status == "STOPPED":
+                return STOPPED_EXIT
+            code = getattr(info, "driver_exit_code", None)
+            return code if isinstance(code, int) and 0 < code < 256 else 1
         time.sleep(poll_s)

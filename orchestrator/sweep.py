@@ -41,7 +41,7 @@ from typing import Any, Callable
 import yaml
 
 from trainers.config import Config, apply_overrides, from_dict, load_config, read_yaml_mapping
-from trainers.errors import ConfigError, UserError
+from trainers.errors import ConfigError
 
 from orchestrator import tracking
 from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, check_resources,
@@ -405,9 +405,11 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
     folder = Path(storage) / name if "://" not in storage else Path(tracking.state_dir()) / "sweeps" / name
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     parent_run_id, experiment_id = None, None
-    problem = tracking.check_reachable(uri)
-    if problem and options.require_tracking:
-        raise UserError(f"{problem}; start the server or fix --tracking-uri (or drop --require-tracking)")
+    if options.require_tracking:  # an API call with this client's login: reach, Host check and login
+        tracking.require_reachable(uri, train_later=False)
+        problem = None
+    else:
+        problem = tracking.check_reachable(uri)
     init_ray(options.address, log)
     # one trial must fit on the cluster (the others queue behind it)
     check_resources(replace(options, workers=spec.workers_per_trial,

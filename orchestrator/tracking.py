@@ -16,8 +16,6 @@ import math
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -77,18 +75,76 @@ def artifact_location(uri: str) -> str | None:
     return None  # the server decides
 
 
+PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search?max_results=1"  # read-only; needs a login and the Host check
+
+
+def probe(uri: str, timeout_s: float = 5.0) -> tuple[str, str] | None:
+    """None when the store answers an API call as this client (its login, its Host header), else
+    ``(kind, line)``: kind is ``reach`` (no answer), ``host`` (Host header refused), ``auth`` (login
+    missing or refused) or ``server`` (any other answer); line names the problem and, but for
+    ``reach``, its fix. /health would not do: MLflow answers it before the Host check and the login."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from urllib.parse import urlsplit
+
+    from mlflow.utils.credentials import get_default_host_creds  # the client's own login and TLS settings
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        host = urlsplit(uri).netloc.rsplit("@", 1)[-1]
+        response = http_request(creds, PROBE_ENDPOINT, "GET", max_retries=0, backoff_factor=0, timeout=timeout_s,
+                                raise_on_status=False)
+    except Exception as exc:  # noqa: BLE001 - requests' and MLflow's connection errors alike
+        return "reach", f"MLflow server {uri} is unreachable ({_root_cause(exc)})"
+    status, text = response.status_code, (response.text or "").strip()
+    if status == 200:
+        return None
+    first = text.splitlines()[0][:120] if text else response.reason or ""
+    if status == 403 and "Invalid Host header" in text:
+        return "host", (f"MLflow server {uri} refused the Host header '{host}' (403 Invalid Host header): add {host} "
+                        f"to the server's --allowed-hosts")
+    if status == 401:
+        if creds.username and creds.password:
+            return "auth", (f"MLflow server {uri} refused the login of user '{creds.username}' (401): set "
+                            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user and password the "
+                            f"server knows")
+        return "auth", (f"MLflow server {uri} asks for a login (401) and MLFLOW_TRACKING_USERNAME/"
+                        f"MLFLOW_TRACKING_PASSWORD are not set: set them to a user the server knows")
+    if status == 403:
+        return "auth", (f"MLflow server {uri} refused user '{creds.username}' ({status} {first}): give that user "
+                        f"permission to read experiments, or log in as another one")
+    return "server", f"MLflow server {uri} answered HTTP {status} to {PROBE_ENDPOINT.split('?')[0]} ({first})"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain (requests and MLflow wrap e.g. 'Connection refused' three times)."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    inner = seen[-1]
+    text = getattr(inner, "strerror", None) or str(inner) or type(inner).__name__
+    return text.splitlines()[0][:160]
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
-    """None when the store answers, else one line saying what is wrong."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-                if response.status == 200:
-                    return None
-                return f"MLflow server {uri} answered HTTP {response.status} on /health"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return f"MLflow server {uri} is unreachable ({reason})"
-    return None
+    """None when the store answers, else one line saying what is wrong (see ``probe``)."""
+    found = probe(uri, timeout_s)
+    return found[1] if found else None
+
+
+def require_reachable(uri: str, timeout_s: float = 5.0, train_later: bool = True) -> None:
+    """--require-tracking: raise a UserError (one line: the problem and its fix) unless the store answers."""
+    found = probe(uri, timeout_s)
+    if found is None:
+        return
+    kind, line = found
+    drop = ("drop --require-tracking to train now and log the metrics when it answers" if train_later
+            else "drop --require-tracking")
+    if kind == "reach":
+        raise UserError(f"{line}; start the server or fix --tracking-uri (or {drop})")
+    raise UserError(f"{line} (or {drop})")
 
 
 def _quiet_http_client() -> None:

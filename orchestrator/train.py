@@ -181,34 +181,71 @@ def check_resources(options: ClusterOptions, per_trial_workers: int | None = Non
     timeout = options.resource_timeout_s if options.resource_timeout_s is not None else (0.0 if local else 600.0)
     deadline = time.monotonic() + timeout
     announced = False
-    while True:
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
-        fits_node = any(all(n.get(k, 0.0) >= v for k, v in need.items() if v > 0) for n in nodes)
-        fits_all = all(total[k] >= v * workers for k, v in need.items() if v > 0)
-        if fits_node and fits_all:
-            return
-        if time.monotonic() >= deadline:
-            have = f"{total['CPU']:g} CPU and {total['GPU']:g} GPU over {len(nodes)} node(s)"
-            largest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-            asked = (f"{workers} worker(s) x {options.cpus_per_worker:g} CPU"
-                     + (f" + {options.gpus_per_worker:g} GPU" if options.gpus_per_worker else ""))
-            per_node = "" if fits_node else f"; no node has {options.gpus_per_worker:g} GPU for one worker " \
-                                            f"(largest: {largest:g})"
-            waited = f" after waiting {timeout:.0f} s" if timeout else ""
-            raise UserError(f"the cluster cannot place {asked}: it has {have}{per_node}{waited}; lower --workers, "
-                            f"--gpus-per-worker or --cpus-per-worker, or add nodes (--resource-timeout waits for "
-                            f"an autoscaler)")
-        if not announced:
-            log(f"waiting up to {timeout:.0f} s for the cluster to offer {workers} x {need} ...")
-            announced = True
-        time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
+    demand_posted = False
+    try:
+        while True:
+            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+            fits_node = any(all(n.get(k, 0.0) >= v for k, v in need.items() if v > 0) for n in nodes)
+            fits_all = all(total[k] >= v * workers for k, v in need.items() if v > 0)
+            if fits_node and fits_all:
+                return
+            if time.monotonic() >= deadline:
+                _raise_unplaceable(options, workers, nodes, total, fits_node, timeout)
+            if not announced:
+                # Polling ray.nodes() creates no demand: tell the autoscaler what the workers need, or a
+                # cluster that starts with zero GPU nodes never adds one.
+                demand_posted = post_resource_demand(worker_bundles(options, workers), log)
+                log(f"waiting up to {timeout:.0f} s for the cluster to offer {workers} x {need} ...")
+                announced = True
+            time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
+    finally:
+        if demand_posted:  # the workers' own placement group is the demand from here on
+            post_resource_demand([], log)
+
+
+def worker_bundles(options: ClusterOptions, workers: int) -> list[dict]:
+    """One resource bundle per training worker, as Ray Train asks for them."""
+    bundle = {"CPU": float(options.cpus_per_worker)}
+    if options.gpus_per_worker:
+        bundle["GPU"] = float(options.gpus_per_worker)
+    return [dict(bundle) for _ in range(workers)]
+
+
+def post_resource_demand(bundles: list[dict], log: Callable[[str], None] = print) -> bool:
+    """Ask the cluster's autoscaler for ``bundles`` (``ray.autoscaler.sdk.request_resources``: a
+    standing request, replaced by the next call; ``[]`` withdraws it). True when it was posted."""
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=bundles)
+    except Exception as exc:  # noqa: BLE001 - an old or locked-down GCS: waiting still works, just slower
+        log(f"warning: could not post the resource request to the autoscaler ({str(exc).splitlines()[0][:120]})")
+        return False
+    return True
+
+
+def _raise_unplaceable(options: ClusterOptions, workers: int, nodes: list, total: dict, fits_node: bool,
+                       timeout: float) -> None:
+    have = f"{total['CPU']:g} CPU and {total['GPU']:g} GPU over {len(nodes)} node(s)"
+    largest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    asked = (f"{workers} worker(s) x {options.cpus_per_worker:g} CPU"
+             + (f" + {options.gpus_per_worker:g} GPU" if options.gpus_per_worker else ""))
+    per_node = "" if fits_node else f"; no node has {options.gpus_per_worker:g} GPU for one worker " \
+                                    f"(largest: {largest:g})"
+    waited = f" after waiting {timeout:.0f} s" if timeout else ""
+    raise UserError(f"the cluster cannot place {asked}: it has {have}{per_node}{waited}; lower --workers, "
+                    f"--gpus-per-worker or --cpus-per-worker, or add nodes (--resource-timeout waits for "
+                    f"an autoscaler)")
 
 
 def _worker_env() -> dict:
     """Environment the workers need to find the same data, state and tracking store as the driver."""
-    keep = ("SSLAB_HOME", "SSLAB_DATA_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
-            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", FAULT_ENV, "RAY_AUTH_MODE")
+    # No secrets: a runtime env is shown to every dashboard user. Workers read MLflow credentials from
+    # their own environment (a Kubernetes Secret, the env `ray start` ran with, or the driver's own env
+    # for the embedded Ray, whose workers inherit it).
+    keep = ("SSLAB_HOME", "SSLAB_DATA_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", FAULT_ENV,
+            "RAY_AUTH_MODE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.setdefault("SSLAB_HOME", str(state_dir()))
     from trainers.paths import default_data_root
@@ -495,11 +532,8 @@ def _hold_run_folder(storage: str, name: str):
 
 def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: str, log) -> RunOutcome:
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
-    if options.require_tracking:
-        problem = tracking.check_reachable(uri)
-        if problem:
-            raise UserError(f"{problem}; start the server or fix --tracking-uri (or drop --require-tracking to "
-                            f"train now and log the metrics when it answers)")
+    if options.require_tracking:  # an API call with this client's login: reach, Host check and login
+        tracking.require_reachable(uri)
     init_ray(options.address, log)
     check_resources(options, log=log)
     staged = prepare_or_stage(config, options, storage, log)

@@ -425,6 +425,9 @@ OTHER_FILES_CASES = {
     "image-float-range": "tests/test_image_modes.py::test_values_outside_the_range_a_mode_is_read_in_are_refused",
     "image-int-range": "tests/test_image_modes.py::test_values_outside_the_range_a_mode_is_read_in_are_refused",
     "image-mode-unsupported": "tests/test_image_modes.py::test_a_mode_without_a_defined_conversion_is_refused_by_name",
+    "mlflow-host-refused": "tests/test_mlflow_server.py::test_mlflow_host_refused",
+    "mlflow-login-refused": "tests/test_mlflow_server.py::test_mlflow_login_refused",
+    "mlflow-login-missing": "tests/test_mlflow_server.py::test_mlflow_login_missing",
 }
 
 

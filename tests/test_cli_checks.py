@@ -131,6 +131,9 @@ CASES = {
                                  "--env 'FOO' must look like KEY=VALUE", 2),
     "submit-env-empty-key": (["submit", "--address", CLOSED, "--env", "=1", "--", "data", "list"], None,
                              "--env '=1' must look like KEY=VALUE", 2),
+    "submit-env-secret": (["submit", "--address", CLOSED, "--env", "MLFLOW_TRACKING_PASSWORD=hunter2", "--", "data",
+                           "list"], None, "--env MLFLOW_TRACKING_PASSWORD=... would put a secret into the job's "
+                                          "runtime env", 2),
     "submit-gpus-negative": (["submit", "--address", CLOSED, "--gpus", "-1", "--", "data", "list"], None,
                              "--gpus -1 must be a number >= 0", 2),
     "submit-cpus-negative": (["submit", "--address", CLOSED, "--cpus", "-0.5", "--", "data", "list"], None,

@@ -107,3 +107,38 @@ def test_nothing_is_staged_without_source_data_or_for_the_torch_loader(tmp_path)
     torch_config = load_config(None, ["data.dataset=digits", "data.loader=torch"])
     assert stage_data(torch_config, str(tmp_path / "storage"), log=messages.append) is None
     assert not (tmp_path / "storage").exists()
+
+
+def test_data_stage_puts_the_files_where_a_run_without_the_data_finds_them(tmp_path, capsys):
+    """`sslab data stage` (on a machine with the archives) is the documented way data reaches a
+    cluster; a run's driver and workers that have no data then read the staged copy."""
+    from orchestrator.cli import main
+
+    folder = make_folder(tmp_path / "pets", shade=7)
+    storage = tmp_path / "bucket" / "runs"
+    argv = ["data", "stage", "--dataset", f"imagefolder:{folder}", "--storage", str(storage),
+            "--cache-dir", str(tmp_path / "laptop"), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert f"in {storage}/_data" in out.out and out.err.count("staging ") == 2
+    assert main(argv) == 0 and "staging " not in capsys.readouterr().err  # up to date: nothing copied again
+    expected = read_all(f"imagefolder:{folder}", tmp_path / "laptop")
+
+    shutil.rmtree(folder)  # the cluster side: neither the driver nor the node has the source images
+    messages = []
+    uri = stage_data(config_for(folder, tmp_path / "driver"), str(storage), log=messages.append)
+    assert uri == f"{storage}/_data" and "staged in" in messages[-1]
+    assert len(fetch_staged(config_for(folder, tmp_path / "node"), uri, log=lambda *_: None)) == 2
+    images, labels = read_all(f"imagefolder:{folder}", tmp_path / "node")
+    assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
+
+    # nothing staged and no data: the driver says so and the workers prepare from their own data root
+    messages.clear()
+    assert stage_data(config_for(folder, tmp_path / "driver2"), str(tmp_path / "empty"), log=messages.append) is None
+    assert "sslab data stage puts it there" in messages[-1]
+    # the command itself, without the data: one line, exit 3, nothing staged
+    assert main(["data", "stage", "--dataset", f"imagefolder:{folder}", "--storage", str(tmp_path / "s2"),
+                 "--cache-dir", str(tmp_path / "c2"), "--quiet"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(folder) in err[0]
+    assert not (tmp_path / "s2" / "_data").exists() or not any((tmp_path / "s2" / "_data").iterdir())
