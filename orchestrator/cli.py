@@ -105,9 +105,12 @@ def cmd_data_stage(args) -> int:
     if args.data_root:
         settings.append(f"data.data_root={args.data_root}")
     config = load_config(None, settings)
-    uri = stage_data(config, args.storage, log=lambda msg: print(msg, file=sys.stderr), require_source=True,
+    from orchestrator.train import resolve_storage
+
+    storage = resolve_storage(args.storage)  # as a run resolves its --storage (a relative folder: absolute)
+    uri = stage_data(config, storage, log=lambda msg: print(msg, file=sys.stderr), require_source=True,
                      progress=not args.quiet)
-    print(f"staged {args.dataset} (train, test) in {uri}: runs with --storage {args.storage} read them on nodes "
+    print(f"staged {args.dataset} (train, test) in {uri}: runs with --storage {storage} read them on nodes "
           f"that have no data")
     return 0
 
@@ -186,7 +189,8 @@ def _check_device(name: str) -> str:
 
 
 def _add_data_commands(subparsers) -> None:
-    data = subparsers.add_parser("data", help="data sets: list, prepare .beton files, preview crops",
+    data = subparsers.add_parser("data", help="data sets: list, prepare .beton files, stage them for a cluster, "
+                                         "preview crops",
                                  formatter_class=_Formatter)
     commands = data.add_subparsers(dest="data_command", metavar="{list,prepare,stage,preview}", required=True)
 

@@ -38,7 +38,10 @@ EXCLUDES = [
     "*secrets*.yaml", "!cluster/kuberay/secrets.example.yaml",
 ]
 # An --env name that looks like a credential: refused (the runtime env is public to dashboard users).
-SECRET_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY", re.IGNORECASE)
+# Whole words of the name (TOKENIZERS_PARALLELISM passes); a value holding user:password@ in a URL too.
+SECRET_NAME = re.compile(r"(?:^|_)(?:PASSWORD|PASSWD|PASS|PWD|TOKEN|SECRET|CREDENTIALS?|API_?KEY|ACCESS_?KEY|"
+                         r"PRIVATE_?KEY)(?:_|$)|PASSW(?:OR)?D", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STOPPED_EXIT = 6  # `submit --wait` when the job was stopped before it ended (docs/errors.md)
 
@@ -62,12 +65,20 @@ def parse_env(extra: list[str]) -> dict[str, str]:
     return env
 
 
-def check_no_secrets(env: dict[str, str]) -> None:
-    for key in env:
+def check_no_secrets(env: dict[str, str], tracking_uri: str | None = None) -> None:
+    where = ("give it to the cluster instead (a Kubernetes Secret in the pods' env, or the environment `ray start` "
+             "runs in)")
+    for key, value in env.items():
         if SECRET_NAME.search(key):
             raise UserError(f"--env {key}=... would put a secret into the job's runtime env, which every Ray dashboard "
-                            "user can read: give it to the cluster instead (a Kubernetes Secret in the pods' env, or "
-                            "the environment `ray start` runs in)")
+                            f"user can read: {where}")
+        if URL_PASSWORD.search(value):
+            raise UserError(f"--env {key}=... holds a URL with a password (user:password@), which every Ray dashboard "
+                            f"user could read in the job's runtime env: drop the password from the URL and {where}")
+    if tracking_uri and URL_PASSWORD.search(tracking_uri):
+        raise UserError("--tracking-uri holds a password (user:password@), which every Ray dashboard user could read in "
+                        "the job's runtime env: pass the URL without it; the pods log in with MLFLOW_TRACKING_USERNAME/"
+                        "PASSWORD from a Kubernetes Secret")
 
 
 def job_env(tracking_uri: str | None, extra: list[str], same_machine: bool = False) -> dict[str, str]:
@@ -75,7 +86,7 @@ def job_env(tracking_uri: str | None, extra: list[str], same_machine: bool = Fal
     submitter's state folder, data root and tracking store. Never a secret, never the submitter's
     paths on another machine."""
     env = parse_env(extra)
-    check_no_secrets(env)
+    check_no_secrets(env, tracking_uri)
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     if same_machine:
@@ -97,11 +108,16 @@ def cluster_is_this_machine(client) -> bool:
     and when the server does not say (the safe answer: nothing local is sent)."""
     import socket
 
-    try:
-        response = client._do_request("GET", "/nodes?view=hostNameList", timeout=10)
-        names = set(response.json()["data"]["hostNameList"])
-    except Exception:  # noqa: BLE001 - an older or proxied dashboard
-        return False
+    names: set = set()
+    for attempt in range(10):  # a dashboard that has just started may not list its nodes yet
+        try:
+            response = client._do_request("GET", "/nodes?view=hostNameList", timeout=10)
+            names = set(response.json()["data"]["hostNameList"])
+        except Exception:  # noqa: BLE001 - an older or proxied dashboard
+            return False
+        if names:
+            break
+        time.sleep(0.5)
     return names == {socket.gethostname()}
 
 
@@ -127,14 +143,14 @@ def check_working_dir(working_dir: str | Path | None) -> Path:
 
 
 def check_submit_options(args: list[str], gpus: float = 0.0, cpus: float | None = None, env: list[str] = (),
-                         working_dir: str | Path | None = None) -> Path:
+                         working_dir: str | Path | None = None, tracking_uri: str | None = None) -> Path:
     """Everything ``submit`` can check before it connects to the job server; returns the working dir."""
     if not args or args == ["sslab"]:
         raise UserError("nothing to run: put the sslab command after --, e.g. sslab submit -- pretrain --config ...")
     for option, value in (("--gpus", gpus), ("--cpus", cpus)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise UserError(f"{option} {value:g} must be a number >= 0 (resources reserved for the job's entrypoint)")
-    check_no_secrets(parse_env(list(env)))
+    check_no_secrets(parse_env(list(env)), tracking_uri)
     return check_working_dir(working_dir)
 
 
@@ -161,7 +177,7 @@ def upload_listing(root: str | Path) -> list[str]:
 def submit(args: list[str], address: str | None = None, name: str | None = None, wait: bool = False,
            gpus: float = 0.0, cpus: float | None = None, tracking_uri: str | None = None, env: list[str] = (),
            python: str = "python", working_dir: str | None = None, log: Callable[[str], None] = print) -> int:
-    root = check_submit_options(args, gpus=gpus, cpus=cpus, env=env, working_dir=working_dir)
+    root = check_submit_options(args, gpus=gpus, cpus=cpus, env=env, working_dir=working_dir, tracking_uri=tracking_uri)
     if args[0] == "sslab":
         args = args[1:]
     address = address or default_address()
@@ -184,9 +200,15 @@ def submit(args: list[str], address: str | None = None, name: str | None = None,
         kwargs["entrypoint_num_gpus"] = gpus
     if cpus:
         kwargs["entrypoint_num_cpus"] = cpus
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=name,
-                               runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": variables},
-                               **kwargs)
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, submission_id=name,
+                                   runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": variables},
+                                   **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the SDK raises RuntimeError with the server's answer
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        hint = (f"pick another --name (`ray job list --address {address}` shows the used ones)" if name and
+                "already" in reason.lower() else "check the job server's answer above and the cluster's dashboard")
+        raise UserError(f"the Ray job server at {address} refused the job ({reason}): {hint}") from None
     log(f"submitted job {job_id} to {address}: {entrypoint}")
     log(f"follow it: ray job logs -f --address {address} {job_id}   status: ray job status --address {address} {job_id}")
     print(job_id)

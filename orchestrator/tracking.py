@@ -112,9 +112,14 @@ def probe(uri: str, timeout_s: float = 5.0) -> tuple[str, str] | None:
         return "auth", (f"MLflow server {uri} asks for a login (401) and MLFLOW_TRACKING_USERNAME/"
                         f"MLFLOW_TRACKING_PASSWORD are not set: set them to a user the server knows")
     if status == 403:
+        if not creds.username:
+            return "auth", (f"MLflow server {uri} refused an anonymous call ({status} {first}): set "
+                            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user the server knows")
         return "auth", (f"MLflow server {uri} refused user '{creds.username}' ({status} {first}): give that user "
                         f"permission to read experiments, or log in as another one")
-    return "server", f"MLflow server {uri} answered HTTP {status} to {PROBE_ENDPOINT.split('?')[0]} ({first})"
+    return "server", (f"MLflow server {uri} answered HTTP {status} to {PROBE_ENDPOINT.split('?')[0]} ({first}): "
+                      f"check that --tracking-uri is the server's root URL (no path behind a proxy) and the "
+                      f"server's log")
 
 
 def _root_cause(exc: BaseException) -> str:

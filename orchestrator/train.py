@@ -146,7 +146,7 @@ def init_ray(address: str | None, log: Callable[[str], None] = print, num_cpus: 
         raise UserError(f"cannot reach the Ray cluster at {address} ({problem}): start it with `ray start --head` "
                         f"or pass --address local for an embedded Ray")
     try:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": _worker_env()},
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": _worker_env(address)},
                  logging_level="WARNING")
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0][:120]}): start it with "
@@ -192,10 +192,11 @@ def check_resources(options: ClusterOptions, per_trial_workers: int | None = Non
                 return
             if time.monotonic() >= deadline:
                 _raise_unplaceable(options, workers, nodes, total, fits_node, timeout)
+            # Polling ray.nodes() creates no demand: tell the autoscaler what the workers need, or a cluster
+            # that starts with zero GPU nodes never adds one. Posted on every pass: the request is one per
+            # cluster, and another run that ends its wait withdraws it.
+            demand_posted = post_resource_demand(worker_bundles(options, workers), log) or demand_posted
             if not announced:
-                # Polling ray.nodes() creates no demand: tell the autoscaler what the workers need, or a
-                # cluster that starts with zero GPU nodes never adds one.
-                demand_posted = post_resource_demand(worker_bundles(options, workers), log)
                 log(f"waiting up to {timeout:.0f} s for the cluster to offer {workers} x {need} ...")
                 announced = True
             time.sleep(min(5.0, max(deadline - time.monotonic(), 0.1)))
@@ -228,22 +229,38 @@ def post_resource_demand(bundles: list[dict], log: Callable[[str], None] = print
 def _raise_unplaceable(options: ClusterOptions, workers: int, nodes: list, total: dict, fits_node: bool,
                        timeout: float) -> None:
     have = f"{total['CPU']:g} CPU and {total['GPU']:g} GPU over {len(nodes)} node(s)"
-    largest = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     asked = (f"{workers} worker(s) x {options.cpus_per_worker:g} CPU"
              + (f" + {options.gpus_per_worker:g} GPU" if options.gpus_per_worker else ""))
-    per_node = "" if fits_node else f"; no node has {options.gpus_per_worker:g} GPU for one worker " \
-                                    f"(largest: {largest:g})"
+    per_node = ""
+    if not fits_node:  # name the resource no single node has enough of
+        need = {"CPU": options.cpus_per_worker, "GPU": options.gpus_per_worker}
+        short = [k for k, v in need.items() if v > 0 and max((n.get(k, 0.0) for n in nodes), default=0.0) < v]
+        if short:
+            largest = max((n.get(short[0], 0.0) for n in nodes), default=0.0)
+            per_node = f"; no node has {need[short[0]]:g} {short[0]} for one worker (largest: {largest:g})"
+        else:
+            per_node = "; no single node has both the CPUs and the GPUs one worker needs"
     waited = f" after waiting {timeout:.0f} s" if timeout else ""
     raise UserError(f"the cluster cannot place {asked}: it has {have}{per_node}{waited}; lower --workers, "
                     f"--gpus-per-worker or --cpus-per-worker, or add nodes (--resource-timeout waits for "
                     f"an autoscaler)")
 
 
-def _worker_env() -> dict:
-    """Environment the workers need to find the same data, state and tracking store as the driver."""
+def _worker_env(address: str | None = None) -> dict:
+    """Environment the workers need to find the same data, state and tracking store as the driver.
+
+    A driver on a cluster node (``--address auto``, a job) passes its node's settings on; a driver
+    that reaches a cluster from outside (``ray://``, Ray Client) passes none of its own paths, so
+    the workers keep their nodes' ``SSLAB_HOME``, ``SSLAB_DATA_ROOT`` and tracking URI."""
     # No secrets: a runtime env is shown to every dashboard user. Workers read MLflow credentials from
     # their own environment (a Kubernetes Secret, the env `ray start` ran with, or the driver's own env
     # for the embedded Ray, whose workers inherit it).
+    if address and address.startswith("ray://"):
+        env = {k: os.environ[k] for k in (FAULT_ENV, "RAY_AUTH_MODE") if k in os.environ}
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri and not uri.startswith(("sqlite:", "file:", "/")):  # a server URL means the same everywhere
+            env["MLFLOW_TRACKING_URI"] = uri
+        return env
     keep = ("SSLAB_HOME", "SSLAB_DATA_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", FAULT_ENV,
             "RAY_AUTH_MODE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
@@ -271,7 +288,7 @@ def worker_loop(loop_config: dict) -> None:
 
     from trainers.loop import Trainer
 
-    os.environ.update(loop_config.get("env", {}))  # state dir, data root, tracking credentials of the driver
+    os.environ.update(loop_config.get("env", {}))  # state dir, data root, tracking URI of the driver (no secrets)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = from_dict(loop_config["config"])
@@ -556,7 +573,7 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
     markers = run_markers(storage, name)
     if markers["fatal_marker"]:
         Path(markers["fatal_marker"]).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
-    loop_config = {"config": config.to_dict(), "name": name, "env": {**_worker_env(), **options.worker_env},
+    loop_config = {"config": config.to_dict(), "name": name, "env": {**_worker_env(options.address), **options.worker_env},
                    "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
                    "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
                    else None, **markers}

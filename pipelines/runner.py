@@ -89,10 +89,13 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ MLflow bookkeeping
     def _open_parent(self):
-        problem = tracking.check_reachable(self.uri)
-        if problem:
-            raise UserError(f"{problem}: the pipeline keeps its stage cache in MLflow; start the server or pass "
-                            f"--tracking-uri (e.g. sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'})")
+        found = tracking.probe(self.uri)
+        if found:
+            kind, problem = found
+            if kind == "reach":
+                raise UserError(f"{problem}: the pipeline keeps its stage cache in MLflow; start the server or pass "
+                                f"--tracking-uri (e.g. sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'})")
+            raise UserError(f"{problem} (the pipeline keeps its stage cache in MLflow)")
         self.client = tracking.client(self.uri)
         self.experiment_id = tracking.experiment_id(self.client, self.spec.experiment, self.uri)
         digest = self.spec.digest()

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("ray")
 
 from orchestrator.cli import main  # noqa: E402
+from trainers.errors import UserError  # noqa: E402
 
 
 def _free_port() -> int:
@@ -45,7 +46,8 @@ def ray_head(tmp_path_factory):
         ray_bin = shutil.which("ray")
     temp = tmp_path_factory.mktemp("rayhead")
     port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+    # the v1 autoscaler protocol (the default): a resource request is a key in the GCS (see the last test)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_enable_autoscaler_v2": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
                             "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}",
@@ -135,8 +137,9 @@ def test_a_remote_job_gets_no_secret_and_no_local_path_and_a_stopped_job_exits_6
     assert "pw-456" not in json.dumps(info.runtime_env) and "tok-" not in json.dumps(info.runtime_env)
 
     deadline = time.monotonic() + 120
-    while str(client.get_job_status("sslab-test-remote")).split(".")[-1] != "RUNNING":
-        assert time.monotonic() < deadline, "the job did not start"
+    while (status := str(client.get_job_status("sslab-test-remote")).split(".")[-1]) != "RUNNING":
+        assert status not in submit_module.TERMINAL, client.get_job_logs("sslab-test-remote")[-2000:]
+        assert time.monotonic() < deadline, "the job did not start within 120 s"
         time.sleep(0.5)
     client.stop_job("sslab-test-remote")
     assert submit_module.follow(client, "sslab-test-remote", poll_s=0.5) == submit_module.STOPPED_EXIT == 6
@@ -151,14 +154,21 @@ def test_a_remote_job_gets_no_secret_and_no_local_path_and_a_stopped_job_exits_6
     assert "pw" not in err[0].split("MLFLOW_TRACKING_PASSWORD")[1][:4]  # the value is never echoed
 
 
-def test_a_local_job_gets_this_checkouts_state_and_tracking_store(ray_head, monkeypatch):
+def test_a_local_job_gets_this_checkouts_state_and_tracking_store(tmp_path, monkeypatch):
     import orchestrator.submit as submit_module
 
-    monkeypatch.setenv("SSLAB_HOME", "/srv/sslab-state")
+    monkeypatch.setenv("SSLAB_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-456")
-    env = submit_module.job_env(None, ["A=1"], same_machine=True)
-    assert env["SSLAB_HOME"] == "/srv/sslab-state" and env["A"] == "1"
-    assert env["MLFLOW_TRACKING_URI"].startswith("sqlite:///") and "pw-456" not in env.values()
+    env = submit_module.job_env(None, ["A=1", "TOKENIZERS_PARALLELISM=false"], same_machine=True)
+    assert env["SSLAB_HOME"] == str(tmp_path / "state") and env["A"] == "1"
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
+    assert "pw-456" not in env.values() and env["TOKENIZERS_PARALLELISM"] == "false"  # a name, not a token
+    for bad in (["HF_TOKEN=x"], ["PGPASSWORD=x"], ["DB_URL=postgresql://me:pw@db/x"]):
+        with pytest.raises(UserError, match="dashboard user"):
+            submit_module.job_env(None, bad, same_machine=True)
+    with pytest.raises(UserError, match="--tracking-uri holds a password"):
+        submit_module.job_env("http://alice:pw@sslab-mlflow:5000", [], same_machine=False)
 
 
 class _OtherHost:
@@ -197,8 +207,9 @@ def test_plain_ray_job_submit_runs_sslab_from_the_working_dir(ray_head, tmp_path
 
 
 def test_waiting_for_nodes_posts_the_demand_for_an_autoscaler(ray_head, tmp_path):
-    """A run that waits for GPU workers asks the autoscaler for them (request_resources), and
-    withdraws the request when the wait ends."""
+    """A run that waits for GPU workers asks the autoscaler for them (request_resources), asks again
+    on every pass of its wait (the request is one per cluster: another run may withdraw it), and
+    withdraws it when the wait ends."""
     script = tmp_path / "driver.py"
     script.write_text(f"""
 import json, threading, time
@@ -216,23 +227,52 @@ def wait():
         check_resources(options, log=lambda m: None)
     except UserError as exc:
         result["error"] = str(exc)
+def poll():
+    value = _internal_kv_get("autoscaler_resource_request")
+    if value:
+        seen.append(json.loads(value))
+    time.sleep(0.2)
 thread = threading.Thread(target=wait)
 thread.start()
+while thread.is_alive() and not seen:
+    poll()
+from orchestrator.train import post_resource_demand
+post_resource_demand([])  # another run ends its wait and withdraws the cluster's one request
+withdrawn_at = len(seen)
 while thread.is_alive():
     value = _internal_kv_get("autoscaler_resource_request")
     if value:
         seen.append(json.loads(value))
     time.sleep(0.2)
 result["seen"] = seen
+result["reposted"] = any(x == [{{"CPU": 4.0, "GPU": 1.0}}] * 2 for x in seen[withdrawn_at:])
 result["after"] = json.loads(_internal_kv_get("autoscaler_resource_request") or b"null")
 print("RESULT " + json.dumps(result))
 """)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_enable_autoscaler_v2": "0",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, (done.stdout + done.stderr)[-3000:]
     result = json.loads(line[len("RESULT "):])
     assert [{"CPU": 4.0, "GPU": 1.0}] * 2 in result["seen"]  # two single-GPU workers, as Ray Train asks
+    assert result["reposted"]  # posted again after another run withdrew the cluster's single request
     assert result["after"] == []  # withdrawn once the wait is over
     assert "cannot place 2 worker(s) x 4 CPU + 1 GPU" in result["error"] and "after waiting 6 s" in result["error"]
+
+
+@pytest.mark.parametrize("cpus, gpus, nodes, expected", [
+    (4, 1, [{"CPU": 2.0}], "no node has 4 CPU for one worker (largest: 2)"),
+    (1, 2, [{"CPU": 8.0, "GPU": 1.0}], "no node has 2 GPU for one worker (largest: 1)"),
+    (8, 1, [{"CPU": 8.0}, {"CPU": 2.0, "GPU": 1.0}], "no single node has both the CPUs and the GPUs"),
+    (16, 0, [{"CPU": 8.0}, {"CPU": 8.0}], "no node has 16 CPU for one worker (largest: 8)"),
+])
+def test_an_unplaceable_worker_names_the_resource_no_node_has(cpus, gpus, nodes, expected):
+    from orchestrator.train import ClusterOptions, _raise_unplaceable
+
+    options = ClusterOptions(workers=1, cpus_per_worker=cpus, gpus_per_worker=gpus)
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    with pytest.raises(UserError) as raised:
+        _raise_unplaceable(options, 1, nodes, total, fits_node=False, timeout=0)
+    assert expected in str(raised.value) and "GPU for one worker (largest" not in str(raised.value).replace(
+        expected, "")
