@@ -276,3 +276,19 @@ def test_an_unplaceable_worker_names_the_resource_no_node_has(cpus, gpus, nodes,
         _raise_unplaceable(options, 1, nodes, total, fits_node=False, timeout=0)
     assert expected in str(raised.value) and "GPU for one worker (largest" not in str(raised.value).replace(
         expected, "")
+
+
+def test_a_driver_outside_the_cluster_sends_none_of_its_paths_to_the_workers(tmp_path, monkeypatch):
+    """`--address ray://head:10001` (Ray Client from a laptop): the workers keep their nodes' own
+    state folder, data root and tracking store; a driver on a node (`auto`) passes its own on."""
+    from orchestrator.train import _worker_env
+
+    monkeypatch.setenv("SSLAB_HOME", str(tmp_path / "laptop-state"))
+    monkeypatch.setenv("SSLAB_DATA_ROOT", str(tmp_path / "laptop-data"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/laptop.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-456")
+    assert _worker_env("ray://head:10001") == {}
+    on_node = _worker_env("auto")
+    assert on_node["SSLAB_HOME"] == str(tmp_path / "laptop-state") and "pw-456" not in on_node.values()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://sslab-mlflow:5000")  # a server URL means the same everywhere
+    assert _worker_env("ray://head:10001") == {"MLFLOW_TRACKING_URI": "http://sslab-mlflow:5000"}
