@@ -287,8 +287,9 @@ def test_a_driver_outside_the_cluster_sends_none_of_its_paths_to_the_workers(tmp
     monkeypatch.setenv("SSLAB_DATA_ROOT", str(tmp_path / "laptop-data"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/laptop.db")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-456")
-    assert _worker_env("ray://head:10001") == {}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a setting, not a secret: it travels
+    assert _worker_env("ray://head:10001") == {"RAY_AUTH_MODE": "token"}
     on_node = _worker_env("auto")
     assert on_node["SSLAB_HOME"] == str(tmp_path / "laptop-state") and "pw-456" not in on_node.values()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://sslab-mlflow:5000")  # a server URL means the same everywhere
-    assert _worker_env("ray://head:10001") == {"MLFLOW_TRACKING_URI": "http://sslab-mlflow:5000"}
+    assert _worker_env("ray://head:10001") == {"MLFLOW_TRACKING_URI": "http://sslab-mlflow:5000", "RAY_AUTH_MODE": "token"}
