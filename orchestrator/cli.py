@@ -535,9 +535,11 @@ def _add_submit(subparsers) -> None:
                    help="stream the logs and exit with the job's own exit status (6 when it was stopped)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs reserved for the job's entrypoint (>= 0)")
     p.add_argument("--cpus", type=float, default=None, help="CPUs reserved for the job's entrypoint (>= 0)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI the job logs to (default: the cluster's own MLFLOW_TRACKING_URI; "
-                        "a cluster on this machine: this checkout's store)")
-    p.add_argument("--env", action="append", metavar="KEY=VALUE", help="extra environment variable for the job (no secrets: the job's env is shown on the "
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI the job logs to (default: the cluster's own MLFLOW_TRACKING_URI; a cluster on "
+                        "this machine: this checkout's store)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="extra environment variable for the job (no secrets: the job's env is shown on the "
                         "dashboard; names like *TOKEN*, *PASSWORD*, *SECRET* are refused)")
     p.add_argument("--python", default="python", help="Python interpreter on the cluster")
     p.add_argument("--working-dir", default=None,

@@ -430,8 +430,8 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
              "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"}))
         log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
     staged = prepare_or_stage(spec.base, options, storage, log)
-    setup = {"base": spec.base.to_dict(), "sweep_name": name, "env": {**_worker_env(options.address), **options.worker_env},
-             "tracking_uri": uri, "staged_data": staged,
+    setup = {"base": spec.base.to_dict(), "sweep_name": name,
+             "env": {**_worker_env(options.address), **options.worker_env}, "tracking_uri": uri, "staged_data": staged,
              "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),
              "workers": spec.workers_per_trial, "resources": spec.resources_per_worker}
     space = tune_space(spec)

@@ -573,7 +573,8 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
     markers = run_markers(storage, name)
     if markers["fatal_marker"]:
         Path(markers["fatal_marker"]).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
-    loop_config = {"config": config.to_dict(), "name": name, "env": {**_worker_env(options.address), **options.worker_env},
+    loop_config = {"config": config.to_dict(), "name": name,
+                   "env": {**_worker_env(options.address), **options.worker_env},
                    "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
                    "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
                    else None, **markers}
