@@ -118,7 +118,7 @@ def ours_config(method: str, seed: int, args, out_dir: str | None = None) -> Con
         "data": {"dataset": DATASET, "data_root": args.data_root, "loader": args.loader, "crops": CROPS,
                  "batch_size": args.batch, "global_augment": augment, "num_workers": args.workers,
                  "train_subset": args.subset},
-        "model": {"backbone": BACKBONE},
+        "model": {"backbone": BACKBONE, "forward_views": args.forward_views},
         "method": {"name": method, **METHOD[method]},
         "optim": {"name": "sgd", "lr": args.lr, "lr_scaling": "none", "min_lr": 0.0,
                   "warmup_epochs": args.warmup_epochs, "weight_decay": WEIGHT_DECAY, "momentum": MOMENTUM,
@@ -609,6 +609,14 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", default=None, help="folder with cifar10-jpg.tar.gz (default: $SSLAB_DATA_ROOT)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "parity-cpu.json"),
                         help="result JSON (default: %(default)s)")
+    parser.add_argument("--forward-views", default="by_size", choices=("by_size", "each"),
+                        help="our model.forward_views: both views in one backbone call (BatchNorm over 2B) or one "
+                             "call per view, as lightly's loop does (default: %(default)s)")
+    parser.add_argument("--sides", default="ours,lightly",
+                        help="which trained sides to run, comma-separated from ours, lightly (default: %(default)s)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="combine earlier result files (random init and lightly rows from any of them, ours "
+                             "from those made with --forward-views) into --out and print the table; no training")
     parser.add_argument("--verbose", action="store_true", help="show our Trainer's log lines")
     parser.add_argument("--check-settings", action="store_true",
                         help="print the settings tables, check that both sides agree and stop (no data, no training)")
@@ -632,13 +640,50 @@ def parse_args(argv=None):
         parser.error(f"--subset {args.subset} must hold at least one batch of {args.batch}")
     if args.k > args.bank:
         parser.error(f"--k {args.k} is larger than the kNN bank of {args.bank}")
+    args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not args.sides or any(s not in ("ours", "lightly") for s in args.sides):
+        parser.error(f"--sides {','.join(args.sides) or '(none)'}: use ours, lightly or both")
     if args.lr is None:
         args.lr = BASE_LR * args.batch / 128
     return args
 
 
+def merge(args) -> int:
+    """One table from several runs of this script: lightly's and the random init's scores do not depend
+    on our code, so they are taken from any file; ours only from files made with ``--forward-views``."""
+    runs, facts, seen = [], None, set()
+    for name in args.merge:
+        data = json.loads(Path(name).read_text())
+        mode = data["facts"].get("forward_views", "by_size")  # files from before the option: by_size
+        for run in data["runs"]:
+            if run["method"] not in args.methods or run["seed"] not in args.seeds:
+                continue
+            if run["side"] == "ours" and mode != args.forward_views:
+                continue
+            key = (run["method"], run["seed"], run["side"])
+            if key not in seen:
+                seen.add(key)
+                runs.append({**run, "source": name})
+        facts = facts or dict(data["facts"])
+    facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge)
+    summary = summarize(runs, args.methods, args.seeds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"facts": facts, "runs": runs, "summary": summary,
+                               "markdown": markdown(summary, facts)}, indent=1))
+    missing = [f"{m} seed {s} {side}" for m in args.methods for s in args.seeds for side in ("random", "ours", "lightly")
+               if (m, s, side) not in seen]
+    print(markdown(summary, facts))
+    if missing:
+        print("\nnot in the files: " + ", ".join(missing))
+    print(f"\nwrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     # lightly 1.6.0's DINO head uses the old weight_norm
     warnings.filterwarnings("ignore", message=".*torch.nn.utils.weight_norm.*deprecated", category=FutureWarning)
     try:
@@ -676,7 +721,8 @@ def main(argv=None) -> int:
              "epochs": p["epochs"], "lr": args.lr, "warmup_steps": p["warmup_steps"], "weight_decay": WEIGHT_DECAY,
              "momentum": MOMENTUM, "bank": len(evaluator.bank[1]), "test_images": len(evaluator.test[1]),
              "k": args.k, "temperature": args.knn_temperature, "eval_seed": EVAL_SEED, "workers": args.workers,
-             "loader": args.loader, "methods": args.methods, "seeds": args.seeds}
+             "loader": args.loader, "methods": args.methods, "seeds": args.seeds,
+             "forward_views": args.forward_views, "sides": args.sides}
 
     def save():
         out = Path(args.out)
@@ -692,7 +738,7 @@ def main(argv=None) -> int:
         base = evaluator.score(init)
         runs.append({"method": method, "seed": seed, "side": "random", "knn_top1": base})
         print(f"[{index}/{total}] {method:6s} seed {seed}: random init {base:.2%}", flush=True)
-        for side in ("ours", "lightly"):
+        for side in args.sides:
             if side == "ours":
                 result = run_ours(method, seed, args, init, p, evaluator, args.verbose)
             else:

@@ -44,8 +44,9 @@ from trainers.config import Config, apply_overrides, from_dict, load_config, rea
 from trainers.errors import ConfigError
 
 from orchestrator import tracking
-from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, check_resources,
-                                init_ray, prepare_or_stage, resolve_storage, run_markers, unique_name, worker_loop)
+from orchestrator.train import (ClusterOptions, _finish_mlflow_run, _latest_checkpoint, _worker_env, apply_env,
+                                check_resources, init_ray, node_default_keys, prepare_or_stage, resolve_storage,
+                                run_markers, unique_name, worker_loop)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint", "quniform")
 SEARCHES = ("random", "grid", "optuna")
@@ -334,7 +335,7 @@ def run_trial(trial: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     setup = trial["__sweep__"]
-    os.environ.update(setup["env"])
+    apply_env(setup["env"], setup.get("env_node_defaults", ()))
     params = {k: v for k, v in trial.items() if k != "__sweep__"}
     config = trial_config(from_dict(setup["base"]), params)
     context = tune.get_context()
@@ -357,7 +358,8 @@ def run_trial(trial: dict) -> None:
     gpu = float(setup["resources"].get("gpu", 0))
     if gpu:
         resources["GPU"] = gpu
-    loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"], "run_id": run_id,
+    loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"],
+                   "env_node_defaults": setup.get("env_node_defaults", ()), "run_id": run_id,
                    "tracking_uri": uri, "fault": None, "fault_marker": None,
                    **run_markers(setup["storage"], trial_name),
                    "staged_data": setup.get("staged_data")}
@@ -431,7 +433,8 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
         log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
     staged = prepare_or_stage(spec.base, options, storage, log)
     setup = {"base": spec.base.to_dict(), "sweep_name": name,
-             "env": {**_worker_env(options.address), **options.worker_env}, "tracking_uri": uri, "staged_data": staged,
+             "env": {**_worker_env(options.address), **options.worker_env},
+             "env_node_defaults": node_default_keys(options), "tracking_uri": uri, "staged_data": staged,
              "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),
              "workers": spec.workers_per_trial, "resources": spec.resources_per_worker}
     space = tune_space(spec)

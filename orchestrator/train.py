@@ -33,7 +33,9 @@ from trainers.paths import state_dir
 from orchestrator import tracking
 
 # Fault injection for tests: "11" makes rank 0 raise once at step 11; "kill:5,9,14" makes rank 0's
-# process SIGKILL itself once at each listed step (a marker file per step, in the run's storage).
+# process SIGKILL itself once at each listed step (a marker file per step, in the run's storage);
+# "wait:6" makes rank 0 wait at step 6 (marker fault-6 written) until a file go-6 appears beside the
+# marker, so that a test can remove a node or send a signal while the run stands at a known step.
 FAULT_ENV = "SSLAB_FAULT_AT_STEP"
 FATAL_NOTE = "fatal-error.txt"  # in <storage>/<name>/: a user error that a restart would only repeat
 
@@ -48,8 +50,9 @@ def parse_fault(text: str | None) -> tuple[str, list[int]] | None:
         numbers = sorted({int(s) for s in steps.split(",") if s.strip()})
     except ValueError:
         numbers = []
-    if kind not in ("raise", "kill") or not numbers or numbers[0] < 1:
-        raise ConfigError(f"{FAULT_ENV}={text!r} is not a fault plan: use STEP, or kill:STEP[,STEP...] with steps >= 1")
+    if kind not in ("raise", "kill", "wait") or not numbers or numbers[0] < 1:
+        raise ConfigError(f"{FAULT_ENV}={text!r} is not a fault plan: use STEP, or kill:STEP[,STEP...] or "
+                          f"wait:STEP[,STEP...] with steps >= 1")
     return kind, numbers
 
 
@@ -146,8 +149,9 @@ def init_ray(address: str | None, log: Callable[[str], None] = print, num_cpus: 
         raise UserError(f"cannot reach the Ray cluster at {address} ({problem}): start it with `ray start --head` "
                         f"or pass --address local for an embedded Ray")
     try:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": _worker_env(address)},
-                 logging_level="WARNING")
+        # a node's own state folder and data root win over the driver's (applied in the workers, see apply_env)
+        env = {k: v for k, v in _worker_env(address).items() if k not in NODE_OWN}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env}, logging_level="WARNING")
     except ConnectionError as exc:
         raise UserError(f"cannot reach the Ray cluster at {address} ({str(exc).splitlines()[0][:120]}): start it with "
                         f"`ray start --head` or pass --address local for an embedded Ray") from None
@@ -246,6 +250,27 @@ def _raise_unplaceable(options: ClusterOptions, workers: int, nodes: list, total
                     f"an autoscaler)")
 
 
+NODE_OWN = ("SSLAB_HOME", "SSLAB_DATA_ROOT")  # on a cluster, a node that sets these keeps its own
+
+
+def node_default_keys(options: ClusterOptions) -> list[str]:
+    """The variables of ``_worker_env`` that a cluster's nodes may set for themselves (each node its own
+    disk: the state folder with its data cache, the data root); the driver's values fill in only where a
+    node has none. The embedded Ray's workers are this machine: the driver's values hold there."""
+    if options.address in (None, "", "local"):
+        return []
+    return [k for k in NODE_OWN if k not in options.worker_env]  # an explicit --env still wins
+
+
+def apply_env(env: dict, node_defaults=()) -> None:
+    """In a worker: set the driver's variables, keeping the node's own values of ``node_defaults``."""
+    for key, value in env.items():
+        if key in node_defaults:
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
+
+
 def _worker_env(address: str | None = None) -> dict:
     """Environment the workers need to find the same data, state and tracking store as the driver.
 
@@ -286,9 +311,10 @@ def worker_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from trainers.loop import Trainer
+    from trainers.loop import StopRequested, Trainer
 
-    os.environ.update(loop_config.get("env", {}))  # state dir, data root, tracking URI of the driver (no secrets)
+    # state dir, data root, tracking URI of the driver (no secrets); a cluster node keeps its own folders
+    apply_env(loop_config.get("env", {}), loop_config.get("env_node_defaults", ()))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config = from_dict(loop_config["config"])
@@ -371,15 +397,37 @@ def worker_loop(loop_config: dict) -> None:
         error = UserError(note["message"])
         error.exit_code = note["exit_code"]
         raise error
+    # a SIGTERM (spot reclaim, pod eviction) stops every rank after the step in flight, with a checkpoint
+    from orchestrator.preempt import install_on_ray_worker
+
+    def worker_log(msg: str) -> None:
+        print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+
+    stop = install_on_ray_worker(worker_log)
     try:
         trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False,
-                          log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True), on_log=on_log,
-                          on_epoch_end=on_epoch_end, on_checkpoint=lambda s, m, p: report(s, m, p))
+                          log=worker_log, on_log=on_log, on_epoch_end=on_epoch_end,
+                          on_checkpoint=lambda s, m, p: report(s, m, p), stop=stop)
         # the worker's own checkpoint folder is scratch: point at what survives it
         if loop_config.get("run_folder"):
             trainer.resume_hint = (f"the run resumes from its last checkpoint in {loop_config['run_folder']} "
                                    f"(rerun with --name {loop_config['name']})")
+        trainer.setup()
+        ranks = _where_ranks_run(world)
+        if rank == 0:
+            record_attempt(loop_config, {"start_step": trainer.step, "workers": world,
+                                         "nodes": len({r["node"] for r in ranks}), "ranks": ranks})
         result = trainer.fit()
+    except StopRequested as exc:
+        if stop is not None:
+            stop.finished()
+            if stop() is not None:  # this rank got the signal: say when, and how long the checkpoint took
+                record_attempt(loop_config, {"stopped_at_step": exc.step, "rank": rank, "reason": exc.reason,
+                                             "checkpoint_s": round(time.monotonic() - stop.received_at, 3)},
+                               file=PREEMPTIONS_FILE)
+        if metric_logger is not None:
+            metric_logger.flush(force=True)
+        raise  # Ray Train restarts the group, which resumes from the checkpoint just reported
     except UserError as exc:
         if fatal is not None:
             fatal.parent.mkdir(parents=True, exist_ok=True)
@@ -390,6 +438,38 @@ def worker_loop(loop_config: dict) -> None:
     final_path = result.checkpoint if rank == 0 else None  # fit() always checkpoints its last step
     report(result.steps, result.metrics, final_path, final=True)
     shutil.rmtree(out_dir, ignore_errors=True)
+
+
+ATTEMPTS_FILE, PREEMPTIONS_FILE = "attempts.jsonl", "preemptions.jsonl"  # in <storage>/<name>/
+
+
+def record_attempt(loop_config: dict, row: dict, file: str = ATTEMPTS_FILE) -> None:
+    """Append ``row`` (with the time) to a record in the run's folder: where each start of the worker
+    group resumed (attempts.jsonl), and each stop on a signal (preemptions.jsonl). Local storage only."""
+    folder = loop_config.get("run_folder")
+    if not folder or "://" in folder:
+        return
+    try:
+        path = Path(folder) / file
+        with path.open("a") as handle:
+            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **row}) + "\n")
+    except OSError:
+        pass  # a record, not worth failing the run for
+
+
+def _where_ranks_run(world: int) -> list[dict]:
+    """Each rank's node (Ray node id) and state folder, gathered on every rank (a collective)."""
+    import ray
+
+    own = {"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(),
+           "home": os.environ.get("SSLAB_HOME")}
+    if world == 1:
+        return [own]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, own)
+    return gathered
 
 
 def user_error_in(error: BaseException) -> UserError | None:
@@ -418,6 +498,12 @@ def _inject_fault(kind: str, steps: list[int], step: int, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for planned in due:
         (folder / f"fault-{planned}").write_text(f"{kind} at step {step}\n")
+    if kind == "wait":
+        go = [folder / f"go-{s}" for s in due]
+        deadline = time.monotonic() + 300
+        while not all(path.exists() for path in go) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
     if kind == "kill":
         import signal
 
@@ -575,7 +661,7 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
         Path(markers["fatal_marker"]).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
     loop_config = {"config": config.to_dict(), "name": name,
                    "env": {**_worker_env(options.address), **options.worker_env},
-                   "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
+                   "env_node_defaults": node_default_keys(options), "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
                    "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
                    else None, **markers}
     trainer = TorchTrainer(

@@ -193,6 +193,8 @@ CASES = {
                         "unknown data set 'cifar100': did you mean 'cifar10'", 2),
     "unknown-backbone": (["pretrain", "--local", "--set", "model.backbone=resnet19"], None,
                          "unknown backbone 'resnet19': did you mean 'resnet18'", 2),
+    "unknown-forward-views": (["pretrain", "--local", "--set", "model.forward_views=per_view"], None,
+                              "model.forward_views must be one of by_size, each, got 'per_view'", 2),
     "unknown-config-key": (["pretrain", "--local", "--set", "optim.lrr=0.1"], None, "did you mean 'lr'", 2),
     "missing-config-file": (["pretrain", "--local", "--config", "configs/pretrain/swav_cifar1.yaml"], None,
                             "did you mean", 2),

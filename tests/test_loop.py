@@ -78,6 +78,37 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(method, tmp_path):
     assert [r["step"] for r in rows if "online_linear_top1" in r] == [5, 8, 16]
 
 
+@pytest.mark.parametrize("stop_at", [5, 8])  # mid-epoch, and the epoch's last step (8 steps per epoch)
+def test_a_stop_request_checkpoints_the_step_in_flight_and_the_resumed_run_is_the_uninterrupted_one(stop_at,
+                                                                                                  tmp_path):
+    """Trainer(stop=...) (what a SIGTERM on a Ray worker sets): the loop stops after the step in flight,
+    writes a checkpoint there (reported through on_checkpoint), raises StopRequested; rerun, it resumes
+    from that step and ends with the uninterrupted run's losses and weights."""
+    from trainers.loop import StopRequested
+
+    _, full, full_losses = run(tiny_config("supcon", tmp_path / "full"))
+    holder, reported = {}, []
+
+    def stop():
+        return "test stop" if holder["trainer"].step >= stop_at else None
+
+    trainer = Trainer(tiny_config("supcon", tmp_path / "cut"), progress=False, log=lambda *_: None, stop=stop,
+                      on_checkpoint=lambda step, metrics, path: reported.append(step),
+                      on_epoch_end=lambda done, metrics, path: reported.append(("epoch", done, path is not None)))
+    holder["trainer"] = trainer
+    with pytest.raises(StopRequested) as stopped:
+        trainer.fit()
+    assert stopped.value.step == stop_at and stopped.value.reason == "test stop"
+    assert load_checkpoint(stopped.value.checkpoint)["step"] == stop_at
+    # the checkpoint reaches whoever keeps it: mid-epoch via on_checkpoint, at the epoch end via on_epoch_end
+    assert reported == ([stop_at] if stop_at == 5 else [("epoch", 1, True)])
+    _, resumed, resumed_losses = run(tiny_config("supcon", tmp_path / "cut"))
+    assert resumed.steps == 16 and sorted(resumed_losses) == list(range(stop_at + 1, 17))
+    assert all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
+    final, expected = load_checkpoint(resumed.checkpoint)["model"], load_checkpoint(full.checkpoint)["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
 def test_backbone_file_loads_for_evaluation(tmp_path):
     _, result, _ = run(tiny_config("supcon", tmp_path, "train.max_steps=3"))
     module, dim, info = load_backbone(result.backbone)

@@ -109,6 +109,41 @@ def test_swav_queue_of_whole_batches_filled_and_used_only_when_full():
 
 
 # --------------------------------------------------------------------------- DINO
+@pytest.mark.parametrize("name", ["swav", "dino", "simclr", "supcon", "sdmp"])
+def test_forward_views_each_gives_every_view_its_own_batchnorm_batch(name):
+    """model.forward_views: 'by_size' puts both 16-px views through one backbone call (BatchNorm over 2B),
+    'each' makes one call per view (as solo-learn and lightly do); every method's student honours it."""
+    from dataclasses import replace
+
+    from trainers.methods.base import encode_views
+
+    options = {"swav": SwAVConfig(prototypes=30, out_dim=16), "dino": DINOConfig(out_dim=64), "simclr": SimCLRConfig(),
+               "supcon": SupConConfig(), "sdmp": SDMPConfig()}[name]
+    ctx = context()
+    views = views_for(ctx)
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet_mini", 16)
+    backbone.train()
+    together = encode_views(backbone, views, "by_size")
+    each = encode_views(backbone, views, "each")
+    assert torch.allclose(together, backbone(torch.cat(views)), atol=1e-6)
+    assert torch.allclose(each, torch.cat([backbone(v) for v in views]), atol=1e-6)
+    assert not torch.allclose(together, each, atol=1e-3), "the BatchNorm batches differ"
+    seen = {}
+    for mode in ("by_size", "each"):
+        method = build(name, options, replace(ctx, forward_views=mode))
+        calls = []
+        net = next(m for m in method.student.modules() if hasattr(m, "forward_views"))  # the student or its encoder
+        assert net.forward_views == mode
+        student_backbone = net.backbone
+        handle = student_backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        method.train()
+        method.training_step(views_for(ctx), torch.arange(8) % 2, 0)
+        handle.remove()
+        seen[mode] = calls
+    assert seen["by_size"][0] == 16 and seen["each"][:2] == [8, 8], seen
+
+
 def test_ema_update_is_the_moving_average():
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]

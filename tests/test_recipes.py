@@ -64,6 +64,7 @@ COMMON = {
     "data.batch_size": 256,                              # optimizer.batch_size 256 on devices [0]
     "model.backbone": "resnet18",                        # backbone.name
     "model.cifar_stem": True,                            # methods/base.py: cifar -> 3x3 conv1, no max-pool
+    "model.forward_views": "each",                       # methods/base.py:512 training_step: one forward per crop
     "train.epochs": 1000,                                # max_epochs
     "optim.lr_scaling": "linear",                        # args/pretrain.py: lr * batch * devices * nodes / 256
     "optim.min_lr": 0.0,                                 # methods/base.py scheduler.min_lr default

@@ -52,6 +52,9 @@ class ModelConfig:
     # BatchNorm statistics over the global batch under DDP (torch.nn.SyncBatchNorm for the student, the
     # teacher and the heads, as DINO, MoCo v3 and solo-learn do); None: on with more than one worker
     sync_batchnorm: bool | None = None
+    # which views share a backbone call, so a BatchNorm batch: "by_size" (consecutive views of one size
+    # together: facebookresearch/swav and dino) or "each" (one call per view: solo-learn, lightly, MoCo v3)
+    forward_views: str = "by_size"
 
 
 @dataclass

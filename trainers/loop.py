@@ -55,6 +55,18 @@ class NonFiniteLossError(UserError):
     exit_code = 5
 
 
+class StopRequested(Exception):
+    """Training ended early on request (``Trainer(stop=...)``: a SIGTERM, a preemption notice) after a
+    checkpoint at ``step``, the step in flight included. Not a ``UserError``: a restart resumes there."""
+
+    def __init__(self, step: int, checkpoint: Path | None, reason: str = "stop requested"):
+        super().__init__(f"{reason}: stopped at step {step} with a checkpoint ({checkpoint})")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+
+    def __reduce__(self):  # crosses processes (Ray sends a worker's error to its controller)
+        return (type(self), (self.step, self.checkpoint, self.reason))
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -75,6 +87,12 @@ def check_config(config: Config, world_size: int = 1) -> None:
     check_run_name(config.name)
     check_dataset_name(config.data.dataset)
     check_backbone(config.model.backbone)
+    from trainers.methods.base import FORWARD_VIEWS
+
+    if config.model.forward_views not in FORWARD_VIEWS:
+        raise ConfigError(f"model.forward_views must be one of {', '.join(FORWARD_VIEWS)}, got "
+                          f"{config.model.forward_views!r} (by_size: views of one size in one backbone call; "
+                          "each: one call per view)")
     groups = parse_crop_spec(config.data.crops)
     check_vit_crops(config.model.backbone, [size for count, size in groups if count], config.model.patch_size)
     global_size = groups[0][1]
@@ -232,7 +250,8 @@ class Trainer:
                  on_log: Callable[[int, dict], None] | None = None,
                  wrap_student: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                  out_dir: str | Path | None = None,
-                 on_checkpoint: Callable[[int, dict, Path | None], None] | None = None):
+                 on_checkpoint: Callable[[int, dict, Path | None], None] | None = None,
+                 stop: Callable[[], str | None] | None = None):
         check_config(config, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.is_main = rank == 0
@@ -240,6 +259,9 @@ class Trainer:
         self.progress = progress and self.is_main
         self.on_epoch_end, self.on_log, self.wrap_student = on_epoch_end, on_log, wrap_student
         self.on_checkpoint = on_checkpoint  # mid-epoch checkpoints (train.checkpoint_every_steps), every rank
+        # asked after every step: a reason (str) to stop now, else None. Under DDP the ranks agree (any one
+        # asking stops all at the same step); the run then checkpoints and raises StopRequested
+        self.stop = stop
         self.device = torch.device(device) if device is not None else resolve_device(config.train.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -276,6 +298,12 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         t = c.train
+        self._stop_group = None  # the default group, unless it is NCCL (see _stop_reason)
+        if self.stop is not None and self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() != "gloo":
+                self._stop_group = dist.new_group(backend="gloo")
         if self.is_main:
             self._lock_run_folder()
         if t.deterministic:
@@ -323,7 +351,8 @@ class Trainer:
         backbone, feature_dim = build_backbone(c.model.backbone, self.global_size, c.model.cifar_stem,
                                                c.model.patch_size)
         self.ctx = MethodContext(c.model.backbone, feature_dim, groups, c.data.batch_size, self.world_size, t.epochs,
-                                 self.steps_per_epoch, len(classes) if classes else None, t.seed)
+                                 self.steps_per_epoch, len(classes) if classes else None, t.seed,
+                                 c.model.forward_views)
         self.method = cls(options, self.ctx, backbone).to(self.device)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
@@ -671,6 +700,35 @@ class Trainer:
             logs["online_linear_loss"] = self.probe.train_step(features, labels, probe_lr)
         return loss.detach(), logs
 
+    # ------------------------------------------------------------------ stop requests
+    def _stop_reason(self) -> str | None:
+        """This rank's stop request, agreed over all ranks (one tiny all-reduce per step, on a gloo group
+        so that an NCCL run does not wait on its stream); the reason of the rank that asked."""
+        own = self.stop() if self.stop is not None else None
+        if self.world_size == 1:
+            return own
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if own else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        if not int(flag):
+            return None
+        return own or "another worker was asked to stop"
+
+    def _stop_now(self, reason: str, pending: list, epoch: int, started: float, images: int, bar,
+                  last: dict, checkpoint: Path | None = None) -> None:
+        """Checkpoint at this step (unless the epoch end just wrote one) and raise StopRequested."""
+        last = self._flush(pending, epoch, started, images, bar) or last
+        if checkpoint is None:
+            checkpoint = self.save(epoch_end=False)
+            self._write_history()
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.step, dict(last), checkpoint)
+        if bar is not None:
+            bar.close()
+        self.log(f"{reason}: stopped at step {self.step} with a checkpoint")
+        raise StopRequested(self.step, checkpoint, reason)
+
     def fit(self) -> TrainResult:
         try:
             if not hasattr(self, "method"):
@@ -705,6 +763,10 @@ class Trainer:
                 if self.step % t.log_every == 0 or epoch_done or self.step >= max_steps:
                     last = self._flush(pending, epoch, started, images, bar) or last
                     started, images = time.perf_counter(), 0
+                if self.stop is not None and not epoch_done and self.step < max_steps:
+                    reason = self._stop_reason()  # every rank asks at every step, so they stay in step
+                    if reason:
+                        self._stop_now(reason, pending, epoch, started, images, bar, last)
                 if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not epoch_done:
                     last = self._flush(pending, epoch, started, images, bar) or last
                     started, images = time.perf_counter(), 0
@@ -742,6 +804,10 @@ class Trainer:
             self._write_history()
             if self.on_epoch_end is not None and (epoch_done or final):
                 self.on_epoch_end(completed, metrics, checkpoint)
+            if self.stop is not None and not final:  # asked during the epoch's last step or its evaluation
+                reason = self._stop_reason()
+                if reason:
+                    self._stop_now(reason, [], epoch, time.perf_counter(), 0, None, last, checkpoint)
         backbone_path = None
         if self.is_main:
             backbone_path = save_checkpoint({"format": CHECKPOINT_FORMAT, "method": c.method_name,

@@ -40,6 +40,7 @@ class MethodContext:
     steps_per_epoch: int
     num_classes: int | None = None
     seed: int = 0
+    forward_views: str = "by_size"  # model.forward_views: how encode_views batches the views
 
     @property
     def total_steps(self) -> int:
@@ -126,9 +127,20 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
-def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Backbone features of every view, concatenated in view order [V*B, D]; consecutive views of
-    one size go through the backbone in one call (multi-crop)."""
+FORWARD_VIEWS = ("by_size", "each")
+
+
+def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor], mode: str = "by_size") -> torch.Tensor:
+    """Backbone features of every view, concatenated in view order [V*B, D].
+
+    ``mode`` (``model.forward_views``) decides which views share a backbone call, and so the batch over
+    which BatchNorm takes its statistics: ``by_size``: consecutive views of one size in one call (the
+    multi-crop wrappers of facebookresearch/swav and dino; SimCLR's TF code concatenates its two
+    views too); ``each``: one call per view (solo-learn's BaseMethod.training_step, lightly's examples,
+    MoCo v3). The heads after the backbone see all views at once either way."""
+    if mode == "each":
+        features = [backbone(view) for view in views]
+        return torch.cat(features) if len(features) > 1 else features[0]
     features = []
     start = 0
     while start < len(views):

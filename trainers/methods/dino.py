@@ -78,14 +78,14 @@ def teacher_temperature_schedule(o: DINOConfig, epochs: int) -> np.ndarray:
 
 
 class DINONet(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: DINOConfig):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: DINOConfig, forward_views: str = "by_size"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.forward_views = backbone, forward_views
         self.head = DINOHead(feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers,
                              o.norm_last_layer, o.head_batch_norm)
 
     def forward(self, views):
-        return self.head(encode_views(self.backbone, views))
+        return self.head(encode_views(self.backbone, views, self.forward_views))
 
 
 class DINO(Method):
@@ -102,7 +102,7 @@ class DINO(Method):
     def __init__(self, options: DINOConfig, ctx: MethodContext, backbone: nn.Module):
         super().__init__(options, ctx)
         self.check(options, ctx)
-        self.student = DINONet(backbone, ctx.feature_dim, options)
+        self.student = DINONet(backbone, ctx.feature_dim, options, ctx.forward_views)
         self.teacher = make_teacher(self.student)
         self.register_buffer("center", torch.zeros(options.out_dim))
         self.teacher_temperatures = teacher_temperature_schedule(options, ctx.epochs)

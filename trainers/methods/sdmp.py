@@ -74,22 +74,22 @@ def is_vit(backbone_name: str) -> bool:
 class MoCoEncoder(nn.Module):
     """Backbone + projector: 3 layers for a ViT, 2 for a ResNet (MoCo v3), BN without affine last."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool, forward_views: str = "by_size"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.forward_views = backbone, forward_views
         self.projector = ProjectionHead(feature_dim, o.moco_hidden_dim, o.moco_out_dim, layers=3 if vit else 2,
                                         last_bn=True, last_bias=False)
 
     def forward(self, views):
-        return self.projector(encode_views(self.backbone, views))
+        return self.projector(encode_views(self.backbone, views, self.forward_views))
 
 
 class MoCoStudent(nn.Module):
     """Query encoder: MoCoEncoder + 2-layer predictor, with the final BN for a ViT only (MoCo v3)."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool, forward_views: str = "by_size"):
         super().__init__()
-        self.encoder = MoCoEncoder(backbone, feature_dim, o, vit)
+        self.encoder = MoCoEncoder(backbone, feature_dim, o, vit, forward_views)
         self.predictor = ProjectionHead(o.moco_out_dim, o.moco_predictor_hidden_dim, o.moco_out_dim, layers=2,
                                         last_bn=vit, last_bias=False)
 
@@ -141,11 +141,11 @@ class SDMP(Method):
         super().__init__(options, ctx)
         self.check(options, ctx)
         if options.base == "moco_v3":
-            self.student = MoCoStudent(backbone, ctx.feature_dim, options, is_vit(ctx.backbone))
+            self.student = MoCoStudent(backbone, ctx.feature_dim, options, is_vit(ctx.backbone), ctx.forward_views)
             self.teacher = make_teacher(self.student.encoder)
             self.momenta = cosine_schedule(options.moco_momentum, 1.0, ctx.total_steps)
         else:
-            self.student = DINONet(backbone, ctx.feature_dim, options)
+            self.student = DINONet(backbone, ctx.feature_dim, options, ctx.forward_views)
             self.teacher = make_teacher(self.student)
             self.register_buffer("center", torch.zeros(options.out_dim))
             self.teacher_temperatures = teacher_temperature_schedule(options, ctx.epochs)

@@ -50,13 +50,13 @@ class SimCLRConfig(SupConConfig):
 
 
 class ContrastiveNet(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SupConConfig):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SupConConfig, forward_views: str = "by_size"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.forward_views = backbone, forward_views
         self.head = ProjectionHead(feature_dim, o.hidden_dim or feature_dim, o.out_dim, batch_norm=False)
 
     def forward(self, views):
-        return F.normalize(self.head(encode_views(self.backbone, views)), dim=1)
+        return F.normalize(self.head(encode_views(self.backbone, views, self.forward_views)), dim=1)
 
 
 class SupCon(Method):
@@ -78,7 +78,7 @@ class SupCon(Method):
     def __init__(self, options: SupConConfig, ctx: MethodContext, backbone: nn.Module):
         super().__init__(options, ctx)
         self.check(options, ctx)
-        self.student = ContrastiveNet(backbone, ctx.feature_dim, options)
+        self.student = ContrastiveNet(backbone, ctx.feature_dim, options, ctx.forward_views)
         # null base temperature: the loss factor temperature / base_temperature is 1 (plain NT-Xent for SimCLR)
         self.base_temperature = options.temperature if options.base_temperature is None else options.base_temperature
 

@@ -35,14 +35,14 @@ class SwAVConfig:
 
 
 class SwAVNet(nn.Module):
-    def __init__(self, backbone: nn.Module, feature_dim: int, options: SwAVConfig):
+    def __init__(self, backbone: nn.Module, feature_dim: int, options: SwAVConfig, forward_views: str = "by_size"):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.forward_views = backbone, forward_views
         self.projector = ProjectionHead(feature_dim, options.hidden_dim or feature_dim, options.out_dim)
         self.prototypes = Prototypes(options.out_dim, options.prototypes)
 
     def forward(self, views):
-        embeddings = F.normalize(self.projector(encode_views(self.backbone, views)), dim=1)
+        embeddings = F.normalize(self.projector(encode_views(self.backbone, views, self.forward_views)), dim=1)
         return embeddings, self.prototypes.layer(embeddings)
 
 
@@ -96,7 +96,7 @@ class SwAV(Method):
     def __init__(self, options: SwAVConfig, ctx: MethodContext, backbone: nn.Module):
         super().__init__(options, ctx)
         self.check(options, ctx)
-        self.student = SwAVNet(backbone, ctx.feature_dim, options)
+        self.student = SwAVNet(backbone, ctx.feature_dim, options, ctx.forward_views)
         if options.freeze_prototypes_steps is not None:
             self.freeze_steps = options.freeze_prototypes_steps
         else:
