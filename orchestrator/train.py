@@ -427,6 +427,13 @@ def worker_loop(loop_config: dict) -> None:
                                file=PREEMPTIONS_FILE)
         if metric_logger is not None:
             metric_logger.flush(force=True)
+        # the controller must hold every rank's report of that checkpoint before it sees the first error, or
+        # it restarts from the previous one: each rank waits until its report is taken, then all ranks meet
+        _wait_until_reports_taken(worker_log)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
         raise  # Ray Train restarts the group, which resumes from the checkpoint just reported
     except UserError as exc:
         if fatal is not None:
@@ -455,6 +462,23 @@ def record_attempt(loop_config: dict, row: dict, file: str = ATTEMPTS_FILE) -> N
             handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **row}) + "\n")
     except OSError:
         pass  # a record, not worth failing the run for
+
+
+def _wait_until_reports_taken(log, timeout_s: float = 60.0) -> None:
+    """Block until Ray Train's controller has taken this worker's reports (its result queue is empty and
+    done). Ray-internal; where that is not reachable, a short pause instead."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        results = get_train_context().get_result_queue()
+    except Exception:  # noqa: BLE001 - another Ray version
+        time.sleep(5.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while results.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if results.unfinished_tasks:
+        log(f"warning: the controller did not take the last report within {timeout_s:.0f} s")
 
 
 def _where_ranks_run(world: int) -> list[dict]:

@@ -55,6 +55,11 @@ class Nodes:
     def remove(self, name: str) -> None:
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)  # raylet and workers: SIGKILL
 
+    def clear(self) -> None:
+        """Remove the nodes an earlier test left (one that failed before its own clean-up)."""
+        for name in list(self.nodes):
+            self.remove(name)
+
     def cache(self, name: str) -> Path:
         return self.base / name / "data"
 
@@ -121,12 +126,30 @@ def wait_for(path: Path, thread: threading.Thread, box: dict, timeout: float = 3
         time.sleep(0.1)
 
 
+def wait_registered(run_folder: Path, step: int, thread, box, timeout: float = 120) -> None:
+    """Until Ray Train's checkpoint manager lists a checkpoint of ``step`` (a node lost before that would
+    take the report with it, and the restart would go back to the previous checkpoint, as it should)."""
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+        except (OSError, ValueError):
+            results = []
+        if any(r.get("metrics", {}).get("step") == step for r in results):
+            return
+        assert thread.is_alive(), f"the run ended early: {box.get('error')!r}"
+        assert time.monotonic() < deadline, f"Ray Train registered no checkpoint of step {step} in {timeout} s"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def reference(nodes, tmp_path_factory):
     """The uninterrupted 2-worker run, both workers on one node (the only one with 2 CPUs)."""
     from orchestrator.train import run_pretraining
 
     tmp = tmp_path_factory.mktemp("reference")
+    nodes.clear()
     single = nodes.add("single", cpus=2)
     outcome = run_pretraining(config(), cluster_options(nodes, tmp), name="reference", log=lambda *_: None)
     attempts = records(tmp / "ray" / "reference", "attempts.jsonl")
@@ -146,6 +169,7 @@ def test_ddp_across_two_nodes_survives_losing_one_and_matches_the_single_node_ru
     from orchestrator.train import FAULT_ENV, run_pretraining
     from trainers.data.beton import read_meta
 
+    nodes.clear()
     node_a, node_b = nodes.add("a", cpus=1), nodes.add("b", cpus=1)
     monkeypatch.setenv(FAULT_ENV, f"wait:{WAIT_STEP}")
     run_folder = tmp_path / "ray" / "spread"
@@ -155,6 +179,7 @@ def test_ddp_across_two_nodes_survives_losing_one_and_matches_the_single_node_ru
     wait_for(run_folder / "faults" / f"fault-{WAIT_STEP}", thread, box)
     first = records(run_folder, "attempts.jsonl")
     assert {r["node"] for r in first[0]["ranks"]} == {node_a, node_b}, "one worker on each node"
+    wait_registered(run_folder, step=4, thread=thread, box=box)  # Ray Train holds the step-4 checkpoint
     nodes.remove("b")
     node_c = nodes.add("c", cpus=1)
     (run_folder / "faults" / f"go-{WAIT_STEP}").write_text("")
@@ -187,6 +212,7 @@ def test_sigterm_to_a_worker_checkpoints_the_current_step_and_the_group_resumes_
     from orchestrator.preempt import DEFAULT_STOP_GRACE_S
     from orchestrator.train import FAULT_ENV, run_pretraining
 
+    nodes.clear()
     nodes.add("p", cpus=1)
     nodes.add("q", cpus=1)
     monkeypatch.setenv(FAULT_ENV, f"wait:{WAIT_STEP}")
