@@ -14,8 +14,9 @@ the batch, the augmentation recipe per view (lightly's CIFAR-10 settings: RRC, f
 layer sizes, temperatures, prototypes, EMA, SGD with momentum, weight decay and the learning-rate array
 (linear warm-up, then cosine; checked equal to the Trainer's). Differences that stay, as each library
 does it: crops cut on the device (roi_align) vs PIL's RandomResizedCrop, jitter order drawn per batch vs
-per image, both views in one backbone call (BatchNorm over 2B) vs one call per view, SwaVPrototypes with
-a bias vs ours without, Sinkhorn in the log domain vs the plain one.
+per image, SwaVPrototypes with a bias vs ours without, Sinkhorn in the log domain vs the plain one. Which
+views share a backbone call (so a BatchNorm batch) is ours to choose: --forward-views each makes one call
+per view as lightly's loop does (by_size, our default, puts both views in one call: BatchNorm over 2B).
 
 Evaluator: weighted kNN (trainers.knn; k=20, T=0.07, cosine) over frozen features of a fixed bank of
 training images and fixed test images, both drawn with EVAL_SEED whatever the run's seed, at 32 px with

@@ -75,7 +75,7 @@ class TorchCanvasLoader:
         workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=workers > 0,
+                                 persistent_workers=workers > 0, worker_init_fn=_quiet_side_threads,
                                  prefetch_factor=prefetch_factor if workers > 0 else None)
         self.batch_size = batch_size
         self._epoch = 0
@@ -95,3 +95,19 @@ class TorchCanvasLoader:
         self._epoch += 1  # as ffcv: each pass is the next epoch unless set_epoch says otherwise
         for images, labels in self.loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def _quiet_side_threads(worker_id: int) -> None:
+    """In a loader worker: a side thread's broken connection is the main process going away (SIGTERM,
+    Ctrl-C), not an error to print. Without this, multiprocessing's fd-sharing thread (resource_sharer)
+    prints a ConnectionResetError traceback into the user's terminal after the run's own last line."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if issubclass(args.exc_type, (ConnectionError, EOFError)):
+            return
+        previous(args)
+
+    threading.excepthook = hook
