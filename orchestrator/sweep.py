@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path

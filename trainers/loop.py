@@ -715,15 +715,20 @@ class Trainer:
             return None
         return own or "another worker was asked to stop"
 
+    def _checkpoint_mid_epoch(self, last: dict) -> Path | None:
+        """``last.pt`` and metrics.jsonl at this step, handed to ``on_checkpoint`` (every rank)."""
+        path = self.save(epoch_end=False)
+        self._write_history()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.step, dict(last), path)
+        return path
+
     def _stop_now(self, reason: str, pending: list, epoch: int, started: float, images: int, bar,
                   last: dict, checkpoint: Path | None = None) -> None:
         """Checkpoint at this step (unless the epoch end just wrote one) and raise StopRequested."""
         last = self._flush(pending, epoch, started, images, bar) or last
         if checkpoint is None:
-            checkpoint = self.save(epoch_end=False)
-            self._write_history()
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(self.step, dict(last), checkpoint)
+            checkpoint = self._checkpoint_mid_epoch(last)
         if bar is not None:
             bar.close()
         self.log(f"{reason}: stopped at step {self.step} with a checkpoint")
@@ -770,10 +775,7 @@ class Trainer:
                 if t.checkpoint_every_steps and self.step % t.checkpoint_every_steps == 0 and not epoch_done:
                     last = self._flush(pending, epoch, started, images, bar) or last
                     started, images = time.perf_counter(), 0
-                    path = self.save(epoch_end=False)
-                    self._write_history()
-                    if self.on_checkpoint is not None:
-                        self.on_checkpoint(self.step, dict(last), path)
+                    self._checkpoint_mid_epoch(last)
                 if self.step >= max_steps:
                     break
             if bar is not None:
