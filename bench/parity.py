@@ -14,9 +14,11 @@ the batch, the augmentation recipe per view (lightly's CIFAR-10 settings: RRC, f
 layer sizes, temperatures, prototypes, EMA, SGD with momentum, weight decay and the learning-rate array
 (linear warm-up, then cosine; checked equal to the Trainer's). Differences that stay, as each library
 does it: crops cut on the device (roi_align) vs PIL's RandomResizedCrop, jitter order drawn per batch vs
-per image, SwaVPrototypes with a bias vs ours without, Sinkhorn in the log domain vs the plain one. Which
-views share a backbone call (so a BatchNorm batch) is ours to choose: --forward-views each makes one call
-per view as lightly's loop does (by_size, our default, puts both views in one call: BatchNorm over 2B).
+per image, SwaVPrototypes with a bias vs ours without (facebookresearch/swav and solo-learn have none),
+Sinkhorn in the log domain vs the plain one (equal to 1e-7). Which views share a forward call (so a
+BatchNorm batch) is ours to choose: --forward-views each runs backbone and head once per view as lightly's
+loop does (by_size, our default, puts both views in one backbone call and the head over both: BatchNorm
+over 2B in both).
 
 Evaluator: weighted kNN (trainers.knn; k=20, T=0.07, cosine) over frozen features of a fixed bank of
 training images and fixed test images, both drawn with EVAL_SEED whatever the run's seed, at 32 px with
@@ -611,8 +613,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "parity-cpu.json"),
                         help="result JSON (default: %(default)s)")
     parser.add_argument("--forward-views", default="by_size", choices=("by_size", "each"),
-                        help="our model.forward_views: both views in one backbone call (BatchNorm over 2B) or one "
-                             "call per view, as lightly's loop does (default: %(default)s)")
+                        help="our model.forward_views: both views in one backbone call and the head over both "
+                             "(BatchNorm over 2B) or backbone and head once per view, as lightly's loop does "
+                             "(default: %(default)s)")
     parser.add_argument("--sides", default="ours,lightly",
                         help="which trained sides to run, comma-separated from ours, lightly (default: %(default)s)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -649,24 +652,34 @@ def parse_args(argv=None):
     return args
 
 
+# Methods whose head has BatchNorm in this benchmark: until 2026-12-07 'each' ran the backbone per view but
+# the head over both views, so their 'each' runs from older files measured something else
+HEAD_BATCHNORM = ("swav", "dino")
+
+
 def merge(args) -> int:
     """One table from several runs of this script: lightly's and the random init's scores do not depend
-    on our code, so they are taken from any file; ours only from files made with ``--forward-views``."""
+    on our code, so they are taken from any file; ours only from files made with ``--forward-views``
+    (for SwAV and DINO under 'each': only from files whose heads also ran per view)."""
     runs, facts, seen = [], None, set()
     for name in args.merge:
         data = json.loads(Path(name).read_text())
         mode = data["facts"].get("forward_views", "by_size")  # files from before the option: by_size
+        heads_per_view = data["facts"].get("heads_per_view", False)
         for run in data["runs"]:
             if run["method"] not in args.methods or run["seed"] not in args.seeds:
                 continue
             if run["side"] == "ours" and mode != args.forward_views:
+                continue
+            if run["side"] == "ours" and mode == "each" and run["method"] in HEAD_BATCHNORM and not heads_per_view:
                 continue
             key = (run["method"], run["seed"], run["side"])
             if key not in seen:
                 seen.add(key)
                 runs.append({**run, "source": name})
         facts = facts or dict(data["facts"])
-    facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge)
+    facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge,
+                 heads_per_view=args.forward_views == "each")
     summary = summarize(runs, args.methods, args.seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -723,7 +736,8 @@ def main(argv=None) -> int:
              "momentum": MOMENTUM, "bank": len(evaluator.bank[1]), "test_images": len(evaluator.test[1]),
              "k": args.k, "temperature": args.knn_temperature, "eval_seed": EVAL_SEED, "workers": args.workers,
              "loader": args.loader, "methods": args.methods, "seeds": args.seeds,
-             "forward_views": args.forward_views, "sides": args.sides}
+             "forward_views": args.forward_views, "heads_per_view": args.forward_views == "each",
+             "sides": args.sides}
 
     def save():
         out = Path(args.out)

@@ -111,13 +111,15 @@ def test_swav_queue_of_whole_batches_filled_and_used_only_when_full():
 # --------------------------------------------------------------------------- DINO
 @pytest.mark.parametrize("name", ["swav", "dino", "simclr", "supcon", "sdmp"])
 def test_forward_views_each_gives_every_view_its_own_batchnorm_batch(name):
-    """model.forward_views: 'by_size' puts both 16-px views through one backbone call (BatchNorm over 2B),
-    'each' makes one call per view (as solo-learn and lightly do); every method's student honours it."""
+    """model.forward_views: 'by_size' puts both 16-px views through one backbone call (BatchNorm over 2B)
+    and the head once over all views, 'each' makes one backbone and one head call per view (as solo-learn
+    and lightly do); every method's student honours it, in its head's BatchNorm too."""
     from dataclasses import replace
 
     from trainers.methods.base import encode_views
 
-    options = {"swav": SwAVConfig(prototypes=30, out_dim=16), "dino": DINOConfig(out_dim=64), "simclr": SimCLRConfig(),
+    options = {"swav": SwAVConfig(prototypes=30, out_dim=16), "dino": DINOConfig(out_dim=64, head_batch_norm=True),
+               "simclr": SimCLRConfig(),
                "supcon": SupConConfig(), "sdmp": SDMPConfig()}[name]
     ctx = context()
     views = views_for(ctx)
@@ -137,11 +139,22 @@ def test_forward_views_each_gives_every_view_its_own_batchnorm_batch(name):
         assert net.forward_views == mode
         student_backbone = net.backbone
         handle = student_backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        in_backbone = {id(m) for m in student_backbone.modules()}
+        head_norms = [m for m in method.student.modules()
+                      if isinstance(m, torch.nn.BatchNorm1d) and id(m) not in in_backbone]
+        head_calls = []
+        handles = [norm.register_forward_hook(lambda module, args, out: head_calls.append(args[0].shape[0]))
+                   for norm in head_norms[:1]]
         method.train()
         method.training_step(views_for(ctx), torch.arange(8) % 2, 0)
-        handle.remove()
-        seen[mode] = calls
-    assert seen["by_size"][0] == 16 and seen["each"][:2] == [8, 8], seen
+        for h in [handle, *handles]:
+            h.remove()
+        seen[mode] = calls, head_calls
+    assert seen["by_size"][0][0] == 16 and seen["each"][0][:2] == [8, 8], seen
+    if name in ("swav", "dino", "sdmp"):  # heads with BatchNorm: the head's batch follows the backbone's
+        assert seen["by_size"][1][0] == 16 and seen["each"][1][:2] == [8, 8], seen
+    else:  # SimCLR/SupCon heads have no BatchNorm (SupContrast's MLP head)
+        assert seen["each"][1] == [], seen
 
 
 def test_ema_update_is_the_moving_average():

@@ -107,3 +107,33 @@ def test_report_table_has_mean_sd_per_side_and_the_paired_difference():
              "steps": 312, "batch": 128, "subset": 10_000}
     table = parity.markdown(summary, facts).splitlines()
     assert table[-1] == "| swav | 0,1 | 31.0 ± 1.4 | 41.0 ± 1.4 | 40.5 ± 3.5 | +0.5 ± 2.1 |"
+
+
+def test_merge_takes_ours_only_from_runs_made_the_same_way(tmp_path):
+    """--merge: random init and lightly from any file; ours only from files of the asked forward_views, and
+    for SwAV/DINO under 'each' only from files whose heads ran per view too (older 'each' files ran the
+    head over both views: a different measurement)."""
+    import json
+
+    def runs(method, seed, ours):
+        return [{"method": method, "seed": seed, "side": "random", "knn_top1": 30.0},
+                {"method": method, "seed": seed, "side": "lightly", "knn_top1": 37.0},
+                {"method": method, "seed": seed, "side": "ours", "knn_top1": ours}]
+
+    files = {
+        "by_size.json": ({"forward_views": "by_size"}, runs("swav", 0, 1.0) + runs("simclr", 0, 2.0)),
+        "old_each.json": ({"forward_views": "each"}, runs("swav", 0, 3.0) + runs("simclr", 0, 4.0)),
+        "new_each.json": ({"forward_views": "each", "heads_per_view": True}, runs("swav", 1, 5.0)),
+    }
+    common = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
+              "batch": 8, "subset": 64}
+    for name, (facts, rows) in files.items():
+        (tmp_path / name).write_text(json.dumps({"facts": {**common, **facts}, "runs": rows}))
+    out = tmp_path / "merged.json"
+    args = parity.parse_args(["--methods", "swav,simclr", "--seeds", "0,1", "--forward-views", "each", "--out",
+                              str(out), "--merge", *(str(tmp_path / n) for n in files)])
+    assert parity.merge(args) == 0
+    merged = json.loads(out.read_text())
+    ours = {(r["method"], r["seed"]): r["knn_top1"] for r in merged["runs"] if r["side"] == "ours"}
+    assert ours == {("simclr", 0): 4.0, ("swav", 1): 5.0}, "by_size runs and the old SwAV 'each' run stay out"
+    assert merged["facts"]["heads_per_view"] is True

@@ -15,6 +15,8 @@ import pytest
 from pipelines.spec import load_pipeline, parse_pipeline
 from trainers.errors import ConfigError
 
+pytestmark = pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (conftest.py)
+
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "demo.yaml"
 SMALL = ["stages.prepare.datasets=[fashion-mnist, digits]",
          "stages.pretrain.set=[data.crops=2x16+2x8, data.batch_size=64, data.train_subset=512, train.epochs=1, "
@@ -189,8 +191,8 @@ def test_sweep_stage_feeds_its_best_config_to_pretraining(local_ray, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("""
 name: tiny
-set: [method.name=simclr, data.dataset=digits, data.crops=2x16, data.batch_size=64, model.backbone=resnet_mini,
-      train.epochs=1, optim.warmup_epochs=0, knn.every_epochs=1, "knn.k=[20]"]
+set: [method.name=simclr, data.dataset=digits, data.train_subset=512, data.crops=2x16, data.batch_size=64,
+      model.backbone=resnet_mini, train.epochs=1, optim.warmup_epochs=0, knn.every_epochs=1, "knn.k=[20]"]
 space:
   method.temperature: {grid: [0.1, 0.5]}
 search: grid
@@ -218,7 +220,7 @@ stages:
     assert trials["method.temperature"] == best["method"]["temperature"]
     pretrain = stages["pretrain"].result["extra"]
     assert pretrain["method"] == "simclr" and pretrain["dataset"] == "digits"
-    assert pretrain["steps"] == 2 * (1347 // 64), "the pipeline's own overrides apply on top of the best config"
+    assert pretrain["steps"] == 2 * (512 // 64), "the pipeline's own overrides apply on top of the best config"
     assert stages["knn"].metrics["knn_top1"] > 0.5
 
 

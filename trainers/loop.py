@@ -92,7 +92,7 @@ def check_config(config: Config, world_size: int = 1) -> None:
     if config.model.forward_views not in FORWARD_VIEWS:
         raise ConfigError(f"model.forward_views must be one of {', '.join(FORWARD_VIEWS)}, got "
                           f"{config.model.forward_views!r} (by_size: views of one size in one backbone call; "
-                          "each: one call per view)")
+                          "each: backbone and head once per view)")
     groups = parse_crop_spec(config.data.crops)
     check_vit_crops(config.model.backbone, [size for count, size in groups if count], config.model.patch_size)
     global_size = groups[0][1]
@@ -316,7 +316,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.autocast_dtype = self._precision()
-        self.channels_last = t.channels_last and self.device.type == "cuda"
+        self.channels_last = t.channels_last
         cls = method_class(c.method_name)
         options = c.method_options()
         from trainers.data.multicrop import build_multicrop_loader
@@ -834,8 +834,9 @@ class Trainer:
 
 
 def _plain_state_dict(module: torch.nn.Module) -> dict:
-    """State dict without torch.compile's ``_orig_mod.`` prefixes."""
-    return {k.replace("_orig_mod.", ""): v for k, v in module.state_dict().items()}
+    """State dict without torch.compile's ``_orig_mod.`` prefixes, every tensor contiguous (channels_last
+    training leaves NHWC conv weights; safetensors and other loaders want plain row-major tensors)."""
+    return {k.replace("_orig_mod.", ""): v.contiguous() for k, v in module.state_dict().items()}
 
 
 def load_backbone(path: str | Path, device="cpu"):

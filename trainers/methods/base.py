@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -130,17 +130,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 FORWARD_VIEWS = ("by_size", "each")
 
 
-def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor], mode: str = "by_size") -> torch.Tensor:
-    """Backbone features of every view, concatenated in view order [V*B, D].
+def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor], mode: str = "by_size",
+                 head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Backbone features of every view, passed through ``head`` if given, concatenated in view order [V*B, D].
 
-    ``mode`` (``model.forward_views``) decides which views share a backbone call, and so the batch over
-    which BatchNorm takes its statistics: ``by_size``: consecutive views of one size in one call (the
-    multi-crop wrappers of facebookresearch/swav and dino; SimCLR's TF code concatenates its two
-    views too); ``each``: one call per view (solo-learn's BaseMethod.training_step, lightly's examples,
-    MoCo v3). The heads after the backbone see all views at once either way."""
+    ``mode`` (``model.forward_views``) decides which views share a forward call, and so the batch over
+    which BatchNorm takes its statistics: ``by_size``: consecutive views of one size in one backbone call,
+    then the head once over all views (the multi-crop wrappers of facebookresearch/swav and dino; SimCLR's
+    TF code concatenates its two views too); ``each``: backbone and head once per view (solo-learn's
+    BaseMethod.training_step calls its forward per crop, lightly's examples and MoCo v3 per view), so
+    the BatchNorm layers of the backbone and of the head see one view's batch."""
     if mode == "each":
-        features = [backbone(view) for view in views]
-        return torch.cat(features) if len(features) > 1 else features[0]
+        outputs = [head(backbone(view)) if head is not None else backbone(view) for view in views]
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     features = []
     start = 0
     while start < len(views):
@@ -150,4 +152,5 @@ def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor], mode: str =
         batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
         features.append(backbone(batch))
         start = end
-    return torch.cat(features) if len(features) > 1 else features[0]
+    features = torch.cat(features) if len(features) > 1 else features[0]
+    return head(features) if head is not None else features

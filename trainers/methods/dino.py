@@ -85,7 +85,7 @@ class DINONet(nn.Module):
                              o.norm_last_layer, o.head_batch_norm)
 
     def forward(self, views):
-        return self.head(encode_views(self.backbone, views, self.forward_views))
+        return encode_views(self.backbone, views, self.forward_views, self.head)
 
 
 class DINO(Method):

@@ -80,8 +80,10 @@ class MoCoEncoder(nn.Module):
         self.projector = ProjectionHead(feature_dim, o.moco_hidden_dim, o.moco_out_dim, layers=3 if vit else 2,
                                         last_bn=True, last_bias=False)
 
-    def forward(self, views):
-        return self.projector(encode_views(self.backbone, views, self.forward_views))
+    def forward(self, views, after: nn.Module | None = None):
+        """Projections of ``views`` (then ``after``, the student's predictor, per forward call)."""
+        head = self.projector if after is None else (lambda features: after(self.projector(features)))
+        return encode_views(self.backbone, views, self.forward_views, head)
 
 
 class MoCoStudent(nn.Module):
@@ -98,7 +100,7 @@ class MoCoStudent(nn.Module):
         return self.encoder.backbone
 
     def forward(self, views):
-        return self.predictor(self.encoder(views))
+        return self.encoder(views, after=self.predictor)
 
 
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:

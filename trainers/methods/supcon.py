@@ -56,7 +56,7 @@ class ContrastiveNet(nn.Module):
         self.head = ProjectionHead(feature_dim, o.hidden_dim or feature_dim, o.out_dim, batch_norm=False)
 
     def forward(self, views):
-        return F.normalize(self.head(encode_views(self.backbone, views, self.forward_views)), dim=1)
+        return F.normalize(encode_views(self.backbone, views, self.forward_views, self.head), dim=1)
 
 
 class SupCon(Method):

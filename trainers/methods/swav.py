@@ -42,7 +42,7 @@ class SwAVNet(nn.Module):
         self.prototypes = Prototypes(options.out_dim, options.prototypes)
 
     def forward(self, views):
-        embeddings = F.normalize(self.projector(encode_views(self.backbone, views, self.forward_views)), dim=1)
+        embeddings = F.normalize(encode_views(self.backbone, views, self.forward_views, self.projector), dim=1)
         return embeddings, self.prototypes.layer(embeddings)
 
 
