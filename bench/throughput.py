@@ -16,6 +16,7 @@ augmentation's pixel operations, data.compile_augment).
 One command:
   python bench/throughput.py                     # CPU: resnet_mini, batch 64, a few steps (smoke)
   python bench/throughput.py --device cuda       # GPU: resnet18 CIFAR stem, batch 512, bf16, channels_last
+  python bench/throughput.py --memory-format contiguous   # NCHW instead (channels_last is the default on both)
   python bench/throughput.py --lightly           # + lightly in the same run (pip install lightly==1.6.0)
 Writes bench/results/throughput-<device>[-compiled].json and prints a markdown table.
 """
@@ -64,12 +65,11 @@ def sync(device: torch.device) -> None:
 
 
 def ceiling(backbone_name: str, crops: str, batch: int, device: torch.device, steps: int, warmup: int,
-            teacher: bool, compile_model: bool, dtype) -> float:
+            teacher: bool, compile_model: bool, dtype, channels_last: bool = True) -> float:
     """Images/s (a sample = all its crops) of backbone forward+backward+SGD step (+ teacher forward)."""
     groups = parse_crop_spec(crops)
     model, _ = build_backbone(backbone_name, groups[0][1])
     model = model.to(device)
-    channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False) if teacher else None
@@ -102,13 +102,14 @@ def ceiling(backbone_name: str, crops: str, batch: int, device: torch.device, st
 
 
 def ours(method: str, crops: str, batch: int, device: torch.device, backbone: str, window: int, windows: int,
-         compile_model: bool, data_root: str | None) -> tuple[float, list[float]]:
+         compile_model: bool, data_root: str | None, channels_last: bool = True) -> tuple[float, list[float]]:
     from trainers.loop import Trainer
 
     overrides = [f"data.crops={crops}", f"data.batch_size={batch}", f"model.backbone={backbone}",
                  f"train.max_steps={window * windows}", f"train.log_every={window}", "knn.every_epochs=0",
                  f"train.device={device.type}", f"train.compile={str(compile_model).lower()}",
                  f"data.compile_augment={str(compile_model).lower()}", "train.resume=null",
+                 f"train.channels_last={str(channels_last).lower()}",
                  f"train.out_dir={ROOT / '.state' / 'bench' / f'{method}-{crops}'}", "optim.warmup_epochs=0"]
     if method == "swav":
         overrides.append("method.queue_length=0")
@@ -133,6 +134,8 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=None, help="steps per timing window (default 50 GPU, 3 CPU)")
     parser.add_argument("--windows", type=int, default=None, help="windows for ours; the first is dropped (default 4)")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--memory-format", default="channels_last", choices=("channels_last", "contiguous"),
+                        help="weights and inputs of the ceiling and ours (train.channels_last; default: %(default)s)")
     parser.add_argument("--lightly", action="store_true",
                         help="also measure lightly 1.6.0 on the SwAV/DINO cases (needs pip install lightly==1.6.0)")
     parser.add_argument("--loader-workers", type=int, default=None,
@@ -162,8 +165,9 @@ def main() -> int:
     for method, crops in cases:
         top = ceiling(backbone, ceiling_inputs(method, crops), batch, device, steps=window * 2,
                       warmup=max(3, window // 5), teacher=method in TEACHER_METHODS, compile_model=args.compile,
-                      dtype=dtype)
-        mine, rates = ours(method, crops, batch, device, backbone, window, windows, args.compile, args.data_root)
+                      dtype=dtype, channels_last=args.memory_format == "channels_last")
+        mine, rates = ours(method, crops, batch, device, backbone, window, windows, args.compile, args.data_root,
+                           channels_last=args.memory_format == "channels_last")
         row = {"method": method, "crops": crops, "ceiling_inputs": ceiling_inputs(method, crops),
                "ceiling_img_s": round(top, 1), "ours_img_s": round(mine, 1),
                "ratio": round(mine / top, 3), "ours_windows": [round(r, 1) for r in rates]}
@@ -179,6 +183,7 @@ def main() -> int:
     facts = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
              "cpus": torch.get_num_threads(), "torch": torch.__version__, "batch": batch, "backbone": backbone,
              "precision": "bf16" if gpu else "fp32", "compiled": args.compile, "window": window, "windows": windows,
+             "memory_format": args.memory_format,
              "date": time.strftime("%Y-%m-%d")}
     if baseline is not None:
         facts.update(lightly=lightly.__version__, lightly_loader_workers=loader_workers)
