@@ -8,10 +8,7 @@ SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mn
 # tests/test_mlflow_server.py starts a throwaway PostgreSQL (not in the image: the cluster's is a service);
 # installed when setup can (root + apt), else a note: that test file skips without it
 TEST_PACKAGES := postgresql
-# two pytest-xdist workers: the tests that start Ray in one (their "ray" group), the rest in the other; on
-# 2 cores this fills the time the Ray tests spend waiting (tests/conftest.py splits the cores)
-PYTEST_WORKERS ?= 2
-PYTEST_ARGS ?= -n $(PYTEST_WORKERS) --dist loadgroup
+PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv test demo bench-loader clean help
 

@@ -11,21 +11,6 @@ import pytest
 os.environ.setdefault("SSLAB_DOWNLOAD", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-# `make test` runs the suite in 2 pytest-xdist workers (--dist loadgroup; every test that starts Ray is in
-# the "ray" group, so one worker runs them one after another while the other runs the rest). The cores
-# are split between the workers (no oversubscribed OpenMP spinning), and the Ray workers the tests start
-# run at the tests' own priority: Ray's default niceness (15) would starve them behind the other worker's
-# training, and the tests that time a checkpoint or wait for a node would measure the starvation.
-XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if XDIST_WORKERS > 1:
-    THREADS = max(1, (os.cpu_count() or 2) // XDIST_WORKERS)
-    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-    os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    import torch
-
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
 from trainers.paths import default_data_root  # noqa: E402
 
 

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (conftest.py)
-
 ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (conftest.py)
-
 pytest.importorskip("ray")
 
 from orchestrator.cli import main  # noqa: E402

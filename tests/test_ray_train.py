@@ -18,8 +18,6 @@ from trainers.errors import UserError
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
-pytestmark = pytest.mark.xdist_group("ray")  # one worker runs every test that starts Ray (conftest.py)
-
 STEPS = 8
 
 
