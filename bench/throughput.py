@@ -162,12 +162,13 @@ def main() -> int:
             return 2
     loader_workers = args.loader_workers if args.loader_workers is not None else (os.cpu_count() or 1)
     rows = []
+    channels_last = args.memory_format == "channels_last"
     for method, crops in cases:
         top = ceiling(backbone, ceiling_inputs(method, crops), batch, device, steps=window * 2,
                       warmup=max(3, window // 5), teacher=method in TEACHER_METHODS, compile_model=args.compile,
-                      dtype=dtype, channels_last=args.memory_format == "channels_last")
+                      dtype=dtype, channels_last=channels_last)
         mine, rates = ours(method, crops, batch, device, backbone, window, windows, args.compile, args.data_root,
-                           channels_last=args.memory_format == "channels_last")
+                           channels_last=channels_last)
         row = {"method": method, "crops": crops, "ceiling_inputs": ceiling_inputs(method, crops),
                "ceiling_img_s": round(top, 1), "ours_img_s": round(mine, 1),
                "ratio": round(mine / top, 3), "ours_windows": [round(r, 1) for r in rates]}

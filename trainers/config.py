@@ -84,7 +84,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda when available), cuda, cuda:N, cpu
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
-    channels_last: bool = True  # NHWC weights and views (CUDA and CPU: resnet_mini trains ~25% faster on 2 cores)
+    channels_last: bool = True  # NHWC weights and views (CUDA and CPU; BENCHMARKS.md: resnet_mini fwd+bwd 20-28% faster on a CPU)
     compile: bool = False  # torch.compile the backbone
     deterministic: bool = False  # torch deterministic algorithms (slower; exact reruns on GPU)
     log_every: int = 20  # steps between progress updates (each is one host sync)
