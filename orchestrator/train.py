@@ -773,7 +773,9 @@ def _prepare_data(config: Config, log) -> None:
     if config.data.loader == "torch":
         return
     try:
-        import ffcv  # noqa: F401
+        from trainers.data.ffcv_import import import_ffcv
+
+        import_ffcv()
     except ImportError:
         return
     cache = config.data.cache_dir or str(state_dir() / "data")

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from trainers.data.datasets import DatasetSplit, check_dataset_name, load_split
+from trainers.data.ffcv_import import import_ffcv
 from trainers.data.sharding import check_rank, shard_indices
 from trainers.checkpoint import StorageError
 from trainers.checkpoint import WRONG_KIND_ERRNOS, wrong_kind_error
@@ -259,6 +260,7 @@ def _writer_process(parent_pid: int, failures, work_fn, *args) -> None:
 
 
 def _writer_class():
+    import_ffcv()
     from ffcv.writer import DatasetWriter
 
     class Writer(DatasetWriter):
@@ -427,6 +429,7 @@ def _prepare_locked(source, dataset, split, path, settings, num_workers, force, 
         log(f"up to date: {path} ({meta['count']:,} images)")
         return path
     mode, fixed, smallest = _choose_mode(source, settings)
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -506,6 +509,7 @@ def inspect_beton(path: str | Path) -> dict:
         raise DataError(f".beton file {path} is {size:,} bytes but was written as {meta['bytes']:,}: "
                         "it is truncated or was replaced; delete it and run `sslab data prepare` again")
     try:
+        import_ffcv()
         from ffcv.reader import Reader
 
         reader = Reader(str(path))
@@ -555,6 +559,7 @@ class FfcvCanvasLoader:
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int | None = None, drop_last: bool = True, batches_ahead: int = 3,
                  indices=None):
+        import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
