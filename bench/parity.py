@@ -8,7 +8,8 @@ Per method (SwAV, DINO, SimCLR) and seed, three backbones are scored by the same
   lightly      lightly's transforms (PIL, per image, in a torchvision DataLoader), heads (lightly.models.modules)
                and losses (lightly.loss) in a plain PyTorch step, written as lightly's examples write it
 Shared and checked before any training (the settings table, read back from both sides' objects; a mismatch
-stops the script): the backbone and its initial weights, the training subset (subset_indices from the seed),
+stops the script): the backbone and its initial weights, the heads' initial weights (lightly's copied
+from ours for the seed, --lightly-heads ours, and checked to compute the same function), the training subset (subset_indices from the seed),
 the batch, the augmentation recipe per view (lightly's CIFAR-10 settings: RRC, flip, colour jitter
 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2, no blur at 32 px; DINO solarizes its second view, p 0.2), the head
 layer sizes, temperatures, prototypes, EMA, SGD with momentum, weight decay and the learning-rate array
@@ -433,6 +434,62 @@ def window_means(losses: list[float], width: int = 10) -> tuple[float, float]:
     return float(np.mean(losses[:width])), float(np.mean(losses[-width:]))
 
 
+def _layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+
+
+@torch.no_grad()
+def copy_layers(source: torch.nn.Module, target: torch.nn.Module, keep_target_bias: bool = False) -> None:
+    """Our head's weights into lightly's head of the same layout, layer by layer (Linear and BatchNorm in
+    module order; weight-normalised layers by their direction v and norm g). ``keep_target_bias``: lightly's
+    layer has a bias ours has not (SwaVPrototypes), which keeps its own."""
+    ours, theirs = _layers(source), _layers(target)
+    check(len(ours) == len(theirs) and all(isinstance(a, torch.nn.Linear) == isinstance(b, torch.nn.Linear)
+                                            for a, b in zip(ours, theirs)),
+          f"head layouts differ: {[type(m).__name__ for m in ours]} vs {[type(m).__name__ for m in theirs]}")
+    for a, b in zip(ours, theirs):
+        if isinstance(a, torch.nn.BatchNorm1d):
+            b.load_state_dict(a.state_dict())
+            continue
+        if hasattr(a, "parametrizations"):  # torch's parametrized weight_norm vs lightly's old weight_norm hooks
+            b.weight_g.copy_(a.parametrizations.weight.original0)
+            b.weight_v.copy_(a.parametrizations.weight.original1)
+        else:
+            b.weight.copy_(a.weight)
+        if a.bias is not None and b.bias is not None:
+            b.bias.copy_(a.bias)
+        elif a.bias is not None:  # DINO's head before a BatchNorm: ours has a bias (zero at init, and BN
+            # takes the batch mean, so its gradient is 0 and it stays 0), lightly's has none
+            check(not a.bias.any(), f"our layer {a} starts with a non-zero bias lightly's has not")
+        else:
+            check(b.bias is None or keep_target_bias, f"lightly's layer {b} has a bias ours has not")
+
+
+def pair_heads(method: str, seed: int, args, side: "LightlySide") -> None:
+    """Start lightly's heads (and SwAV's prototypes) from our initial weights for this seed, so that the
+    two sides differ only in what each step does: with independently drawn heads, the head init is a
+    per-seed difference of its own, as large as the effects measured here. Our heads are built as the
+    Trainer builds them (seed, backbone, method); the backbone check proves the random stream lined up."""
+    torch.manual_seed(seed)
+    ours = ours_method(method, ours_config(method, seed, args))
+    check(same_weights(ours.student.backbone, side.student["backbone"]), "our seeded backbone is not the shared one")
+    s = side.student
+    if method == "swav":
+        copy_layers(ours.student.projector, s["head"])
+        copy_layers(ours.student.prototypes.layer, s["prototypes"], keep_target_bias=True)
+        pairs = [(ours.student.projector, s["head"])]
+    else:
+        copy_layers(ours.student.head, s["head"])
+        pairs = [(ours.student.head, s["head"])]
+    if side.teacher is not None:  # DINO: the teacher starts as the student, on both sides
+        side.teacher.load_state_dict(s.state_dict())
+    probe = torch.randn(8, 256, generator=torch.Generator().manual_seed(seed))
+    for a, b in pairs:  # the same function: same outputs (eval mode: BN on its running statistics)
+        a.eval(), b.eval()
+        check(torch.allclose(a(probe), b(probe), atol=1e-6), f"{method}: lightly's head is not ours after the copy")
+        a.train(), b.train()
+
+
 def run_ours(method: str, seed: int, args, init: torch.nn.Module, p: dict, evaluator: SharedKnn, verbose: bool):
     from trainers.loop import Trainer
 
@@ -462,6 +519,8 @@ def run_lightly(method: str, seed: int, args, init: torch.nn.Module, p: dict, ev
     torch.manual_seed(seed)
     backbone = copy.deepcopy(init)
     side = LightlySide(method, backbone, 256, p)
+    if args.lightly_heads == "ours":
+        pair_heads(method, seed, args, side)
     torch.manual_seed(seed * 1000 + 1)  # training randomness, as the Trainer seeds it
     indices = subset_indices(len(split), args.subset, seed)  # the Trainer's subset for this seed
     indices = np.arange(len(split)) if indices is None else indices
@@ -616,6 +675,10 @@ def parse_args(argv=None):
                         help="our model.forward_views: both views in one backbone call and the head over both "
                              "(BatchNorm over 2B) or backbone and head once per view, as lightly's loop does "
                              "(default: %(default)s)")
+    parser.add_argument("--lightly-heads", default="ours", choices=("ours", "own"),
+                        help="lightly's initial head (and SwAV prototype) weights: copied from ours for the same "
+                             "seed (a paired comparison: the sides differ only in what a step does) or its own "
+                             "draw (default: %(default)s)")
     parser.add_argument("--sides", default="ours,lightly",
                         help="which trained sides to run, comma-separated from ours, lightly (default: %(default)s)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -669,6 +732,9 @@ def merge(args) -> int:
         for run in data["runs"]:
             if run["method"] not in args.methods or run["seed"] not in args.seeds:
                 continue
+            # files from before --lightly-heads: lightly drew its own heads
+            if run["side"] == "lightly" and data["facts"].get("lightly_heads", "own") != args.lightly_heads:
+                continue
             if run["side"] == "ours" and mode != args.forward_views:
                 continue
             if run["side"] == "ours" and mode == "each" and run["method"] in HEAD_BATCHNORM and not heads_per_view:
@@ -679,7 +745,7 @@ def merge(args) -> int:
                 runs.append({**run, "source": name})
         facts = facts or dict(data["facts"])
     facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge,
-                 heads_per_view=args.forward_views == "each")
+                 heads_per_view=args.forward_views == "each", lightly_heads=args.lightly_heads)
     summary = summarize(runs, args.methods, args.seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -737,7 +803,7 @@ def main(argv=None) -> int:
              "k": args.k, "temperature": args.knn_temperature, "eval_seed": EVAL_SEED, "workers": args.workers,
              "loader": args.loader, "methods": args.methods, "seeds": args.seeds,
              "forward_views": args.forward_views, "heads_per_view": args.forward_views == "each",
-             "sides": args.sides}
+             "lightly_heads": args.lightly_heads, "sides": args.sides}
 
     def save():
         out = Path(args.out)

@@ -137,3 +137,82 @@ def test_merge_takes_ours_only_from_runs_made_the_same_way(tmp_path):
     ours = {(r["method"], r["seed"]): r["knn_top1"] for r in merged["runs"] if r["side"] == "ours"}
     assert ours == {("simclr", 0): 4.0, ("swav", 1): 5.0}, "by_size runs and the old SwAV 'each' run stay out"
     assert merged["facts"]["heads_per_view"] is True
+
+
+def test_merge_takes_lightly_only_from_runs_with_the_same_head_pairing(tmp_path):
+    """--lightly-heads ours (the default): lightly's runs only from files whose lightly heads started from our
+    weights; files from before the option drew lightly's own heads."""
+    import json
+
+    def runs(seed, lightly):
+        return [{"method": "swav", "seed": seed, "side": "random", "knn_top1": 30.0},
+                {"method": "swav", "seed": seed, "side": "lightly", "knn_top1": lightly},
+                {"method": "swav", "seed": seed, "side": "ours", "knn_top1": 36.0}]
+
+    facts = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
+             "batch": 8, "subset": 64, "forward_views": "each", "heads_per_view": True}
+    (tmp_path / "own.json").write_text(json.dumps({"facts": facts, "runs": runs(0, 1.0) + runs(1, 2.0)}))
+    (tmp_path / "paired.json").write_text(json.dumps({"facts": {**facts, "lightly_heads": "ours"},
+                                                      "runs": runs(0, 3.0)}))
+    for pairing, expected in (("ours", {0: 3.0}), ("own", {0: 1.0, 1: 2.0})):
+        out = tmp_path / f"merged-{pairing}.json"
+        args = parity.parse_args(["--methods", "swav", "--seeds", "0,1", "--forward-views", "each", "--lightly-heads",
+                                  pairing, "--out", str(out), "--merge", str(tmp_path / "own.json"),
+                                  str(tmp_path / "paired.json")])
+        assert parity.merge(args) == 0
+        merged = json.loads(out.read_text())
+        assert {r["seed"]: r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"} == expected, pairing
+        assert merged["facts"]["lightly_heads"] == pairing
+
+
+def test_copy_layers_gives_lightlys_layout_our_head_function():
+    """Pairing the heads (--lightly-heads ours): our DINO head (a zero bias before each BatchNorm, torch's
+    parametrized weight norm) copied onto lightly's layout (no bias before BatchNorm, the old weight_norm
+    hooks) computes the same function; our SwAV prototypes onto a layer with a bias keep that bias; a
+    different layout is refused."""
+    import warnings
+
+    from torch import nn
+
+    from trainers.heads import DINOHead, Prototypes
+
+    torch.manual_seed(0)
+    ours = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8, batch_norm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        last = nn.utils.weight_norm(nn.Linear(8, 32, bias=False))
+
+    class LightlyLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(16, 24, bias=False), nn.BatchNorm1d(24), nn.GELU(),
+                                     nn.Linear(24, 24, bias=False), nn.BatchNorm1d(24), nn.GELU(), nn.Linear(24, 8))
+            self.last_layer = last
+
+        def forward(self, x):
+            return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
+
+    theirs = LightlyLike()
+    x = torch.randn(6, 16)
+    ours.train(), theirs.train()
+    assert not torch.allclose(ours(x), theirs(x), atol=1e-3)
+    parity.copy_layers(ours, theirs)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+    prototypes, with_bias = Prototypes(8, 5), nn.Linear(8, 5)
+    bias = with_bias.bias.detach().clone()
+    parity.copy_layers(prototypes.layer, with_bias, keep_target_bias=True)
+    assert torch.equal(with_bias.weight, prototypes.layer.weight) and torch.equal(with_bias.bias, bias)
+    with pytest.raises(RuntimeError, match="has a bias ours has not"):
+        parity.copy_layers(prototypes.layer, nn.Linear(8, 5))  # lightly's bias would go unnoticed
+    with pytest.raises(RuntimeError, match="head layouts differ"):
+        parity.copy_layers(ours, nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)))
+
+
+def test_lightly_heads_start_from_ours_for_the_seed():
+    pytest.importorskip("lightly")
+    args = parity.parse_args(SMALL)
+    p = parity.plan(args.steps, args.subset, args.batch, args.warmup_epochs, args.lr)
+    for method in parity.METHODS:
+        side = parity.LightlySide(method, parity.random_init(1), 256, p)
+        parity.pair_heads(method, 1, args, side)  # checks the backbone, then the heads' outputs, itself
