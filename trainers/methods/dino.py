@@ -71,9 +71,13 @@ def check_dino_options(o: DINOConfig, ctx: MethodContext, prefix: str = "method.
 
 
 def teacher_temperature_schedule(o: DINOConfig, epochs: int) -> np.ndarray:
-    """Per epoch: linear from the warm-up value to the final one, then constant (DINO's schedule)."""
+    """Per epoch: linear from the warm-up value to the final one, then constant (DINO's schedule).
+
+    As facebookresearch/dino's DINOLoss (main_dino.py, ``np.linspace(warmup_teacher_temp, teacher_temp,
+    warmup_teacher_temp_epochs)``: end point included, so the last warm-up epoch already uses the final
+    value) and lightly's DINOLoss."""
     warm = o.warmup_teacher_temperature_epochs
-    return np.concatenate([np.linspace(o.warmup_teacher_temperature, o.teacher_temperature, warm, endpoint=False),
+    return np.concatenate([np.linspace(o.warmup_teacher_temperature, o.teacher_temperature, warm),
                            np.full(max(epochs - warm, 0), o.teacher_temperature)])
 
 
