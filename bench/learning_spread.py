@@ -73,6 +73,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(settings.SETTINGS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=settings.STEPS,
+                        help="optimizer steps per run: try a shorter test before changing it (default: the "
+                             "test's, %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "learning-spread-cpu.json"),
                         help="JSON written after every run (default: %(default)s)")
     args = parser.parse_args()
@@ -84,6 +87,9 @@ def main() -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r} must be comma-separated whole numbers, e.g. 0,1,2")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    settings.STEPS = args.steps  # overrides() reads it
     rows = []
     for method in methods:
         for seed in seeds:
@@ -92,7 +98,8 @@ def main() -> int:
             print(f"{method} seed {seed}: {100 * row['before']:.2f}% -> {100 * row['after']:.2f}% "
                   f"({100 * row['gain']:+.2f}) in {row['seconds']:.0f} s", flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"metric": settings.METRIC, "rows": rows}, indent=1))
+            Path(args.out).write_text(json.dumps({"metric": settings.METRIC, "steps": args.steps, "rows": rows},
+                                                 indent=1))
     print(summary(rows, settings.MARGINS))
     return 0
 

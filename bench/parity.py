@@ -490,6 +490,16 @@ def pair_heads(method: str, seed: int, args, side: "LightlySide") -> None:
         a.train(), b.train()
 
 
+@torch.no_grad()
+def drop_prototype_bias(side: "LightlySide") -> None:
+    """lightly's SwaVPrototypes without its bias (zero and frozen, so out of the optimizer): the prototype
+    layer of facebookresearch/swav, solo-learn and ours. From the same weights the two SwAV steps then
+    give the same loss and gradients to ~1e-6 (the audit in BENCHMARKS.md)."""
+    for layer in side.student["prototypes"].heads:
+        layer.bias.zero_()
+        layer.bias.requires_grad_(False)
+
+
 def run_ours(method: str, seed: int, args, init: torch.nn.Module, p: dict, evaluator: SharedKnn, verbose: bool):
     from trainers.loop import Trainer
 
@@ -521,6 +531,8 @@ def run_lightly(method: str, seed: int, args, init: torch.nn.Module, p: dict, ev
     side = LightlySide(method, backbone, 256, p)
     if args.lightly_heads == "ours":
         pair_heads(method, seed, args, side)
+    if method == "swav" and args.lightly_prototype_bias == "off":
+        drop_prototype_bias(side)
     torch.manual_seed(seed * 1000 + 1)  # training randomness, as the Trainer seeds it
     indices = subset_indices(len(split), args.subset, seed)  # the Trainer's subset for this seed
     indices = np.arange(len(split)) if indices is None else indices
@@ -679,6 +691,9 @@ def parse_args(argv=None):
                         help="lightly's initial head (and SwAV prototype) weights: copied from ours for the same "
                              "seed (a paired comparison: the sides differ only in what a step does) or its own "
                              "draw (default: %(default)s)")
+    parser.add_argument("--lightly-prototype-bias", default="on", choices=("on", "off"),
+                        help="SwAV: lightly's SwaVPrototypes as lightly has it, with a trainable bias, or without "
+                             "one as in the references and ours (default: %(default)s)")
     parser.add_argument("--sides", default="ours,lightly",
                         help="which trained sides to run, comma-separated from ours, lightly (default: %(default)s)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -735,6 +750,9 @@ def merge(args) -> int:
             # files from before --lightly-heads: lightly drew its own heads
             if run["side"] == "lightly" and data["facts"].get("lightly_heads", "own") != args.lightly_heads:
                 continue
+            if run["side"] == "lightly" and run["method"] == "swav" and \
+                    data["facts"].get("lightly_prototype_bias", "on") != args.lightly_prototype_bias:
+                continue
             if run["side"] == "ours" and mode != args.forward_views:
                 continue
             if run["side"] == "ours" and mode == "each" and run["method"] in HEAD_BATCHNORM and not heads_per_view:
@@ -745,7 +763,8 @@ def merge(args) -> int:
                 runs.append({**run, "source": name})
         facts = facts or dict(data["facts"])
     facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge,
-                 heads_per_view=args.forward_views == "each", lightly_heads=args.lightly_heads)
+                 heads_per_view=args.forward_views == "each", lightly_heads=args.lightly_heads,
+                 lightly_prototype_bias=args.lightly_prototype_bias)
     summary = summarize(runs, args.methods, args.seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -803,7 +822,8 @@ def main(argv=None) -> int:
              "k": args.k, "temperature": args.knn_temperature, "eval_seed": EVAL_SEED, "workers": args.workers,
              "loader": args.loader, "methods": args.methods, "seeds": args.seeds,
              "forward_views": args.forward_views, "heads_per_view": args.forward_views == "each",
-             "lightly_heads": args.lightly_heads, "sides": args.sides}
+             "lightly_heads": args.lightly_heads, "lightly_prototype_bias": args.lightly_prototype_bias,
+             "sides": args.sides}
 
     def save():
         out = Path(args.out)

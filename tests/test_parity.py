@@ -216,3 +216,28 @@ def test_lightly_heads_start_from_ours_for_the_seed():
     for method in parity.METHODS:
         side = parity.LightlySide(method, parity.random_init(1), 256, p)
         parity.pair_heads(method, 1, args, side)  # checks the backbone, then the heads' outputs, itself
+        if method == "swav":
+            parity.drop_prototype_bias(side)
+            bias = [layer.bias for layer in side.student["prototypes"].heads]
+            assert all(not b.any() and not b.requires_grad for b in bias)
+
+
+def test_merge_keeps_swav_runs_with_and_without_lightlys_prototype_bias_apart(tmp_path):
+    import json
+
+    facts = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
+             "batch": 8, "subset": 64, "forward_views": "each", "heads_per_view": True, "lightly_heads": "ours"}
+    rows = [{"method": "swav", "seed": 0, "side": "random", "knn_top1": 30.0},
+            {"method": "swav", "seed": 0, "side": "ours", "knn_top1": 36.0}]
+    for name, bias, score in (("with.json", None, 38.0), ("without.json", "off", 36.5)):
+        extra = {} if bias is None else {"lightly_prototype_bias": bias}  # files from before the option: bias on
+        (tmp_path / name).write_text(json.dumps({"facts": {**facts, **extra}, "runs": rows + [
+            {"method": "swav", "seed": 0, "side": "lightly", "knn_top1": score}]}))
+    for bias, expected in (("on", 38.0), ("off", 36.5)):
+        out = tmp_path / f"merged-{bias}.json"
+        args = parity.parse_args(["--methods", "swav", "--seeds", "0", "--forward-views", "each",
+                                  "--lightly-prototype-bias", bias, "--out", str(out), "--merge",
+                                  str(tmp_path / "with.json"), str(tmp_path / "without.json")])
+        assert parity.merge(args) == 0
+        merged = json.loads(out.read_text())
+        assert [r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"] == [expected], bias
