@@ -533,13 +533,24 @@ def run_lightly(method: str, seed: int, args, init: torch.nn.Module, p: dict, ev
         pair_heads(method, seed, args, side)
     if method == "swav" and args.lightly_prototype_bias == "off":
         drop_prototype_bias(side)
+    ours = None
+    if args.lightly_data == "ours":  # our loader's views (our crops and augmentation, batched) into lightly's step
+        from trainers.loop import Trainer
+
+        folder = tempfile.TemporaryDirectory(prefix=f"parity-{method}-data-")
+        ours = Trainer(ours_config(method, seed, args, folder.name), device="cpu", log=lambda *_: None,
+                       progress=False)
+        ours.setup()
+        check(views_of_groups(ours.loader.augment.groups) == shared_views(method), "views are not the recipe")
+        loader = OurViews(ours.loader)
     torch.manual_seed(seed * 1000 + 1)  # training randomness, as the Trainer seeds it
-    indices = subset_indices(len(split), args.subset, seed)  # the Trainer's subset for this seed
-    indices = np.arange(len(split)) if indices is None else indices
-    dataset = torch.utils.data.Subset(PILImages(split, side.transform), indices.tolist())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0,
-                                         generator=torch.Generator().manual_seed(seed))
+    if ours is None:
+        indices = subset_indices(len(split), args.subset, seed)  # the Trainer's subset for this seed
+        indices = np.arange(len(split)) if indices is None else indices
+        dataset = torch.utils.data.Subset(PILImages(split, side.transform), indices.tolist())
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True,
+                                             num_workers=args.workers, persistent_workers=args.workers > 0,
+                                             generator=torch.Generator().manual_seed(seed))
     check(len(loader) == p["steps_per_epoch"], f"lightly's loader has {len(loader)} steps per epoch")
     params = [q for q in side.student.parameters() if q.requires_grad]
     optimizer = torch.optim.SGD(params, lr=float(p["lr_schedule"][0]), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -565,8 +576,28 @@ def run_lightly(method: str, seed: int, args, init: torch.nn.Module, p: dict, ev
             if step >= p["steps"]:
                 break
     wall = time.perf_counter() - started
+    if ours is not None:
+        ours.close()
+        folder.cleanup()
     top1 = evaluator.score(side.eval_backbone())
     return {"knn_top1": top1, "wall_s": wall, "steps": step, "loss_first_last": window_means(losses)}
+
+
+class OurViews:
+    """Our multi-crop loader as lightly's loop reads a DataLoader: ``(views, labels)`` per batch, a new
+    epoch (and shuffle) on every pass, as the Trainer drives it."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        for batch in self.loader.iterate(0):
+            yield [v.contiguous() for v in batch.views], batch.labels
 
 
 # --------------------------------------------------------------------------- settings table
@@ -694,6 +725,10 @@ def parse_args(argv=None):
     parser.add_argument("--lightly-prototype-bias", default="on", choices=("on", "off"),
                         help="SwAV: lightly's SwaVPrototypes as lightly has it, with a trainable bias, or without "
                              "one as in the references and ours (default: %(default)s)")
+    parser.add_argument("--lightly-data", default="own", choices=("own", "ours"),
+                        help="what lightly's side trains on: its own transforms (PIL, per image) or our loader's "
+                             "views (our crops and batched augmentation), to tell the data pipeline from the "
+                             "step (default: %(default)s)")
     parser.add_argument("--sides", default="ours,lightly",
                         help="which trained sides to run, comma-separated from ours, lightly (default: %(default)s)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -753,6 +788,8 @@ def merge(args) -> int:
             if run["side"] == "lightly" and run["method"] == "swav" and \
                     data["facts"].get("lightly_prototype_bias", "on") != args.lightly_prototype_bias:
                 continue
+            if run["side"] == "lightly" and data["facts"].get("lightly_data", "own") != args.lightly_data:
+                continue
             if run["side"] == "ours" and mode != args.forward_views:
                 continue
             if run["side"] == "ours" and mode == "each" and run["method"] in HEAD_BATCHNORM and not heads_per_view:
@@ -764,7 +801,7 @@ def merge(args) -> int:
         facts = facts or dict(data["facts"])
     facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge,
                  heads_per_view=args.forward_views == "each", lightly_heads=args.lightly_heads,
-                 lightly_prototype_bias=args.lightly_prototype_bias)
+                 lightly_prototype_bias=args.lightly_prototype_bias, lightly_data=args.lightly_data)
     summary = summarize(runs, args.methods, args.seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -823,6 +860,7 @@ def main(argv=None) -> int:
              "loader": args.loader, "methods": args.methods, "seeds": args.seeds,
              "forward_views": args.forward_views, "heads_per_view": args.forward_views == "each",
              "lightly_heads": args.lightly_heads, "lightly_prototype_bias": args.lightly_prototype_bias,
+             "lightly_data": args.lightly_data,
              "sides": args.sides}
 
     def save():

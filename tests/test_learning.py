@@ -20,7 +20,10 @@ What did not work (kept for the next person who tunes this): SwAV at batch 128 w
 +4.3 / +2.75 at 300 steps and +6.25 / +6.5 / +1.3 at 900 steps (seed 2 stayed on its ln K plateau);
 ImageNet-strength jitter (0.8/0.8/0.8/0.2) keeps SwAV there (issue 15); DINO at batch 128 with
 2x16+2x8: +4.15 / +1.65. Batch 256 (about one image per SwAV prototype) made both leave the plateau in
-every seed measured. A method that does not learn (a broken loss, a collapsed head, SwAV with fewer
+every seed measured. 200 steps instead of 300 (to save ~2 min of CI, 2026-12-07, same script with
+--steps 200, bench/results/learning-spread-cpu-200steps-*.json): swav +6.40 / +2.65 / +3.15, dino +3.75 /
++2.40 / +3.55, sdmp +8.80 / +4.25 / +5.50, supcon +6.25 / +8.75 / +3.20: the spread grows to 1.7-2.8 points
+and supcon's seed 2 falls below its margin, so the test stays at 300. A method that does not learn (a broken loss, a collapsed head, SwAV with fewer
 prototypes than embedding dimensions) stays within about a point of random init and fails.
 """
 

@@ -241,3 +241,56 @@ def test_merge_keeps_swav_runs_with_and_without_lightlys_prototype_bias_apart(tm
         assert parity.merge(args) == 0
         merged = json.loads(out.read_text())
         assert [r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"] == [expected], bias
+
+
+def test_merge_keeps_lightly_runs_on_our_views_apart(tmp_path):
+    import json
+
+    facts = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
+             "batch": 8, "subset": 64, "forward_views": "each", "heads_per_view": True, "lightly_heads": "ours"}
+    rows = [{"method": "swav", "seed": 0, "side": "random", "knn_top1": 30.0},
+            {"method": "swav", "seed": 0, "side": "ours", "knn_top1": 36.0}]
+    for name, data, score in (("own.json", None, 38.0), ("ours.json", "ours", 36.4)):
+        extra = {} if data is None else {"lightly_data": data}  # files from before the option: its own transforms
+        (tmp_path / name).write_text(json.dumps({"facts": {**facts, **extra}, "runs": rows + [
+            {"method": "swav", "seed": 0, "side": "lightly", "knn_top1": score}]}))
+    for data, expected in (("own", 38.0), ("ours", 36.4)):
+        out = tmp_path / f"merged-{data}.json"
+        args = parity.parse_args(["--methods", "swav", "--seeds", "0", "--forward-views", "each",
+                                  "--lightly-data", data, "--out", str(out), "--merge",
+                                  str(tmp_path / "own.json"), str(tmp_path / "ours.json")])
+        assert parity.merge(args) == 0
+        merged = json.loads(out.read_text())
+        assert [r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"] == [expected], data
+        assert merged["facts"]["lightly_data"] == data
+
+
+def test_our_views_give_lightlys_loop_a_new_epoch_on_every_pass():
+    """--lightly-data ours: lightly's loop reads our loader as a DataLoader (views, labels), and each pass
+    is the next epoch of our loader (its shuffle), as the Trainer drives it."""
+    from types import SimpleNamespace
+
+    class Loader:
+        def __init__(self):
+            self.epochs = []
+
+        def __len__(self):
+            return 2
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def iterate(self, skip):
+            assert skip == 0
+            for i in range(2):
+                view = torch.full((1, 4, 4, 3), float(i)).permute(0, 3, 1, 2)  # channels_last-like strides
+                yield SimpleNamespace(views=[view, view + 1], labels=torch.tensor([i]))
+
+    loader = Loader()
+    views = parity.OurViews(loader)
+    assert len(views) == 2
+    first = list(views)
+    list(views)
+    assert loader.epochs == [0, 1]
+    assert [float(v[0].mean()) for v, _ in first] == [0.0, 1.0]
+    assert all(x.is_contiguous() for v, _ in first for x in v)
