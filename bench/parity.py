@@ -19,7 +19,9 @@ per image, SwaVPrototypes with a bias vs ours without (facebookresearch/swav and
 Sinkhorn in the log domain vs the plain one (equal to 1e-7). Which views share a forward call (so a
 BatchNorm batch) is ours to choose: --forward-views each runs backbone and head once per view as lightly's
 loop does (by_size, our default, puts both views in one backbone call and the head over both: BatchNorm
-over 2B in both).
+over 2B in both). --lightly-data ours trains lightly's side on our loader's views instead of its PIL
+transforms (lightly's step, our data: separates the method code from the data pipeline) and
+--lightly-prototype-bias off takes SwaVPrototypes' bias out (then one SwAV step equals ours to ~1e-6).
 
 Evaluator: weighted kNN (trainers.knn; k=20, T=0.07, cosine) over frozen features of a fixed bank of
 training images and fixed test images, both drawn with EVAL_SEED whatever the run's seed, at 32 px with
