@@ -772,6 +772,13 @@ def parse_args(argv=None):
 HEAD_BATCHNORM = ("swav", "dino")
 
 
+# How lightly's side was run (fact / option name, its value in files from before the option, the methods it
+# applies to): merge takes lightly's rows only from files of the asked variant
+LIGHTLY_VARIANTS = (("lightly_heads", "own", METHODS),  # before --lightly-heads lightly drew its own heads
+                    ("lightly_prototype_bias", "on", ("swav",)),
+                    ("lightly_data", "own", METHODS))
+
+
 def merge(args) -> int:
     """One table from several runs of this script: lightly's and the random init's scores do not depend
     on our code, so they are taken from any file; ours only from files made with ``--forward-views``
@@ -784,13 +791,9 @@ def merge(args) -> int:
         for run in data["runs"]:
             if run["method"] not in args.methods or run["seed"] not in args.seeds:
                 continue
-            # files from before --lightly-heads: lightly drew its own heads
-            if run["side"] == "lightly" and data["facts"].get("lightly_heads", "own") != args.lightly_heads:
-                continue
-            if run["side"] == "lightly" and run["method"] == "swav" and \
-                    data["facts"].get("lightly_prototype_bias", "on") != args.lightly_prototype_bias:
-                continue
-            if run["side"] == "lightly" and data["facts"].get("lightly_data", "own") != args.lightly_data:
+            if run["side"] == "lightly" and any(
+                    data["facts"].get(fact, before) != getattr(args, fact)
+                    for fact, before, methods in LIGHTLY_VARIANTS if run["method"] in methods):
                 continue
             if run["side"] == "ours" and mode != args.forward_views:
                 continue

@@ -222,47 +222,39 @@ def test_lightly_heads_start_from_ours_for_the_seed():
             assert all(not b.any() and not b.requires_grad for b in bias)
 
 
-def test_merge_keeps_swav_runs_with_and_without_lightlys_prototype_bias_apart(tmp_path):
+def merged_lightly_scores(tmp_path, option: str, fact: str, files: dict, choice: str) -> dict:
+    """--merge of one SwAV seed from ``files`` (name -> (fact value or None for a file from before the
+    option, lightly's score)) with ``--<option> choice``: the merged file."""
     import json
 
     facts = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
              "batch": 8, "subset": 64, "forward_views": "each", "heads_per_view": True, "lightly_heads": "ours"}
     rows = [{"method": "swav", "seed": 0, "side": "random", "knn_top1": 30.0},
             {"method": "swav", "seed": 0, "side": "ours", "knn_top1": 36.0}]
-    for name, bias, score in (("with.json", None, 38.0), ("without.json", "off", 36.5)):
-        extra = {} if bias is None else {"lightly_prototype_bias": bias}  # files from before the option: bias on
+    for name, (value, score) in files.items():
+        extra = {} if value is None else {fact: value}
         (tmp_path / name).write_text(json.dumps({"facts": {**facts, **extra}, "runs": rows + [
             {"method": "swav", "seed": 0, "side": "lightly", "knn_top1": score}]}))
-    for bias, expected in (("on", 38.0), ("off", 36.5)):
-        out = tmp_path / f"merged-{bias}.json"
-        args = parity.parse_args(["--methods", "swav", "--seeds", "0", "--forward-views", "each",
-                                  "--lightly-prototype-bias", bias, "--out", str(out), "--merge",
-                                  str(tmp_path / "with.json"), str(tmp_path / "without.json")])
-        assert parity.merge(args) == 0
-        merged = json.loads(out.read_text())
-        assert [r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"] == [expected], bias
+    out = tmp_path / f"merged-{choice}.json"
+    args = parity.parse_args(["--methods", "swav", "--seeds", "0", "--forward-views", "each", f"--{option}", choice,
+                              "--out", str(out), "--merge", *(str(tmp_path / name) for name in files)])
+    assert parity.merge(args) == 0
+    return json.loads(out.read_text())
 
 
-def test_merge_keeps_lightly_runs_on_our_views_apart(tmp_path):
-    import json
-
-    facts = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
-             "batch": 8, "subset": 64, "forward_views": "each", "heads_per_view": True, "lightly_heads": "ours"}
-    rows = [{"method": "swav", "seed": 0, "side": "random", "knn_top1": 30.0},
-            {"method": "swav", "seed": 0, "side": "ours", "knn_top1": 36.0}]
-    for name, data, score in (("own.json", None, 38.0), ("ours.json", "ours", 36.4)):
-        extra = {} if data is None else {"lightly_data": data}  # files from before the option: its own transforms
-        (tmp_path / name).write_text(json.dumps({"facts": {**facts, **extra}, "runs": rows + [
-            {"method": "swav", "seed": 0, "side": "lightly", "knn_top1": score}]}))
-    for data, expected in (("own", 38.0), ("ours", 36.4)):
-        out = tmp_path / f"merged-{data}.json"
-        args = parity.parse_args(["--methods", "swav", "--seeds", "0", "--forward-views", "each",
-                                  "--lightly-data", data, "--out", str(out), "--merge",
-                                  str(tmp_path / "own.json"), str(tmp_path / "ours.json")])
-        assert parity.merge(args) == 0
-        merged = json.loads(out.read_text())
-        assert [r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"] == [expected], data
-        assert merged["facts"]["lightly_data"] == data
+@pytest.mark.parametrize("option, fact, files, expected", [
+    # files from before --lightly-prototype-bias: bias on
+    ("lightly-prototype-bias", "lightly_prototype_bias", {"with.json": (None, 38.0), "without.json": ("off", 36.5)},
+     {"on": 38.0, "off": 36.5}),
+    # files from before --lightly-data: lightly's own transforms
+    ("lightly-data", "lightly_data", {"own.json": (None, 38.0), "ours.json": ("ours", 36.4)},
+     {"own": 38.0, "ours": 36.4}),
+])
+def test_merge_keeps_lightly_runs_of_another_variant_apart(tmp_path, option, fact, files, expected):
+    for choice, score in expected.items():
+        merged = merged_lightly_scores(tmp_path, option, fact, files, choice)
+        assert [r["knn_top1"] for r in merged["runs"] if r["side"] == "lightly"] == [score], choice
+        assert merged["facts"][fact] == choice
 
 
 def test_our_views_give_lightlys_loop_a_new_epoch_on_every_pass():
