@@ -22,6 +22,7 @@ loop does (by_size, our default, puts both views in one backbone call and the he
 over 2B in both). --lightly-data ours trains lightly's side on our loader's views instead of its PIL
 transforms (lightly's step, our data: separates the method code from the data pipeline) and
 --lightly-prototype-bias off takes SwaVPrototypes' bias out (then one SwAV step equals ours to ~1e-6).
+--jitter-order image draws our colour-jitter order per image, as torchvision does (our default: per batch).
 
 Evaluator: weighted kNN (trainers.knn; k=20, T=0.07, cosine) over frozen features of a fixed bank of
 training images and fixed test images, both drawn with EVAL_SEED whatever the run's seed, at 32 px with
@@ -119,6 +120,7 @@ def ours_config(method: str, seed: int, args, out_dir: str | None = None) -> Con
     """Our Trainer's config for one run: the shared recipe in data.global_augment and the method section."""
     p = plan(args.steps, args.subset, args.batch, args.warmup_epochs, args.lr)
     augment = {k: list(v) if isinstance(v, tuple) else v for k, v in AUGMENT[method].items()}
+    augment["jitter_order"] = args.jitter_order
     raw = {
         "name": f"parity-{method}-s{seed}",
         "data": {"dataset": DATASET, "data_root": args.data_root, "loader": args.loader, "crops": CROPS,
@@ -731,6 +733,9 @@ def parse_args(argv=None):
                         help="what lightly's side trains on: its own transforms (PIL, per image) or our loader's "
                              "views (our crops and batched augmentation), to tell the data pipeline from the "
                              "step (default: %(default)s)")
+    parser.add_argument("--jitter-order", default="batch", choices=("batch", "image"),
+                        help="our colour-jitter order: one random order per batch (our default) or one per image "
+                             "as torchvision's ColorJitter (default: %(default)s)")
     parser.add_argument("--sides", default="ours,lightly",
                         help="which trained sides to run, comma-separated from ours, lightly (default: %(default)s)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
@@ -797,6 +802,9 @@ def merge(args) -> int:
                 continue
             if run["side"] == "ours" and mode != args.forward_views:
                 continue
+            if ((run["side"] == "ours" or data["facts"].get("lightly_data", "own") == "ours")
+                    and data["facts"].get("jitter_order", "batch") != args.jitter_order):
+                continue  # these views were made with the other jitter order
             if run["side"] == "ours" and mode == "each" and run["method"] in HEAD_BATCHNORM and not heads_per_view:
                 continue
             key = (run["method"], run["seed"], run["side"])
@@ -806,7 +814,8 @@ def merge(args) -> int:
         facts = facts or dict(data["facts"])
     facts.update(methods=args.methods, seeds=args.seeds, forward_views=args.forward_views, merged_from=args.merge,
                  heads_per_view=args.forward_views == "each", lightly_heads=args.lightly_heads,
-                 lightly_prototype_bias=args.lightly_prototype_bias, lightly_data=args.lightly_data)
+                 lightly_prototype_bias=args.lightly_prototype_bias, lightly_data=args.lightly_data,
+                 jitter_order=args.jitter_order)
     summary = summarize(runs, args.methods, args.seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -865,7 +874,7 @@ def main(argv=None) -> int:
              "loader": args.loader, "methods": args.methods, "seeds": args.seeds,
              "forward_views": args.forward_views, "heads_per_view": args.forward_views == "each",
              "lightly_heads": args.lightly_heads, "lightly_prototype_bias": args.lightly_prototype_bias,
-             "lightly_data": args.lightly_data,
+             "lightly_data": args.lightly_data, "jitter_order": args.jitter_order,
              "sides": args.sides}
 
     def save():

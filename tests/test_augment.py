@@ -226,6 +226,42 @@ def test_each_jitter_operation_matches_torchvision(op, reference):
         assert torch.allclose(view, getattr(TF, reference)(image, factor), atol=tolerance)
 
 
+@pytest.mark.parametrize("order_kind", ["batch", "image"])
+def test_jitter_follows_the_recorded_order_per_image(order_kind):
+    """Each view is torchvision's four jitter functions applied in its recorded order with its recorded
+    factors; "image" draws many orders within one call (torchvision's ColorJitter), "batch" one per call."""
+    import torchvision.transforms.functional as TF
+
+    functions = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    group = CropGroup(count=2, size=8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                      **{**PLAIN, "jitter_p": 1.0, "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_order": order_kind})
+    augment = MultiCropAugment([group], **IDENTITY_NORM, seed=0, record=True)
+    canvases = random_canvases(n=48, size=8)
+    views = torch.cat(augment(canvases))
+    factors, orders = augment.record.jitter[0], augment.record.jitter_order[0]
+    distinct = {tuple(order) for order in orders.tolist()}
+    assert len(distinct) > 10 if order_kind == "image" else len(distinct) == 1  # 24 orders exist
+    assert all(sorted(order) == [0, 1, 2, 3] for order in distinct)
+    images = canvases.permute(0, 3, 1, 2).float().div(255).repeat(2, 1, 1, 1)
+    in_given_order = in_reverse = 0
+    for image, view, factor, order in zip(images, views, factors.tolist(), orders.tolist()):
+        expected, reverse = image, image
+        for op, back in zip(order, reversed(order)):
+            expected = functions[op](expected, factor[op])
+            reverse = functions[back](reverse, factor[back])
+        in_given_order += bool(torch.allclose(view, expected, atol=2e-4))
+        in_reverse += bool(torch.allclose(view, reverse, atol=2e-4))
+    assert in_given_order == len(views)
+    assert in_reverse < len(views) // 2  # the order matters: applied backwards, most views differ
+
+
+def test_jitter_order_setting_is_checked():
+    with pytest.raises(ConfigError, match="jitter_order.*batch, image"):
+        method_crop_groups("swav", "2x32", global_augment={"jitter_order": "pixel"})
+    groups = method_crop_groups("swav", "2x32+2x16", global_augment={"jitter_order": "image"})
+    assert [g.jitter_order for g in groups] == ["image", "batch"]
+
+
 def count_augment_kernels(groups, batch):
     augment = MultiCropAugment(groups, seed=0)
     canvases = random_canvases(n=batch, size=32)

@@ -139,6 +139,43 @@ def test_merge_takes_ours_only_from_runs_made_the_same_way(tmp_path):
     assert merged["facts"]["heads_per_view"] is True
 
 
+def test_jitter_order_reaches_our_views_and_merge_keeps_the_orders_apart(tmp_path):
+    """--jitter-order image: our config draws the jitter order per image; --merge takes ours (and lightly's
+    step on our views) only from files of the asked order, lightly's own transforms from any."""
+    import json
+
+    config = parity.ours_config("swav", 0, parity.parse_args(SMALL + ["--jitter-order", "image"]))
+    assert parity.ours_views(config) == parity.shared_views("swav")  # the recipe itself is unchanged
+    assert config.data.global_augment["jitter_order"] == "image"
+    assert parity.ours_config("swav", 0, parity.parse_args(SMALL)).data.global_augment["jitter_order"] == "batch"
+
+    def runs(seed, ours, lightly):
+        return [{"method": "swav", "seed": seed, "side": "random", "knn_top1": 30.0},
+                {"method": "swav", "seed": seed, "side": "lightly", "knn_top1": lightly},
+                {"method": "swav", "seed": seed, "side": "ours", "knn_top1": ours}]
+
+    common = {"k": 20, "temperature": 0.07, "bank": 100, "test_images": 50, "backbone": "resnet_mini", "steps": 5,
+              "batch": 8, "subset": 64, "forward_views": "each", "heads_per_view": True, "lightly_heads": "ours"}
+    files = {"before.json": ({}, runs(0, 1.0, 37.0)),  # from before the option: per batch
+             "image.json": ({"jitter_order": "image"}, runs(0, 2.0, 38.0)),
+             "swap.json": ({"jitter_order": "batch", "lightly_data": "ours"}, runs(1, 3.0, 39.0)),
+             "swap_image.json": ({"jitter_order": "image", "lightly_data": "ours"}, runs(1, 4.0, 40.0))}
+    for name, (facts, rows) in files.items():
+        (tmp_path / name).write_text(json.dumps({"facts": {**common, **facts}, "runs": rows}))
+    for order, data, expected in [("batch", "own", {(0, "ours"): 1.0, (1, "ours"): 3.0, (0, "lightly"): 37.0}),
+                                  ("image", "own", {(0, "ours"): 2.0, (1, "ours"): 4.0, (0, "lightly"): 37.0}),
+                                  ("image", "ours", {(0, "ours"): 2.0, (1, "ours"): 4.0, (1, "lightly"): 40.0})]:
+        out = tmp_path / f"merged-{order}-{data}.json"
+        args = parity.parse_args(["--methods", "swav", "--seeds", "0,1", "--forward-views", "each", "--jitter-order",
+                                  order, "--lightly-data", data, "--out", str(out),
+                                  "--merge", *(str(tmp_path / n) for n in files)])
+        assert parity.merge(args) == 0
+        merged = json.loads(out.read_text())
+        got = {(r["seed"], r["side"]): r["knn_top1"] for r in merged["runs"] if r["side"] != "random"}
+        assert got == expected, (order, data)
+        assert merged["facts"]["jitter_order"] == order
+
+
 def test_merge_takes_lightly_only_from_runs_with_the_same_head_pairing(tmp_path):
     """--lightly-heads ours (the default): lightly's runs only from files whose lightly heads started from our
     weights; files from before the option drew lightly's own heads."""

@@ -34,7 +34,8 @@ class DataConfig:
     local_scale: list[float] | None = None  # same for the local crops
     # any augmentation setting of the global crops (first group) / of every local group, over the method's
     # preset: scale, ratio, flip_p, jitter [b, c, s, h], jitter_p, grayscale_p, blur_p, blur_sigma, solarize_p,
-    # solarize_threshold; a *_p may be a list with one probability per view, e.g. {blur_p: [1.0, 0.1]}
+    # solarize_threshold, jitter_order (batch or image); a *_p may be a list with one probability per view, e.g.
+    # {blur_p: [1.0, 0.1]}
     global_augment: dict | None = None
     local_augment: dict | None = None
     canvas_size: int | None = None  # decode every image to this square first (needed for mixed sizes)

@@ -9,7 +9,9 @@ always, its second rarely, and solarizes only the second).
 
 Randomness comes from one ``torch.Generator`` on the device, so a seeded module on the same device
 makes the same views from the same canvases. Colour-jitter order is drawn once per group and call
-(as Kornia does) rather than once per image: per-image orders would cost a pass per permutation.
+by default (``jitter_order="batch"``, as Kornia does); ``jitter_order="image"`` draws it per image, as
+torchvision's ColorJitter does, at four times the jitter's cost (each position of the order runs all
+four operations, neutral for the images that did not draw it).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CropGroup:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float | tuple[float, ...] = 0.0
     solarize_threshold: float = 0.5  # on [0, 1] values: 128/255 in uint8 terms, inclusive
+    jitter_order: str = "batch"  # batch: one random order of the four jitter operations per call; image: per image
 
     def per_view(self, name: str) -> tuple[float, ...]:
         value = getattr(self, name)
@@ -84,6 +87,9 @@ class CropGroup:
                 raise ConfigError(f"{where}: probability {name}={getattr(self, name)} must lie in [0, 1]")
         if any(j < 0 for j in self.jitter) or self.jitter[3] > 0.5:
             raise ConfigError(f"{where}: jitter {self.jitter} needs strengths >= 0 and hue <= 0.5")
+        if self.jitter_order not in JITTER_ORDERS:
+            raise ConfigError(f"{where}: jitter_order {self.jitter_order!r} must be one of {', '.join(JITTER_ORDERS)} "
+                              "(one random order per call, or one per image as torchvision)")
         slo, shi = self.blur_sigma
         if not (0 < slo <= shi):
             raise ConfigError(f"{where}: blur sigma range {self.blur_sigma} must satisfy 0 < min <= max")
@@ -146,7 +152,8 @@ METHOD_PRESETS["simclr"] = METHOD_PRESETS["supcon"]
 
 
 AUGMENT_KEYS = ("scale", "ratio", "flip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma", "solarize_p",
-                "solarize_threshold")
+                "solarize_threshold", "jitter_order")
+JITTER_ORDERS = ("batch", "image")
 _PAIRS = {"scale": 2, "ratio": 2, "blur_sigma": 2, "jitter": 4}
 _PER_VIEW = ("jitter_p", "grayscale_p", "blur_p", "solarize_p")
 
@@ -171,6 +178,9 @@ def check_augment_settings(settings: dict | None, where: str) -> dict:
                     or not all(isinstance(v, number) and not isinstance(v, bool) for v in value)):
                 raise ConfigError(f"{where}.{key} = {value!r} must be a list of {_PAIRS[key]} numbers")
             value = tuple(float(v) for v in value)
+        elif key == "jitter_order":
+            if value not in JITTER_ORDERS:
+                raise ConfigError(f"{where}.jitter_order = {value!r} must be one of {', '.join(JITTER_ORDERS)}")
         elif key in _PER_VIEW and isinstance(value, (list, tuple)):
             if not value or not all(isinstance(v, number) and not isinstance(v, bool) for v in value):
                 raise ConfigError(f"{where}.{key} = {value!r} must be a probability or a list of them (one per view)")
@@ -376,6 +386,8 @@ class AugmentRecord:
     blur_sigma: list[torch.Tensor] = field(default_factory=list)
     # [n, 4] brightness, contrast, saturation factors and hue shift (1, 1, 1, 0 where jitter was off)
     jitter: list[torch.Tensor] = field(default_factory=list)
+    # [n, 4] the jitter operations (0 brightness .. 3 hue) in the order they were applied, per view
+    jitter_order: list[torch.Tensor] = field(default_factory=list)
 
 
 class MultiCropAugment(torch.nn.Module):
@@ -542,10 +554,22 @@ class MultiCropAugment(torch.nn.Module):
         if const["jitter"]:
             factors = torch.where(jitter_on.unsqueeze(1), values[:, self._JITTER], const["neutral_jitter"])
             # the order is drawn on the host generator: no device sync in the hot path
-            order = torch.randperm(4, generator=self._order_generator).tolist()
-            for op in order:  # brightness, contrast, saturation, hue
-                if group.jitter[op] != 0:
-                    out = ops["jitter"][op](out, factors[:, op].reshape(-1, 1, 1, 1), self.gray_weights)
+            if group.jitter_order == "batch":
+                order = torch.randperm(4, generator=self._order_generator)
+                for op in order.tolist():  # brightness, contrast, saturation, hue
+                    if group.jitter[op] != 0:
+                        out = ops["jitter"][op](out, factors[:, op].reshape(-1, 1, 1, 1), self.gray_weights)
+                order = order.expand(n, 4)
+            else:
+                order = torch.rand((n, 4), generator=self._order_generator).argsort(dim=1)
+                chosen = order.to(device, non_blocking=True)
+                for position in range(4):
+                    for op in range(4):
+                        if group.jitter[op] != 0:  # neutral factor (exact identity) where another op is due
+                            factor = torch.where(chosen[:, position] == op, factors[:, op], const["neutral_jitter"][op])
+                            out = ops["jitter"][op](out, factor.reshape(-1, 1, 1, 1), self.gray_weights)
+            if self.record is not None:
+                self.record.jitter_order.append(order)
 
         if const["grayscale"]:
             out = ops["grayscale"](out, gray_on, self.gray_weights)
