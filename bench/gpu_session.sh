@@ -44,7 +44,7 @@ run() {
   [ "$rc" -eq 0 ] || status=$rc
 }
 
-python -m orchestrator.cli data prepare --dataset cifar10 --quiet || { echo "no CIFAR-10 under ${SSLAB_DATA_ROOT:-the data root}: carry .benchdata/ (see above)" >&2; exit 2; }
+python -m sslab data prepare --dataset cifar10 --quiet || { echo "no CIFAR-10 under ${SSLAB_DATA_ROOT:-the data root}: carry .benchdata/ (see above)" >&2; exit 2; }
 
 for part in "$@"; do
   case "$part" in

@@ -4,7 +4,7 @@
 # Data: $SSLAB_DATA_ROOT (default ../shared/data). Prints each run's result table.
 set -uo pipefail
 epochs=${1:-10}
-sslab() { python -m orchestrator.cli "$@"; }
+sslab() { python -m sslab "$@"; }
 sslab data prepare --dataset cifar10 --quiet
 for method in swav dino sdmp supcon simclr; do
   echo "=== $method, $epochs epochs"

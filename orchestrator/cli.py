@@ -1,7 +1,8 @@
-"""The ``sslab`` command line. Every subcommand's ``--help`` lists all options with their defaults.
+"""The orchestrator's commands of the ``sslab`` command line: data, pretrain, sweep, submit, ui.
 
-Heavy modules (torch, ffcv, Ray, MLflow) are imported inside the commands, so ``--help`` is quick.
-Errors a user can fix print one line (``error: ...``) and exit non-zero; ``--debug`` adds the traceback.
+sslab/cli.py, above this layer and pipelines/, assembles them with the pipeline and eval commands.
+Every subcommand's ``--help`` lists all options with their defaults. Heavy modules (torch, ffcv, Ray,
+MLflow) are imported inside the commands, so ``--help`` is quick. Errors a user can fix print one line (``error: ...``) and exit non-zero; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from trainers.errors import UserError
 from trainers.paths import DATA_ROOT_ENV, default_data_root, state_dir
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _add_data_root(parser: argparse.ArgumentParser) -> None:
+def add_data_root(parser: argparse.ArgumentParser) -> None:
     root = default_data_root()
     parser.add_argument("--data-root", default=str(root) if root else None,
                         help=f"folder with the data archives (env {DATA_ROOT_ENV}; "
@@ -146,7 +147,7 @@ def cmd_data_preview(args) -> int:
 
 def _check_seed(seed) -> int:
     from trainers.errors import ConfigError
-    from trainers.loop import SEED_LIMIT  # as train.seed
+    from trainers.checks import SEED_LIMIT  # as train.seed
 
     if not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"--seed {seed} must be an integer in [0, {SEED_LIMIT})")
@@ -191,23 +192,23 @@ def _check_device(name: str) -> str:
 def _add_data_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="data sets: list, prepare .beton files, stage them for a cluster, "
                                          "preview crops",
-                                 formatter_class=_Formatter)
+                                 formatter_class=HelpFormatter)
     commands = data.add_subparsers(dest="data_command", metavar="{list,prepare,stage,preview}", required=True)
 
     listing = commands.add_parser("list", help="known data sets and whether they are found",
-                                  formatter_class=_Formatter)
-    _add_data_root(listing)
+                                  formatter_class=HelpFormatter)
+    add_data_root(listing)
     listing.set_defaults(func=cmd_data_list)
 
     prep = commands.add_parser("prepare", help="write FFCV .beton files for a data set",
-                               formatter_class=_Formatter,
+                               formatter_class=HelpFormatter,
                                description="Writes <out>/<dataset>-<split>.beton (+ a .json sidecar). "
                                            "Skips the work when an up-to-date file exists.")
     prep.add_argument("--dataset", required=True,
                       help="cifar10, tiny-imagenet, fashion-mnist, digits or imagefolder:<path>")
     prep.add_argument("--split", choices=("train", "test", "all"), default="all", help="which split(s) to write")
     prep.add_argument("--out", default=_default_cache_dir(), help="output folder")
-    _add_data_root(prep)
+    add_data_root(prep)
     _add_prepare_settings(prep)
     prep.add_argument("--workers", type=int, default=None,
                       help="writer processes (0..max(64, 4 per core)); None or 0 = min(8, cores)")
@@ -217,7 +218,7 @@ def _add_data_commands(subparsers) -> None:
 
     stage = commands.add_parser(
         "stage", help="put a data set's .beton files into run storage, for cluster nodes without the data",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
         description="Writes the .beton files here (from --data-root, skipped when up to date) and copies them to "
                     "<storage>/_data/ (a shared folder, s3://, gs://, file://; skipped when an identical copy is "
                     "there). A run with the same --storage then fetches them to each node's cache, also on nodes "
@@ -226,13 +227,13 @@ def _add_data_commands(subparsers) -> None:
     stage.add_argument("--dataset", required=True,
                        help="cifar10, tiny-imagenet, fashion-mnist, digits or imagefolder:<path>")
     stage.add_argument("--storage", required=True, help="the run storage the cluster's runs use (--storage there)")
-    _add_data_root(stage)
+    add_data_root(stage)
     stage.add_argument("--cache-dir", default=_default_cache_dir(), help="where the .beton files are written here")
     stage.add_argument("--quiet", action="store_true", help="no progress bar")
     stage.set_defaults(func=cmd_data_stage)
 
     prev = commands.add_parser("preview", help="PNG grid of images and their augmented views + tensor facts",
-                               formatter_class=_Formatter)
+                               formatter_class=HelpFormatter)
     prev.add_argument("--dataset", required=True,
                       help="cifar10, tiny-imagenet, fashion-mnist, digits or imagefolder:<path>")
     prev.add_argument("--split", choices=("train", "test"), default="train", help="split to draw from")
@@ -252,7 +253,7 @@ def _add_data_commands(subparsers) -> None:
     prev.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
     prev.add_argument("--workers", type=int, default=None,
                       help="loader threads/processes (0..max(64, 4 per core)); None = one per core")
-    _add_data_root(prev)
+    add_data_root(prev)
     _add_prepare_settings(prev)
     prev.set_defaults(func=cmd_data_preview)
 
@@ -448,7 +449,7 @@ def _print_result_table(config, result) -> None:
 
 def _add_pretrain(subparsers) -> None:
     p = subparsers.add_parser(
-        "pretrain", help="self-supervised pretraining from a YAML config", formatter_class=_Formatter,
+        "pretrain", help="self-supervised pretraining from a YAML config", formatter_class=HelpFormatter,
         description="Pretrain a backbone with SwAV, DINO, SDMP, SupCon or SimCLR. Configs: configs/pretrain/*.yaml; "
                     "every key can be overridden with --set section.key=value (repeatable), e.g. "
                     "--set optim.lr=0.5 --set train.epochs=10. A rerun with the same name resumes from the "
@@ -492,7 +493,7 @@ def cmd_sweep(args) -> int:
 
 
 def _add_sweep(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="Ray Tune sweep over pretraining config keys", formatter_class=_Formatter,
+    p = subparsers.add_parser("sweep", help="Ray Tune sweep over pretraining config keys", formatter_class=HelpFormatter,
                               description="Runs the trials of a sweep YAML (configs/sweeps/*.yaml), each a Ray Train "
                                           "run, with ASHA or FIFO scheduling; writes a summary table, plots and the "
                                           "best config.")
@@ -526,7 +527,7 @@ def cmd_submit(args) -> int:
 
 def _add_submit(subparsers) -> None:
     p = subparsers.add_parser(
-        "submit", help="run an sslab command as a Ray job on a cluster", formatter_class=_Formatter,
+        "submit", help="run an sslab command as a Ray job on a cluster", formatter_class=HelpFormatter,
         description="Example: sslab submit --address http://head:8265 --wait -- pretrain --config "
                     "configs/pretrain/swav_cifar10.yaml --workers 8 --address auto")
     p.add_argument("--address", default=None, help="Ray job server (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
@@ -543,7 +544,7 @@ def _add_submit(subparsers) -> None:
                         "dashboard; names like *TOKEN*, *PASSWORD*, *SECRET* are refused)")
     p.add_argument("--python", default="python", help="Python interpreter on the cluster")
     p.add_argument("--working-dir", default=None,
-                   help="project folder to send: an sslab checkout (with pyproject.toml and orchestrator/cli.py); "
+                   help="project folder to send: an sslab checkout (with pyproject.toml and sslab/cli.py); "
                         "default: this checkout")
     p.add_argument("--list-files", action="store_true",
                    help="print the files the job would upload (data, state and credentials are never sent) and exit")
@@ -603,7 +604,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _add_ui(subparsers) -> None:
-    p = subparsers.add_parser("ui", help="start the MLflow UI on the tracking store", formatter_class=_Formatter)
+    p = subparsers.add_parser("ui", help="start the MLflow UI on the tracking store", formatter_class=HelpFormatter)
     p.add_argument("--tracking-uri", default=None,
                    help="store (default $MLFLOW_TRACKING_URI, else the state dir's sqlite store); a named sqlite "
                         "store's folder must exist (the default store's is created; --dry-run creates nothing)")
@@ -614,73 +615,14 @@ def _add_ui(subparsers) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-# --------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sslab", formatter_class=_Formatter,
-        description="Self-supervised vision pretraining (SwAV, DINO, SDMP, SupCon/SimCLR) on FFCV multi-crop "
-                    "batches, run by Ray and tracked in MLflow.")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="{data,pretrain,sweep,pipeline,eval,submit,ui,demo}",
-                                       required=True)
+# --------------------------------------------------------------------------- registration
+def add_commands(subparsers) -> None:
+    """Register data, pretrain, sweep and submit (sslab/cli.py builds the whole command line)."""
     _add_data_commands(subparsers)
     _add_pretrain(subparsers)
     _add_sweep(subparsers)
     _add_submit(subparsers)
-    from pipelines.cli import add_eval_commands, add_pipeline_commands
 
-    add_pipeline_commands(subparsers, _Formatter)
-    add_eval_commands(subparsers, _Formatter, _add_data_root)
+
+def add_ui_command(subparsers) -> None:
     _add_ui(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug = args.debug or os.environ.get("SSLAB_DEBUG") == "1"
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        storage = _storage_error(exc)
-        if storage is None or debug:
-            if debug:
-                raise
-            print(f"error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
-            return 1
-        print(f"error: {storage}", file=sys.stderr)
-        return storage.exit_code
-    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with --debug
-        if debug:
-            raise
-        print(f"error: {exc.__class__.__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
-
-
-STORAGE_ERRNOS = {"ENOSPC", "EROFS", "EACCES", "EPERM", "EDQUOT", "EFBIG"}
-
-
-def _storage_error(exc: OSError):
-    """A full or read-only disk met anywhere (state dir, cache, run folder) as the storage error (exit 4)."""
-    import errno
-
-    if errno.errorcode.get(exc.errno or -1) not in STORAGE_ERRNOS | {"ENOTDIR", "EEXIST", "EISDIR"}:
-        return None
-    from trainers.checkpoint import StorageError, storage_error
-
-    hint = "free space or choose a writable location (--out-dir, --out, --cache-dir, $SSLAB_HOME), then rerun"
-    if not exc.filename:
-        return StorageError(f"cannot write: {exc.strerror or exc}; {hint}")
-    return storage_error(exc.filename, exc, "", hint=hint)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

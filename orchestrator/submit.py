@@ -123,8 +123,8 @@ def cluster_is_this_machine(client) -> bool:
 
 def check_working_dir(working_dir: str | Path | None) -> Path:
     """The project folder a job carries: an existing sslab checkout (the job runs ``python -m
-    orchestrator.cli`` in it)."""
-    hint = "pass the sslab project folder (the one with pyproject.toml and orchestrator/cli.py)"
+    sslab`` in it)."""
+    hint = "pass the sslab project folder (the one with pyproject.toml and sslab/cli.py)"
     if working_dir is None or working_dir == "":
         root = project_root()
         if root is None:
@@ -135,10 +135,10 @@ def check_working_dir(working_dir: str | Path | None) -> Path:
         raise UserError(f"--working-dir {working_dir} does not exist: {hint}")
     if not root.is_dir():
         raise UserError(f"--working-dir {working_dir} is a file, not a folder: {hint}")
-    missing = [name for name in ("pyproject.toml", "orchestrator/cli.py") if not (root / name).is_file()]
+    missing = [name for name in ("pyproject.toml", "sslab/cli.py") if not (root / name).is_file()]
     if missing:
         raise UserError(f"--working-dir {working_dir} is not an sslab checkout (it has no {' and no '.join(missing)}; "
-                        f"the job runs python -m orchestrator.cli there): {hint}")
+                        f"the job runs python -m sslab there): {hint}")
     return root.resolve()
 
 
@@ -194,7 +194,7 @@ def submit(args: list[str], address: str | None = None, name: str | None = None,
     if uri.startswith("sqlite:") and not same_machine:
         log(f"warning: the job logs to {uri}, a file on the cluster's machines; use a tracking server "
             f"(--tracking-uri http://mlflow:5000) to see the runs here")
-    entrypoint = f"{python} -m orchestrator.cli {shlex.join(args)}"
+    entrypoint = f"{python} -m sslab {shlex.join(args)}"
     kwargs = {}
     if gpus:
         kwargs["entrypoint_num_gpus"] = gpus

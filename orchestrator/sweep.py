@@ -81,7 +81,7 @@ MAX_COMBINATIONS = 256  # above this many value combinations, each value is chec
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    from pipelines.spec import check_name, check_text, overrides_list
+    from trainers.checks import check_name, check_text, overrides_list
 
     path = Path(path)
     if not path.is_file():
@@ -140,7 +140,7 @@ def _choose(value, options, what: str, where: str) -> str:
 
 def check_sweep(spec: SweepSpec, where: str = "sweep") -> None:
     """Every key of the sweep, and every trial config it can produce, checked before Ray starts."""
-    from pipelines.spec import SEED_LIMIT, check_gpus, check_number
+    from trainers.checks import SEED_LIMIT, check_gpus, check_number
 
     if not spec.space:
         raise ConfigError(f"{where}: 'space' is empty: name at least one config key to sweep, e.g. "
@@ -190,7 +190,7 @@ def check_sweep(spec: SweepSpec, where: str = "sweep") -> None:
 
 def _check_distribution(spec: SweepSpec, key, dist, where: str) -> list:
     """The values of space.<key> that bound what a trial can get: every choice or grid value, both ends of a range."""
-    from pipelines.spec import check_number
+    from trainers.checks import check_number
 
     if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", key):
         raise ConfigError(f"{where}: space key {key!r} must be section.key of the base config, e.g. optim.lr")

@@ -582,6 +582,8 @@ def _finish_mlflow_run(uri: str, run_id: str, checkpoint_dir: Path | None, confi
             config.dump(folder / "config.yaml")
             client.log_artifact(run_id, str(folder / "config.yaml"))
             if history:
+                from trainers.plots import plot_history
+
                 plot = plot_history(history, folder / "curves.png", title=config.name)
                 if plot is not None:
                     client.log_artifact(run_id, str(plot))
@@ -594,33 +596,6 @@ def _finish_mlflow_run(uri: str, run_id: str, checkpoint_dir: Path | None, confi
         client.set_terminated(run_id, status=status)
     except Exception as exc:  # noqa: BLE001
         log(f"warning: could not finish the MLflow run {run_id} ({str(exc).splitlines()[0][:160]})")
-
-
-def plot_history(history: list, path: Path, title: str = "") -> Path | None:
-    """Loss (and kNN / online linear probe top-1 when present) against the global step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    knn_keys = sorted({k for r in history for k in r if k.startswith("knn_top1_") or k == "online_linear_top1"})
-    if not losses:
-        return None
-    fig, axes = plt.subplots(1, 2 if knn_keys else 1, figsize=(10 if knn_keys else 5, 3.6), squeeze=False)
-    axes[0][0].plot(*zip(*losses))
-    axes[0][0].set(xlabel="step", ylabel="loss", title=f"{title} loss")
-    for key in knn_keys:
-        points = [(r["step"], 100 * r[key]) for r in history if key in r]
-        axes[0][1].plot(*zip(*points), marker="o", label=key.replace("knn_top1_", "kNN k=").replace(
-            "online_linear_top1", "linear probe"))
-    if knn_keys:
-        axes[0][1].set(xlabel="step", ylabel="top-1 (%)", title="online kNN / linear probe")
-        axes[0][1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def run_pretraining(config: Config, options: ClusterOptions, name: str | None = None,

@@ -1,4 +1,4 @@
-"""``sslab pipeline run`` and ``sslab eval knn|linear|semi|transfer`` (registered by orchestrator/cli.py)."""
+"""``sslab pipeline run`` and ``sslab eval knn|linear|semi|transfer`` (registered by sslab/cli.py)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def _plots(outcomes, folder: Path) -> list[Path]:
     by_kind = {o.kind: o for o in outcomes}
     pretrain = by_kind.get("pretrain")
     if pretrain is not None and pretrain.result["extra"].get("history"):
-        from orchestrator.train import plot_history
+        from trainers.plots import plot_history
 
         path = plot_history(pretrain.result["extra"]["history"], folder / "pretraining_curves.png",
                             title=pretrain.result["extra"].get("method", ""))

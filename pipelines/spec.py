@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from trainers.checks import (NAME_PATTERN, SEED_LIMIT, as_list, check_bool, check_gpus, check_name,  # noqa: F401
+                             check_number, check_text, overrides_list)
 from trainers.errors import ConfigError
 
 KINDS = ("prepare", "sweep", "pretrain", "knn", "linear", "semi", "transfer", "report")
@@ -111,78 +113,10 @@ def _suggest(word: str, options) -> str:
 
 
 # --------------------------------------------------------------------------- value checks
-# (shared with orchestrator/sweep.py: every key of a pipeline or sweep file is type-checked here, before
-# Ray starts, so that a typo fails in one line instead of as a traceback after earlier stages ran)
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-SEED_LIMIT = 2**31  # as trainers.loop.SEED_LIMIT
+# (trainers/checks.py, shared with orchestrator/sweep.py and the command line: every key of a pipeline file is
+# type-checked before Ray starts, so that a typo fails in one line instead of after earlier stages ran)
 RAY_KEYS = {"address": "local, auto or ray://head:10001", "num_cpus": "CPUs of the embedded Ray",
             "storage": "a shared folder or s3://... for the pretraining runs"}
-
-
-def check_name(value, what: str, example: str = "demo") -> str:
-    """A name that becomes a folder (and an MLflow run name): letters, digits, '.', '_', '-'."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise ConfigError(f"{what} {value!r} is not a plain name: use letters, digits, '.', '_' and '-', not "
-                          f"starting with '.' (it names an output folder), e.g. {example}")
-    return value
-
-
-def check_number(value, what: str, *, integer: bool = False, minimum=None, above=None, maximum=None, below=None,
-                 example=None):
-    """``value`` if it is an int (``integer``) or a finite int/float within the bounds; booleans are refused."""
-    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    if ok and not integer:
-        ok = math.isfinite(value)
-    if ok:
-        ok = ((minimum is None or value >= minimum) and (above is None or value > above)
-              and (maximum is None or value <= maximum) and (below is None or value < below))
-    if not ok:
-        bounds = [text for bound, text in ((minimum, f">= {minimum}"), (above, f"> {above}"),
-                                           (maximum, f"<= {maximum}"), (below, f"< {below}")) if bound is not None]
-        need = ("an integer" if integer else "a finite number") + (" " + " and ".join(bounds) if bounds else "")
-        hint = f", e.g. {example}" if example is not None else ""
-        raise ConfigError(f"{what} is {value!r}: give {need}{hint}")
-    return value
-
-
-def check_gpus(value, what: str):
-    """A GPU share for Ray: a fraction in [0, 1] or a whole number of GPUs."""
-    check_number(value, what, minimum=0, example="0.25 or 1")
-    if value > 1 and value != int(value):
-        raise ConfigError(f"{what} is {value!r}: give a fraction in [0, 1] or a whole number of GPUs")
-    return value
-
-
-def check_bool(value, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what} is {value!r}: give true or false")
-    return value
-
-
-def check_text(value, what: str, example: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{what} is {value!r}: give a non-empty string, e.g. {example}")
-    return value
-
-
-def as_list(value, what: str, example: str, allow_single=(str,)) -> list:
-    """A YAML list; a single string (or number, where ``allow_single`` says so) is a one-item list.
-    Never iterated character by character."""
-    if isinstance(value, allow_single) and not isinstance(value, bool):
-        return [value]
-    if not isinstance(value, list):
-        raise ConfigError(f"{what} is {value!r}: give a list, e.g. {example}")
-    return list(value)
-
-
-def overrides_list(value, what: str) -> list[str]:
-    """A ``set:`` entry: section.key=value strings (one string is a list of one)."""
-    items = as_list([] if value is None else value, what, "[train.epochs=4, optim.lr=0.5]")
-    for item in items:
-        if not isinstance(item, str) or "=" not in item:
-            raise ConfigError(f"{what}: {item!r} is not a section.key=value string: quote entries like "
-                              f"\"knn.k=[20]\" and write key=value, not key: value")
-    return items
 
 
 def _resolve_path(value: str, base: Path | None, what: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator.cli import main
+from sslab.cli import main
 from trainers.checkpoint import save_checkpoint
 from trainers.loop import CHECKPOINT_FORMAT
 
@@ -173,7 +173,7 @@ def _running_run(tmp: Path) -> dict:
     """A real `pretrain --local` run writing into {tmp}/run (in another process), long enough to overlap."""
     lock = tmp / "run" / ".sslab-run.lock"
     process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "pretrain", "--local", "--quiet", "--out-dir", str(tmp / "run"),
+        [sys.executable, "-m", "sslab", "pretrain", "--local", "--quiet", "--out-dir", str(tmp / "run"),
          *TINY, "--set", "train.epochs=500", "--set", "train.checkpoint_every_epochs=1000"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     _HELD.append(process)
@@ -470,7 +470,7 @@ def test_a_full_or_read_only_disk_is_exit_4_naming_the_path_and_leaves_nothing_c
     mounts = (f"mount -t tmpfs -o size={size[0]} tmpfs {quoted}" if kind == "tmpfs"
               else f"mount --bind {quoted} {quoted} && mount -o remount,bind,ro {quoted}")
     command = " ".join(shlex.quote(a.format(tmp=tmp_path)) for a in argv)
-    script = f"{mounts} && exec {shlex.quote(sys.executable)} -m orchestrator.cli {command}"
+    script = f"{mounts} && exec {shlex.quote(sys.executable)} -m sslab {command}"
     environ = {**os.environ, **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env=environ, timeout=600)

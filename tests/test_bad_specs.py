@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import main
+from sslab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "configs" / "pretrain" / "swav_fashion-mnist.yaml")

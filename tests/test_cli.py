@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.cli import build_parser, main
+from sslab.cli import build_parser, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 
@@ -32,7 +32,7 @@ def test_every_subcommand_help_lists_every_option_with_its_default():
 
 
 def test_console_script_help_runs():
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "data", "prepare", "--help"],
+    result = subprocess.run([sys.executable, "-m", "sslab", "data", "prepare", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--split {train,test,all}" in result.stdout and "(default: all)" in result.stdout
 
@@ -62,7 +62,7 @@ def test_prepare_and_preview(tmp_path, data_root, capsys):
 ])
 def test_bad_input_gives_one_line_and_a_nonzero_exit(argv, message, code, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv, "--out" if argv[1] == "prepare" else "--cache-dir",
+    result = subprocess.run([sys.executable, "-m", "sslab", *argv, "--out" if argv[1] == "prepare" else "--cache-dir",
                              str(tmp_path)], capture_output=True, text=True,
                             env={**__import__("os").environ, "SSLAB_DOWNLOAD": "0"})
     assert result.returncode == code, result.stderr
@@ -128,15 +128,15 @@ def test_a_full_or_read_only_disk_met_anywhere_is_exit_4_naming_the_path(errno_n
     import errno
     import os
 
-    import orchestrator.cli as cli
+    import orchestrator.cli as commands
 
     code = getattr(errno, errno_name)
 
     def failing(args):
         raise OSError(code, os.strerror(code), str(tmp_path / "somewhere" / "file"))
 
-    monkeypatch.setattr(cli, "cmd_data_list", failing)
-    assert cli.main(["data", "list"]) == 4
+    monkeypatch.setattr(commands, "cmd_data_list", failing)
+    assert main(["data", "list"]) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'somewhere' / 'file'}: {words} ("), err
     assert "GiB free on that file system); free space or choose a writable location" in err[0]
@@ -145,11 +145,11 @@ def test_a_full_or_read_only_disk_met_anywhere_is_exit_4_naming_the_path(errno_n
 def test_an_os_error_that_is_not_about_storage_stays_a_bug(monkeypatch, capsys):
     import errno
 
-    import orchestrator.cli as cli
+    import orchestrator.cli as commands
 
     def failing(args):
         raise OSError(errno.ECONNRESET, "Connection reset by peer")
 
-    monkeypatch.setattr(cli, "cmd_data_list", failing)
-    assert cli.main(["data", "list"]) == 1
+    monkeypatch.setattr(commands, "cmd_data_list", failing)
+    assert main(["data", "list"]) == 1
     assert "rerun with --debug" in capsys.readouterr().err

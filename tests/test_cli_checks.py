@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from orchestrator.cli import main
+from sslab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PREVIEW = ["data", "preview", "--dataset", "digits", "--crops", "2x8+2x4", "--loader", "torch", "--device", "cpu",
@@ -241,7 +241,7 @@ RUN = ["pretrain", "--local", "--quiet", "--set", "data.dataset=digits", "--set"
 
 def _start(out_dir: Path, err: Path) -> subprocess.Popen:
     env = {**os.environ, "SSLAB_DOWNLOAD": "0", "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *RUN, "--out-dir", str(out_dir)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "sslab", *RUN, "--out-dir", str(out_dir)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=err.open("w"), start_new_session=True)
 
 

@@ -166,7 +166,7 @@ def sslab_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_every_sslab_command_in_cluster_files_parses():
-    from orchestrator.cli import build_parser
+    from sslab.cli import build_parser
 
     commands = sslab_commands()
     assert len(commands) >= 6

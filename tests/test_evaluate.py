@@ -324,7 +324,7 @@ def test_each_evaluation_is_reproducible_on_a_fixed_backbone(random_backbone, tm
 def test_eval_command_on_a_backbone_file(random_backbone, data_root, capsys, tmp_path):
     import json
 
-    from orchestrator.cli import main
+    from sslab.cli import main
 
     argv = ["eval", "knn", "--backbone", str(random_backbone), "--dataset", "digits", "--device", "cpu",
             "--data-root", str(data_root), "--json"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator.cli import main
+from sslab.cli import main
 from trainers.data.beton import FfcvCanvasLoader, PrepareSettings, beton_path
 from trainers.data.datasets import ALPHA_BACKGROUND, load_split
 from trainers.errors import DataError

@@ -264,7 +264,7 @@ def test_a_checkpoint_is_verified_by_its_checksum_and_a_crash_between_the_rename
 
 def test_disk_full_mid_run_is_one_line_and_the_run_resumes_from_the_last_good_checkpoint(tmp_path, monkeypatch,
                                                                                          capsys):
-    from orchestrator.cli import main
+    from sslab.cli import main
 
     args = ["pretrain", "--local", "--quiet", "--out-dir", str(tmp_path / "run"), "--set", "method.name=supcon",
             "--set", "data.dataset=digits", "--set", "data.crops=2x8", "--set", "data.batch_size=64",

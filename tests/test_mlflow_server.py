@@ -36,7 +36,7 @@ import requests
 import yaml
 
 from orchestrator import tracking
-from orchestrator.cli import main
+from sslab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "cluster" / "mlflow" / "mlflow.yaml"

@@ -59,7 +59,7 @@ def test_demo_pipeline_parses_with_its_inputs():
 
 
 def test_unreachable_tracking_server_is_one_clear_error(tmp_path, capsys):
-    from orchestrator.cli import main
+    from sslab.cli import main
 
     code = main(["pipeline", "run", "--config", str(DEMO), "--tracking-uri", "http://127.0.0.1:9",
                  "--out", str(tmp_path / "out")])
@@ -92,7 +92,7 @@ def _runs(uri):
 
 
 def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys):
-    from orchestrator.cli import main
+    from sslab.cli import main
     from pipelines.runner import FAULT_ENV, run_pipeline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -147,7 +147,7 @@ def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "orchestrator.cli", "pipeline", "run", "--config", str(DEMO), "--tracking-uri",
+    command = [sys.executable, "-m", "sslab", "pipeline", "run", "--config", str(DEMO), "--tracking-uri",
                uri, "--out", str(out)]
     for item in SMALL + ["stages.linear.epochs=3"]:
         command += ["--set", item]
@@ -223,7 +223,7 @@ stages:
 
 
 def test_a_failing_stage_is_one_line_and_marks_its_runs_failed(local_ray, tmp_path, capsys):
-    from orchestrator.cli import main
+    from sslab.cli import main
 
     pipeline = tmp_path / "broken.yaml"
     pipeline.write_text(f"name: broken\nstages:\n  prepare: {{datasets: ['imagefolder:{tmp_path / 'absent'}']}}\n")

@@ -30,7 +30,7 @@ LEFTOVER_MARKS = (".tmp-", ".errors-", ".fetch-")
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *args]
+    return [sys.executable, "-m", "sslab", *args]
 
 
 def _prepare_args(out: Path, data_root: Path, dataset: str = "cifar10", *extra: str) -> list[str]:
@@ -166,7 +166,7 @@ def test_a_second_prepare_of_the_same_file_waits_for_the_first(tmp_path, data_ro
 NAMESPACE_SCRIPT = """
 python="$1"; folder="$2"; listing="$3"; shift 3
 {mount} || exit 90
-timeout -s KILL 100 "$python" -m orchestrator.cli "$@"
+timeout -s KILL 100 "$python" -m sslab "$@"
 code=$?
 ls -A "$folder" > "$listing"
 exit $code

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from orchestrator.cli import main  # noqa: E402
+from sslab.cli import main  # noqa: E402
 from trainers.errors import UserError  # noqa: E402
 
 

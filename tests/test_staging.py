@@ -114,7 +114,7 @@ def test_nothing_is_staged_without_source_data_or_for_the_torch_loader(tmp_path)
 def test_data_stage_puts_the_files_where_a_run_without_the_data_finds_them(tmp_path, capsys):
     """`sslab data stage` (on a machine with the archives) is the documented way data reaches a
     cluster; a run's driver and workers that have no data then read the staged copy."""
-    from orchestrator.cli import main
+    from sslab.cli import main
 
     folder = make_folder(tmp_path / "pets", shade=7)
     storage = tmp_path / "bucket" / "runs"

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainers.checks import SEED_LIMIT
 from trainers.errors import ConfigError
 from trainers.knn import prepare_eval_images
 
@@ -286,7 +287,6 @@ def _sgd_step(optimizer, lrs, loss: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- hyperparameter checks
-SEED_LIMIT = 2**31  # as trainers.loop.SEED_LIMIT
 
 
 def _check_hyperparameters(what: str, settings) -> None:

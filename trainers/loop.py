@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from trainers.backbones import build_backbone, check_backbone, check_vit_crops
+from trainers.checks import SEED_LIMIT  # seeds are combined as seed * 1000 + rank
 from trainers.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
 from trainers.errors import ConfigError, DataError, UserError
@@ -38,7 +39,6 @@ LOADERS = ("auto", "ffcv", "torch")
 KNN_SPLITS = ("train", "test")
 CHECKPOINT_FORMAT = 1
 RUN_LOCK = ".sslab-run.lock"  # in the run folder: held (POSIX lock) by the run writing there
-SEED_LIMIT = 2**31  # seeds are combined as seed * 1000 + rank: keep them well inside 64 bits
 
 # What usually fixes a diverging run, per method (shown with the non-finite-loss error).
 REMEDIES = {
