@@ -756,7 +756,3 @@ def _prepare_data(config: Config, log) -> None:
     cache = config.data.cache_dir or str(state_dir() / "data")
     prepare(config.data.dataset, "all", cache, config.data.data_root, PrepareSettings(), progress=False,
             log=lambda msg: None)
-
-
-def hostname() -> str:
-    return socket.gethostname()

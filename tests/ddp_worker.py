@@ -14,7 +14,7 @@ from trainers.distributed import all_gather_cat_no_grad, flip_partner_rows  # no
 from trainers.losses import sdmp_targets  # noqa: E402
 from trainers.methods.dino import update_center  # noqa: E402
 from trainers.methods.mixing import mixup  # noqa: E402
-from trainers.methods.sdmp import info_nce  # noqa: E402
+from trainers.losses import info_nce  # noqa: E402
 from trainers.distributed import convert_sync_batchnorm  # noqa: E402
 from trainers.probe import OnlineLinearProbe  # noqa: E402
 

@@ -17,8 +17,14 @@ def test_prototypes_give_cosine_scores_after_normalisation():
         prototypes.layer.weight.mul_(5.0)
     prototypes.normalize_()
     assert torch.allclose(prototypes.layer.weight.norm(dim=1), torch.ones(30), atol=1e-6)
-    scores = prototypes(torch.randn(8, 16) * 10)
+    embeddings = torch.randn(8, 16) * 10
+    scores = prototypes(embeddings)
     assert scores.abs().max() <= 1.0 + 1e-6  # cosine similarities
+    unit = torch.nn.functional.normalize(embeddings, dim=1)
+    assert torch.allclose(prototypes(unit, normalized=True), scores, atol=1e-6)
+    # normalized=True trusts its input: no second normalisation
+    assert torch.allclose(prototypes(embeddings, normalized=True), embeddings @ prototypes.layer.weight.t(), atol=1e-5)
+    assert prototypes(embeddings, normalized=True).abs().max() > 2
     assert prototypes.layer.bias is None
 
 

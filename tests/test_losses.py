@@ -240,3 +240,25 @@ def test_multi_crop_losses_take_stacked_crops_and_give_the_pairwise_gradients():
     assert torch.allclose(swav_grad, torch.stack([s.grad for s in as_list]), atol=1e-6)
     with pytest.raises(ValueError, match="crops, B, D"):
         dino_loss(student[0], teacher, center)
+
+
+def test_info_nce_is_moco_v3s_loss_written_out():
+    """Each query against every key, its own the positive, cross-entropy times 2T (moco-v3 Algorithm 1)."""
+    from trainers.losses import info_nce
+
+    generator = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(6, 4, generator=generator), torch.randn(6, 4, generator=generator)
+    t = 0.2
+    q = [row / row.norm() for row in queries.double()]
+    k = [row / row.norm() for row in keys.double()]
+    terms = []
+    for i in range(6):
+        logits = [float(q[i] @ k[j]) / t for j in range(6)]
+        terms.append(-(logits[i] - math.log(sum(math.exp(v) for v in logits))))
+    assert float(info_nce(queries, keys, t)) == pytest.approx(2 * t * sum(terms) / 6, rel=1e-5)
+    # orthonormal pairs: only the positive scores 1/T
+    eye = torch.eye(3)
+    expected = -2 * t * math.log(math.exp(1 / t) / (math.exp(1 / t) + 2))
+    assert float(info_nce(3 * eye, eye, t)) == pytest.approx(expected, rel=1e-6)
+    # scale-free inputs, float32 under bf16 inputs
+    assert float(info_nce(queries.bfloat16(), keys, t)) == pytest.approx(float(info_nce(queries, keys, t)), abs=2e-2)

@@ -2,16 +2,13 @@
 
 ``build_backbone(name, image_size)`` returns (module, feature_dim); the module maps [B, 3, s, s] to
 [B, feature_dim] for any crop size s (ViTs interpolate their position embeddings).
-``MultiCropEncoder`` runs a list of views through the backbone, one call per run of equal-sized
-views, as multi-crop training needs.
+Which views share a forward call is decided by ``trainers.methods.base.encode_views``.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Sequence
 
-import torch
 from torch import nn
 
 from trainers.errors import ConfigError
@@ -102,31 +99,3 @@ def _mini_resnet(cifar_stem: bool) -> nn.Module:
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     return model
-
-
-class MultiCropEncoder(nn.Module):
-    """Backbone (+ optional head) over a list of views: consecutive views of one size share a call."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head if head is not None else nn.Identity()
-
-    def forward(self, views: Sequence[torch.Tensor], return_features: bool = False):
-        features = []
-        start = 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
-            features.append(self.backbone(batch))
-            start = end
-        features = torch.cat(features)
-        outputs = self.head(features)
-        chunks = len(views)
-        split_outputs = list(outputs.chunk(chunks)) if not isinstance(outputs, tuple) else \
-            [tuple(o.chunk(chunks)[i] for o in outputs) for i in range(chunks)]
-        if return_features:
-            return split_outputs, list(features.chunk(chunks))
-        return split_outputs

@@ -64,8 +64,9 @@ class Prototypes(nn.Module):
         """Project the prototypes back onto the unit sphere (SwAV does this before every step)."""
         self.layer.weight.copy_(F.normalize(self.layer.weight, dim=1))
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.layer(F.normalize(embeddings, dim=1))
+    def forward(self, embeddings: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """Scores [B, K]; ``normalized``: the embeddings are unit vectors already (SwAV's: no second pass)."""
+        return self.layer(embeddings if normalized else F.normalize(embeddings, dim=1))
 
 
 class DINOHead(nn.Module):

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from trainers.distributed import all_gather_cat, all_reduce_max, all_reduce_sum, rank, world_size
+from trainers.distributed import (all_gather_cat, all_gather_cat_no_grad, all_reduce_max, all_reduce_sum, rank,
+                                  world_size)
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -190,6 +191,24 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
     per_anchor = -(temperature / base_temperature) * log_term
     # masked mean instead of boolean indexing: no host sync, and 0 (not NaN) when no anchor has a positive
     return (per_anchor * has_positive).sum() / has_positive.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- MoCo v3
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie and He, 2021, "An Empirical Study of Training
+    Self-Supervised Vision Transformers", Algorithm 1; temperature 0.2 for ResNets, 0.1 for ViTs in
+    facebookresearch/moco-v3).
+
+    ``queries`` [B, D] (one view through the student and predictor) against ``keys`` [B, D] (the other
+    view through the momentum encoder) of the *global* batch: each query's own key is the positive,
+    every other rank's keys are negatives too (gathered without gradient). Both are L2-normalised;
+    the cross-entropy is scaled by 2T as in the paper's code.
+    """
+    queries, keys = F.normalize(_float32(queries), dim=1), F.normalize(_float32(keys), dim=1)
+    everyone = all_gather_cat_no_grad(keys)
+    logits = queries @ everyone.t() / temperature
+    targets = torch.arange(queries.shape[0], device=queries.device) + rank() * queries.shape[0]
+    return F.cross_entropy(logits, targets) * (2 * temperature)
 
 
 # --------------------------------------------------------------------------- SDMP

@@ -44,7 +44,7 @@ from torch import nn
 from trainers.backbones import VITS
 from trainers.distributed import all_gather_cat_no_grad, flip_partner_rows, rank
 from trainers.heads import ProjectionHead
-from trainers.losses import dino_loss, sdmp_targets, soft_cross_entropy
+from trainers.losses import dino_loss, info_nce, sdmp_targets, soft_cross_entropy
 from trainers.methods.base import Method, MethodContext, ema_update, encode_views, make_teacher, require
 from trainers.methods.dino import DINOConfig, DINONet, check_dino_options, teacher_temperature_schedule, update_center
 from trainers.methods.mixing import MIX_MODES, mix
@@ -101,16 +101,6 @@ class MoCoStudent(nn.Module):
 
     def forward(self, views):
         return self.encoder(views, after=self.predictor)
-
-
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo v3's contrastive loss: each query against every key of the global batch, its own key the
-    positive; cross-entropy times 2T."""
-    queries, keys = F.normalize(queries.float(), dim=1), F.normalize(keys.float(), dim=1)
-    everyone = all_gather_cat_no_grad(keys)
-    logits = queries @ everyone.t() / temperature
-    targets = torch.arange(queries.shape[0], device=queries.device) + rank() * queries.shape[0]
-    return F.cross_entropy(logits, targets) * (2 * temperature)
 
 
 class SDMP(Method):

@@ -43,7 +43,7 @@ class SwAVNet(nn.Module):
 
     def forward(self, views):
         embeddings = F.normalize(encode_views(self.backbone, views, self.forward_views, self.projector), dim=1)
-        return embeddings, self.prototypes.layer(embeddings)
+        return embeddings, self.prototypes(embeddings, normalized=True)
 
 
 class SwAV(Method):
