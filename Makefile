@@ -10,12 +10,13 @@ SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mn
 TEST_PACKAGES := postgresql
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages venv test demo bench-loader clean help
+.PHONY: setup system-packages venv test test-fast demo bench-loader clean help
 
 help:
 	@echo "make setup   install system packages (apt) and the project into $(VENV)/ (idempotent)"
 	@echo "make demo    setup + the main job on the embedded default (Fashion-MNIST, local CPU)"
-	@echo "make test    setup + the CPU test suite"
+	@echo "make test    setup + the CPU test suite (what CI runs)"
+	@echo "make test-fast   the suite without the tests marked slow (Ray clusters, MLflow servers, learning runs)"
 	@echo "make bench-loader   loader throughput benchmark (writes bench/results/loader-*.json)"
 
 setup: system-packages venv
@@ -45,6 +46,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  # everything but the tests marked slow (Ray clusters, MLflow servers, learning runs)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/sslab demo

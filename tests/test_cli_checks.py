@@ -253,6 +253,7 @@ def _wait_for(process: subprocess.Popen, ready, what: str, timeout_s: float = 18
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # two real runs in subprocesses
 def test_sigterm_during_a_local_run_is_one_line_exit_143_and_the_rerun_resumes(tmp_path):
     run, checkpoint = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
     line = "terminated (SIGTERM): rerun the same command to resume from the last checkpoint"

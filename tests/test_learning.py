@@ -32,6 +32,8 @@ import pytest
 from trainers.config import load_config
 from trainers.loop import Trainer
 
+pytestmark = pytest.mark.slow  # trains every method for hundreds of steps: `make test-fast` leaves it out
+
 STEPS = 300
 AUGMENT = "{jitter: [0.4, 0.4, 0.4, 0.1], blur_p: 0.0}"
 COMMON = ["data.dataset=cifar10", "data.batch_size=128", "model.backbone=resnet_mini", "train.epochs=20",

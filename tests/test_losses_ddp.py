@@ -15,6 +15,8 @@ from ddp_worker import compute, global_batch  # noqa: E402
 
 from trainers.losses import sinkhorn  # noqa: E402
 
+pytestmark = pytest.mark.slow  # spawns process groups: `make test-fast` leaves it out
+
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 
 

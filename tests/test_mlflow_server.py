@@ -38,6 +38,7 @@ import yaml
 from orchestrator import tracking
 from sslab.cli import main
 
+pytestmark = pytest.mark.slow  # starts MLflow servers (and PostgreSQL): `make test-fast` leaves it out
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "cluster" / "mlflow" / "mlflow.yaml"
 NAMESPACE = "sslab-test"

@@ -28,6 +28,8 @@ pytest.importorskip("mlflow")
 
 from test_ray_train import losses, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster of several nodes: `make test-fast` leaves it out
+
 WAIT_STEP = 6  # the step at which rank 0 stands still while the test sends the preemption signal
 
 

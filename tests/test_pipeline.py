@@ -15,6 +15,8 @@ import pytest
 from pipelines.spec import load_pipeline, parse_pipeline
 from trainers.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # runs whole pipelines: `make test-fast` leaves it out
+
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "pipelines" / "demo.yaml"
 SMALL = ["stages.prepare.datasets=[fashion-mnist, digits]",
          "stages.pretrain.set=[data.crops=2x16+2x8, data.batch_size=64, data.train_subset=512, train.epochs=1, "

@@ -23,6 +23,8 @@ pytest.importorskip("ray")
 from sslab.cli import main  # noqa: E402
 from trainers.errors import UserError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts a Ray cluster and submits jobs: `make test-fast` leaves it out
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -15,6 +15,8 @@ import torch
 from trainers.config import load_config
 from trainers.errors import UserError
 
+pytestmark = pytest.mark.slow  # starts Ray and trains through Ray Train: `make test-fast` leaves it out
+
 ray = pytest.importorskip("ray")
 mlflow = pytest.importorskip("mlflow")
 
