@@ -12,7 +12,7 @@ launch) and shows what stands between a method and its compute ceiling besides t
   syncs     host syncs per step (``.item()`` and friends); the loop's only one is a CPU-only
             finiteness check, so a GPU step has none
 
-  python bench/kernels.py                      # every issue-6 case, resnet18, batch 16 (counts do not depend on it)
+  python bench/kernels.py                      # every performance-target case, resnet18, batch 16 (counts do not depend on it)
 Writes bench/results/kernels.json and prints a markdown table.
 """
 
@@ -88,7 +88,7 @@ def trainer_kernels(method: str, crops: str, batch: int, backbone: str, data_roo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=None, help="comma-separated method:crops (default: issue 6's cases)")
+    parser.add_argument("--cases", default=None, help="comma-separated method:crops (default: the cases of the performance targets, BENCHMARKS.md)")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch", type=int, default=16, help="the counts do not depend on it")
     parser.add_argument("--data-root", default=None)

@@ -1,4 +1,5 @@
-"""lightly 1.6.0's SwAV and DINO on the same backbone, crops and batch: the baseline of issue 6, target 2.
+"""lightly 1.6.0's SwAV and DINO on the same backbone, crops and batch: the baseline of performance
+target 2 (BENCHMARKS.md).
 
 What a lightly user runs: lightly's transforms (PIL, per view) in a torchvision DataLoader with worker
 processes, lightly's heads and losses, and a plain PyTorch step (bf16 autocast and channels_last on

@@ -1,5 +1,5 @@
 """Learning parity on the CPU: ours against lightly 1.6.0 on the same backbone, data, batch, optimizer,
-schedule, steps and seeds, scored by one shared kNN evaluator (issue 15).
+schedule, steps and seeds, scored by one shared kNN evaluator (the parity table in BENCHMARKS.md).
 
 Per method (SwAV, DINO, SimCLR) and seed, three backbones are scored by the same function:
   random init  the seeded resnet_mini both sides start from (trainers.backbones.build_backbone)

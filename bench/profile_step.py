@@ -1,4 +1,4 @@
-"""Where a training step spends its time: torch.profiler over the real Trainer (issue 6's write-up).
+"""Where a training step spends its time: torch.profiler over the real Trainer (the write-up in BENCHMARKS.md).
 
 Runs a few steps of the real loop (loader + augmentation, then the method's forward, loss, backward
 and optimizer step) under torch.profiler and reports

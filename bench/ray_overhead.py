@@ -1,4 +1,4 @@
-"""Ray overhead (issue 6, target 5): the same pretraining, plain process vs one Ray Train worker.
+"""Ray overhead (performance target 5, BENCHMARKS.md): the same pretraining, plain process vs one Ray Train worker.
 
 Both run the real ``Trainer`` on the same config for the same number of steps; the figure is the
 steady-state throughput (median of the logging windows after the first, which holds start-up),

@@ -1,4 +1,5 @@
-"""Every benchmark result in bench/results/ as one markdown report, checked against issue 6's targets.
+"""Every benchmark result in bench/results/ as one markdown report, checked against the performance
+targets (listed below; BENCHMARKS.md, first section, says where each stands).
 
   python bench/report.py                     # all devices
   python bench/report.py --device cuda       # only GPU results (what a GPU session produced)
@@ -176,7 +177,7 @@ def build_report(results: Path, device: str | None = None) -> tuple[str, list[tu
             body, found = section(path.name, data, device_of(path.name) == "cuda")
             lines += body + [""]
             checks += [(f"{target} ({path.stem})", *rest) for target, *rest in found]
-    lines += ["## Issue 6 targets", "", "| target | measured | needs | verdict |", "|---|---|---|---|"]
+    lines += ["## Performance targets", "", "| target | measured | needs | verdict |", "|---|---|---|---|"]
     lines += [f"| {name} | {measured} | {needs} | {v} |" for name, measured, needs, v in checks]
     return "\n".join(lines) + "\n", checks
 

@@ -1,4 +1,4 @@
-"""Do fractional-GPU sweep trials really share the device? (issue 6, target 5, second half)
+"""Do fractional-GPU sweep trials really share the device? (performance target 5, second half; BENCHMARKS.md)
 
 Runs a 4-trial FIFO sweep (grid over the SwAV temperature), each trial one Ray Train worker with
 ``--gpu`` of a GPU (default 0.25) or ``--cpu`` CPUs, then reads each trial's MLflow child run

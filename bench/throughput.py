@@ -1,4 +1,4 @@
-"""Pretraining throughput against the compute ceiling, per method and crop set (issue 6, target 1).
+"""Pretraining throughput against the compute ceiling, per method and crop set (performance target 1, BENCHMARKS.md).
 
 For each (method, crops) case, measured in the same process on the same device:
   ceiling  the backbone's forward + backward + optimizer step on random tensors of exactly the inputs

@@ -1,4 +1,4 @@
-"""Time to accuracy (issue 6, target 3): wall clock from the first training step until the online kNN
+"""Time to accuracy (performance target 3, BENCHMARKS.md): wall clock from the first training step until the online kNN
 top-1 (k=200, T=0.1, cosine: lightly's protocol, full CIFAR-10 train bank and test split) passes a
 target, online kNN time included. Prints and saves the whole curve.
 

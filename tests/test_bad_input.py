@@ -250,7 +250,7 @@ CASES = {
     "file-store-uri": (["pretrain", "--tracking-uri", "./mlruns"], None, "file store is not supported", 2),
     "missing-backbone": (["eval", "knn", "--backbone", "{tmp}/nope.pt", "--dataset", "digits"], None,
                          "no such file", 2),
-    # issue 20: a crash, outputs that looked complete, and user errors that ended as bugs (exit 1)
+    # a crash, outputs that looked complete, and user errors that ended as bugs (exit 1), found by probing
     "run-folder-in-use": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY], _running_run,
                           "is in use by PID {pid}", 2),
     "canvas-size-zero": (["pretrain", "--local", "--set", "data.canvas_size=0"], None,
@@ -283,7 +283,7 @@ CASES = {
                        "device 'foo' is not one this trainer runs on", 2),
     "resume-other-optimizer": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
                                 "optim.name=adamw"], _sgd_run, "was written with optim.name=sgd, this run uses adamw", 2),
-    # found by probing (issue 20's second round)
+    # found by probing (second round)
     "min-lr-out-of-range": (["pretrain", "--local", "--set", "optim.min_lr=-1"], None, "optim.min_lr must lie in [0, ", 2),
     "momentum-out-of-range": (["pretrain", "--local", "--set", "optim.momentum=-1"], None,
                               "optim.momentum must lie in [0, 1)", 2),
@@ -337,7 +337,7 @@ CASES = {
     "num-to-keep-zero": (["pretrain", "--num-to-keep", "0"], None, "--num-to-keep must be >= 1", 2),
     "negative-resource-timeout": (["pretrain", "--resource-timeout", "-1"], None,
                                   "--resource-timeout must be a number of seconds >= 0", 2),
-    # found by probing (issue 15's augmentation settings)
+    # found by probing the augmentation settings
     "per-view-list-length": (["pretrain", "--local", "--set", "data.global_augment={{blur_p: [0.1, 0.2, 0.3]}}"], None,
                              "data.global_augment.blur_p lists 3 probabilities for the 2 views", 2),
 }

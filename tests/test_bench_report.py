@@ -1,4 +1,4 @@
-"""bench/report.py: result files in, a report with issue 6's verdicts out (GPU misses make it exit 1)."""
+"""bench/report.py: result files in, a report with the performance targets' verdicts out (GPU misses make it exit 1)."""
 
 import importlib.util
 import json

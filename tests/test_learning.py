@@ -18,7 +18,7 @@ images, 2026-11-22); three seeds at 2,000 test images put 5 within 1.4 and 2.5 s
 flake waiting for another CPU, so they were re-set from the measured spread (settings unchanged).
 What did not work (kept for the next person who tunes this): SwAV at batch 128 with 2x16+2x8 gave
 +4.3 / +2.75 at 300 steps and +6.25 / +6.5 / +1.3 at 900 steps (seed 2 stayed on its ln K plateau);
-ImageNet-strength jitter (0.8/0.8/0.8/0.2) keeps SwAV there (issue 15); DINO at batch 128 with
+ImageNet-strength jitter (0.8/0.8/0.8/0.2) keeps SwAV there (BENCHMARKS.md, learning parity); DINO at batch 128 with
 2x16+2x8: +4.15 / +1.65. Batch 256 (about one image per SwAV prototype) made both leave the plateau in
 every seed measured. 200 steps instead of 300 (to save ~2 min of CI, 2026-12-07, same script with
 --steps 200, bench/results/learning-spread-cpu-200steps-*.json): swav +6.40 / +2.65 / +3.15, dino +3.75 /
