@@ -12,7 +12,7 @@ from trainers.methods import method_class
 from trainers.methods.base import MethodContext, ema_update
 from trainers.methods.mixing import cutmix, mix, mixup, resizemix
 from trainers.methods.dino import DINOConfig
-from trainers.methods.sdmp import SDMPConfig
+from trainers.methods.sdmp import SDMPMoCoConfig, sdmp_config
 from trainers.methods.supcon import SimCLRConfig, SupConConfig
 from trainers.methods.swav import SwAVConfig
 
@@ -29,7 +29,7 @@ def views_for(ctx, batch=8, seed=0):
 def build(name, options, ctx):
     backbone, _ = build_backbone("resnet_mini", ctx.crop_groups[0][1])
     torch.manual_seed(0)
-    return method_class(name)(options, ctx, backbone)
+    return method_class(name, options)(options, ctx, backbone)
 
 
 # --------------------------------------------------------------------------- SwAV
@@ -120,7 +120,7 @@ def test_forward_views_each_gives_every_view_its_own_batchnorm_batch(name):
 
     options = {"swav": SwAVConfig(prototypes=30, out_dim=16), "dino": DINOConfig(out_dim=64, head_batch_norm=True),
                "simclr": SimCLRConfig(),
-               "supcon": SupConConfig(), "sdmp": SDMPConfig()}[name]
+               "supcon": SupConConfig(), "sdmp": SDMPMoCoConfig()}[name]
     ctx = context()
     views = views_for(ctx)
     torch.manual_seed(0)
@@ -246,8 +246,9 @@ def test_mixup_cutmix_resizemix_really_mix_pixels():
 @pytest.mark.parametrize("base", ["moco_v3", "dino"])
 def test_sdmp_step_mixes_with_flip_partners_and_adds_both_terms(base):
     ctx = context(((2, 16),))
-    options = SDMPConfig(base=base, out_dim=64, hidden_dim=32, bottleneck_dim=16, moco_hidden_dim=32,
-                         moco_out_dim=16, moco_predictor_hidden_dim=32)
+    small = {"dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16),
+             "moco_v3": dict(moco_hidden_dim=32, moco_out_dim=16, moco_predictor_hidden_dim=32)}[base]
+    options = sdmp_config(base, **small)
     sdmp = build("sdmp", options, ctx)
     views = views_for(ctx)
     modes = {sdmp.mix_mode(step) for step in range(30)}
@@ -291,8 +292,7 @@ def count_host_syncs(fn) -> int:
 @pytest.mark.parametrize("name, options, groups", [
     ("swav", SwAVConfig(prototypes=300, queue_length=16, queue_start_epoch=0), ((2, 16), (2, 8))),
     ("dino", DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16), ((2, 16), (2, 8))),
-    ("sdmp", SDMPConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, moco_hidden_dim=32, moco_out_dim=16,
-                        moco_predictor_hidden_dim=32), ((2, 16),)),
+    ("sdmp", SDMPMoCoConfig(moco_hidden_dim=32, moco_out_dim=16, moco_predictor_hidden_dim=32), ((2, 16),)),
     ("supcon", SupConConfig(), ((2, 16),)),
 ])
 def test_a_training_step_never_waits_for_the_device(name, options, groups):

@@ -11,17 +11,17 @@ from trainers.losses import sdmp_targets
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext
 from trainers.methods.mixing import MIX_MODES, cutmix, mix, mixup, resizemix
-from trainers.methods.sdmp import SDMPConfig
+from trainers.methods.sdmp import sdmp_config
 
-SMALL = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16, moco_hidden_dim=32, moco_out_dim=16,
-             moco_predictor_hidden_dim=32)
+SMALL = {"dino": dict(out_dim=64, hidden_dim=32, bottleneck_dim=16),
+         "moco_v3": dict(moco_hidden_dim=32, moco_out_dim=16, moco_predictor_hidden_dim=32)}
 
 
 def build(base, backbone_name="resnet_mini", groups=((2, 16),), **options):
     ctx = MethodContext(backbone_name, 256, tuple(groups), 8, 1, 3, 4, 10, 0)
     backbone, _ = build_backbone("resnet_mini", 16)
     torch.manual_seed(0)
-    return method_class("sdmp")(SDMPConfig(base=base, **{**SMALL, **options}), ctx, backbone)
+    return method_class("sdmp", {"base": base})(sdmp_config(base, **{**SMALL[base], **options}), ctx, backbone)
 
 
 def record_inputs(module: nn.Module, fed: dict, key: str) -> None:
@@ -231,3 +231,36 @@ def test_mix_dispatch_and_unknown_mode():
         mix(images, partners, lam, "blend")
     with pytest.raises(ValueError, match="do not match"):
         mix(images, partners[:1], lam, "mixup")
+
+
+def test_each_base_has_its_own_options():
+    """SDMP on MoCo v3 knows no DINO option (nor logs one), SDMP on DINO is DINO's options plus the mixing."""
+    from trainers.config import Config
+    from trainers.methods.sdmp import SDMPDINO, SDMPMoCo
+
+    moco = Config(method={"name": "sdmp", "moco_out_dim": 16})
+    assert method_class("sdmp", moco.method) is SDMPMoCo
+    keys = {key for key in moco.flat() if key.startswith("method.")}
+    assert "method.moco_out_dim" in keys and "method.mix_weight" in keys
+    assert not {"method.out_dim", "method.teacher_temperature", "method.center_momentum"} & keys
+    dino = Config(method={"name": "sdmp", "base": "dino", "out_dim": 64})
+    assert method_class("sdmp", dino.method) is SDMPDINO
+    keys = {key for key in dino.flat() if key.startswith("method.")}
+    assert {"method.out_dim", "method.teacher_temperature", "method.mix_weight"} <= keys
+    assert not any(key.startswith("method.moco_") for key in keys)
+    with pytest.raises(ConfigError, match="out_dim"):
+        Config(method={"name": "sdmp", "base": "moco_v3", "out_dim": 64}).method_options()
+    with pytest.raises(ConfigError, match="method.base 'byol' must be one of moco_v3, dino"):
+        Config(method={"name": "sdmp", "base": "byol"}).method_options()
+
+
+def test_a_dino_checkpoint_from_before_the_criterion_still_loads():
+    """The DINO center moved from the method ('center') into its criterion ('criterion.center')."""
+    sdmp = build("dino")
+    state = sdmp.state_dict()
+    assert "criterion.center" in state and "center" not in state
+    old = {("center" if key == "criterion.center" else key): value for key, value in state.items()}
+    old["center"] = torch.full_like(old["center"], 0.25)
+    fresh = build("dino")
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.center, torch.full_like(fresh.center, 0.25))

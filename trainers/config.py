@@ -143,7 +143,7 @@ class Config:
         from trainers.methods import method_config_class
 
         options = {k: v for k, v in self.method.items() if k != "name"}
-        return _build(method_config_class(self.method_name), options, "method")
+        return _build(method_config_class(self.method_name, options), options, "method")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

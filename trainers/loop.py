@@ -194,7 +194,7 @@ def check_config(config: Config, world_size: int = 1) -> None:
         raise ConfigError(f"probe: lr > 0, momentum in [0, 1), weight_decay >= 0 and every_epochs >= 1 needed, got "
                           f"{p.lr}, {p.momentum}, {p.weight_decay}, {p.every_epochs} (solo-learn: 0.1, 0.9, 0, 1; "
                           "probe.online_linear=false turns the probe off)")
-    cls = method_class(config.method_name)
+    cls = method_class(config.method_name, config.method)
     ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size, t.epochs, 1)
     cls.check(config.method_options(), ctx)
 
@@ -317,7 +317,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.autocast_dtype = self._precision()
         self.channels_last = t.channels_last
-        cls = method_class(c.method_name)
+        cls = method_class(c.method_name, c.method)
         options = c.method_options()
         from trainers.data.multicrop import build_multicrop_loader
 

@@ -11,8 +11,10 @@ center, schedules). The loop calls, per step::
     method.after_optimizer_step(step)          # e.g. EMA teacher update
 
 ``method.student`` holds every trained parameter (the optimizer's and DDP's module);
-``method.eval_backbone()`` is the backbone kNN / linear evaluation should use. Buffers (queue,
-center) are registered so ``state_dict()`` carries them into checkpoints.
+``method.eval_backbone()`` is the backbone kNN / linear evaluation should use; ``method.describe()``
+is the one line the loop prints at the start. Buffers (queue, center) are registered so
+``state_dict()`` carries them into checkpoints. ``MomentumMethod`` adds the EMA teacher that DINO and
+SDMP (on MoCo v3 or DINO) share.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from trainers.errors import ConfigError
+from trainers.optim import cosine_schedule
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,43 @@ class Method(nn.Module):
     def eval_backbone(self) -> nn.Module:
         return self.student.backbone
 
+    def describe(self) -> str:
+        """One line for the log: the method and its main settings."""
+        return self.name
+
     def epoch_of(self, step: int) -> int:
         return step // self.ctx.steps_per_epoch
+
+    # ------------------------------------------------------------------ checkpoints
+    # state_dict keys renamed since checkpoints were first written (old -> new): older checkpoints still load
+    legacy_keys: dict[str, str] = {}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.legacy_keys:
+            state_dict = {self.legacy_keys.get(key, key): value for key, value in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class MomentumMethod(Method):
+    """A student and its EMA teacher (DINO; SDMP on MoCo v3 or on DINO).
+
+    ``init_teacher(source, momentum)`` copies ``source`` (the part of the student the teacher mirrors)
+    into a frozen teacher; after every optimizer step the teacher moves towards ``ema_source()`` with a
+    momentum raised from ``momentum`` to 1 along a cosine over all steps (BYOL's, DINO's and MoCo v3's
+    schedule)."""
+
+    def init_teacher(self, source: nn.Module, momentum: float) -> None:
+        self.teacher = make_teacher(source)
+        self.teacher_momenta = cosine_schedule(momentum, 1.0, self.ctx.total_steps)
+
+    def ema_source(self) -> nn.Module:
+        return self.student
+
+    def teacher_momentum(self, step: int) -> float:
+        return float(self.teacher_momenta[min(step, len(self.teacher_momenta) - 1)])
+
+    def after_optimizer_step(self, step: int) -> None:
+        ema_update(self.teacher, self.ema_source(), self.teacher_momentum(step))
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -15,13 +15,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainers.distributed import all_reduce_sum, world_size
 from trainers.heads import DINOHead
 from trainers.losses import dino_loss
-from trainers.methods.base import Method, MethodContext, ema_update, encode_views, make_teacher, require
-from trainers.optim import cosine_schedule
+from trainers.methods.base import MethodContext, MomentumMethod, encode_views, require
 
 
 @torch.no_grad()
@@ -92,11 +92,39 @@ class DINONet(nn.Module):
         return encode_views(self.backbone, views, self.forward_views, self.head)
 
 
-class DINO(Method):
+class DINOCriterion(nn.Module):
+    """DINO's targets and loss, shared by DINO and SDMP on DINO: the teacher's logits centred (``center``,
+    an EMA of their global-batch mean) and sharpened at the epoch's teacher temperature (linear warm-up,
+    then constant), the student's at its own temperature; ``trainers.losses.dino_loss`` between them."""
+
+    def __init__(self, o: DINOConfig, epochs: int):
+        super().__init__()
+        self.student_temperature, self.center_momentum = o.student_temperature, o.center_momentum
+        self.register_buffer("center", torch.zeros(o.out_dim))
+        self.teacher_temperatures = teacher_temperature_schedule(o, epochs)
+
+    def teacher_temperature(self, epoch: int) -> float:
+        return float(self.teacher_temperatures[min(epoch, len(self.teacher_temperatures) - 1)])
+
+    def loss(self, student, teacher, epoch: int) -> torch.Tensor:
+        """Every student view against every teacher view of another crop (``dino_loss``)."""
+        return dino_loss(student, teacher, self.center, self.student_temperature, self.teacher_temperature(epoch))
+
+    @torch.no_grad()
+    def targets(self, teacher_logits: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The teacher's centred, sharpened distribution [B, K] (float32)."""
+        return F.softmax((teacher_logits.float() - self.center) / self.teacher_temperature(epoch), dim=-1)
+
+    def update_center(self, teacher) -> None:
+        update_center(self.center, teacher, self.center_momentum)
+
+
+class DINO(MomentumMethod):
     name = "dino"
     config_class = DINOConfig
     crop_preset = "dino"
     min_global_crops = 2
+    legacy_keys = {"center": "criterion.center"}  # the center moved into the criterion
 
     @classmethod
     def check(cls, o: DINOConfig, ctx: MethodContext) -> None:
@@ -107,13 +135,15 @@ class DINO(Method):
         super().__init__(options, ctx)
         self.check(options, ctx)
         self.student = DINONet(backbone, ctx.feature_dim, options, ctx.forward_views)
-        self.teacher = make_teacher(self.student)
-        self.register_buffer("center", torch.zeros(options.out_dim))
-        self.teacher_temperatures = teacher_temperature_schedule(options, ctx.epochs)
-        self.teacher_momenta = cosine_schedule(options.teacher_momentum, 1.0, ctx.total_steps)
+        self.init_teacher(self.student, options.teacher_momentum)
+        self.criterion = DINOCriterion(options, ctx.epochs)
+
+    @property
+    def center(self) -> torch.Tensor:
+        return self.criterion.center
 
     def teacher_temperature(self, step: int) -> float:
-        return float(self.teacher_temperatures[min(self.epoch_of(step), len(self.teacher_temperatures) - 1)])
+        return self.criterion.teacher_temperature(self.epoch_of(step))
 
     def teacher_outputs(self, views):
         """Teacher logits of the global crops [G, B, D] (no gradient)."""
@@ -121,20 +151,16 @@ class DINO(Method):
             return self.teacher(views[: self.ctx.num_global]).view(self.ctx.num_global, views[0].shape[0], -1)
 
     def training_step(self, views, labels, step):
-        o = self.options
         teacher = self.teacher_outputs(views)
         student = self.run_student(views).view(len(views), views[0].shape[0], -1)  # [V, B, D]
-        loss = dino_loss(student, teacher, self.center, o.student_temperature, self.teacher_temperature(step))
-        update_center(self.center, teacher, o.center_momentum)
+        loss = self.criterion.loss(student, teacher, self.epoch_of(step))
+        self.criterion.update_center(teacher)
         return loss, {}
 
     def before_optimizer_step(self, step: int) -> None:
         if self.epoch_of(step) < self.options.freeze_last_layer_epochs:
             for param in self.student.head.last_layer_parameters():
                 param.grad = None
-
-    def after_optimizer_step(self, step: int) -> None:
-        ema_update(self.teacher, self.student, float(self.teacher_momenta[min(step, len(self.teacher_momenta) - 1)]))
 
     def eval_backbone(self) -> nn.Module:
         return self.teacher.backbone  # DINO evaluates the teacher

@@ -19,7 +19,10 @@ Both terms are soft cross-entropies (the paper's pseudo-code and commit cd26a51;
 scores -log(lam p_i + (1 - lam) p_partner) instead), each weighted by ``mix_weight`` = 0.5 (the
 released code halves both).
 
-- ``base: moco_v3`` (default; Chen et al., 2021, "An Empirical Study of Training Self-Supervised
+Two classes, one per base, each with its own options (``method.base`` picks one; both share the
+mixing in ``DataMixingPrior``):
+
+- ``base: moco_v3`` (default, ``SDMPMoCo`` / ``SDMPMoCoConfig``; Chen et al., 2021, "An Empirical Study of Training Self-Supervised
   Vision Transformers"): L = InfoNCE(q(a), k(b)) + 0.5 (L_source + L_mixed), as the released code:
   the clean query is view a only (the mixed view b takes the place of MoCo v3's second query).
   Query encoder = backbone + projector + predictor, momentum encoder = backbone + projector
@@ -27,7 +30,7 @@ released code halves both).
   facebookresearch/moco-v3 moco/builder.py (337f3c9): ResNets a 2-layer projector and a 2-layer
   predictor without its final BN (``MoCo_ResNet``), ViTs a 3-layer projector and a 2-layer
   predictor with it (``MoCo_ViT``); no biases, BN after every hidden layer.
-- ``base: dino``: L = L_DINO (all crops) + 0.5 (L_source + L_mixed); the student sees the mixed
+- ``base: dino`` (``SDMPDINO`` / ``SDMPDINOConfig``: DINO and its options plus the mixing): L = L_DINO (all crops) + 0.5 (L_source + L_mixed); the student sees the mixed
   view b, the targets are the teacher's centred, sharpened distributions of the clean view a
   (source) and of the mixed view a (mixed), combined with the same soft weights.
 """
@@ -44,27 +47,42 @@ from torch import nn
 from trainers.backbones import VITS
 from trainers.distributed import all_gather_cat_no_grad, flip_partner_rows, rank
 from trainers.heads import ProjectionHead
-from trainers.losses import dino_loss, info_nce, sdmp_targets, soft_cross_entropy
-from trainers.methods.base import Method, MethodContext, ema_update, encode_views, make_teacher, require
-from trainers.methods.dino import DINOConfig, DINONet, check_dino_options, teacher_temperature_schedule, update_center
+from trainers.losses import info_nce, sdmp_targets, soft_cross_entropy
+from trainers.methods.base import MethodContext, MomentumMethod, encode_views, require
+from trainers.methods.dino import DINO, DINOConfig
 from trainers.methods.mixing import MIX_MODES, mix
-from trainers.optim import cosine_schedule
 
 BASES = ("moco_v3", "dino")
 
 
 @dataclass
-class SDMPConfig(DINOConfig):
-    base: str = "moco_v3"  # moco_v3 or dino
+class MixingOptions:
+    """What both SDMP variants mix and how much it weighs."""
+
+    base: str = "moco_v3"  # moco_v3 or dino: picks the class (SDMPMoCo or SDMPDINO)
     mix_modes: list[str] = field(default_factory=lambda: list(MIX_MODES))  # picked uniformly per step
     mix_alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
     resizemix_lam: list[float] = field(default_factory=lambda: [0.1, 0.9])  # lam mapped onto this (SDMP code)
     mix_weight: float = 0.5  # weight of the source and of the mixed term (the released code's / 2)
+
+
+@dataclass
+class SDMPMoCoConfig(MixingOptions):
     moco_temperature: float = 0.2
     moco_hidden_dim: int = 4096
     moco_out_dim: int = 256
     moco_predictor_hidden_dim: int = 4096
     moco_momentum: float = 0.99  # raised to 1 along a cosine over all steps
+
+
+@dataclass
+class SDMPDINOConfig(DINOConfig, MixingOptions):
+    base: str = "dino"
+
+
+def sdmp_config(base: str = "moco_v3", **options) -> SDMPMoCoConfig | SDMPDINOConfig:
+    """The options dataclass of ``base`` (TypeError for an option of the other base)."""
+    return {"moco_v3": SDMPMoCoConfig, "dino": SDMPDINOConfig}[base](base=base, **options)
 
 
 def is_vit(backbone_name: str) -> bool:
@@ -74,7 +92,8 @@ def is_vit(backbone_name: str) -> bool:
 class MoCoEncoder(nn.Module):
     """Backbone + projector: 3 layers for a ViT, 2 for a ResNet (MoCo v3), BN without affine last."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool, forward_views: str = "by_size"):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPMoCoConfig, vit: bool,
+                 forward_views: str = "by_size"):
         super().__init__()
         self.backbone, self.forward_views = backbone, forward_views
         self.projector = ProjectionHead(feature_dim, o.moco_hidden_dim, o.moco_out_dim, layers=3 if vit else 2,
@@ -89,7 +108,8 @@ class MoCoEncoder(nn.Module):
 class MoCoStudent(nn.Module):
     """Query encoder: MoCoEncoder + 2-layer predictor, with the final BN for a ViT only (MoCo v3)."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPConfig, vit: bool, forward_views: str = "by_size"):
+    def __init__(self, backbone: nn.Module, feature_dim: int, o: SDMPMoCoConfig, vit: bool,
+                 forward_views: str = "by_size"):
         super().__init__()
         self.encoder = MoCoEncoder(backbone, feature_dim, o, vit, forward_views)
         self.predictor = ProjectionHead(o.moco_out_dim, o.moco_predictor_hidden_dim, o.moco_out_dim, layers=2,
@@ -103,16 +123,17 @@ class MoCoStudent(nn.Module):
         return self.encoder(views, after=self.predictor)
 
 
-class SDMP(Method):
+class DataMixingPrior:
+    """SDMP's mixing, shared by both bases: per step a mix mode and the two global crops' roles drawn from
+    (seed, step) alone, both views mixed with their global flip partners with the same lam, and the soft
+    targets of the source and the mixed term. Mixed into a Method subclass (``SDMPMoCo``, ``SDMPDINO``)."""
+
     name = "sdmp"
-    config_class = SDMPConfig
     crop_preset = "sdmp"
     min_global_crops = 2
 
-    @classmethod
-    def check(cls, o: SDMPConfig, ctx: MethodContext) -> None:
-        super().check(o, ctx)
-        require(o.base in BASES, f"method.base '{o.base}' must be one of {', '.join(BASES)}")
+    @staticmethod
+    def check_mixing(o: MixingOptions) -> None:
         require(len(o.mix_modes) >= 1 and all(m in MIX_MODES for m in o.mix_modes),
                 f"method.mix_modes {o.mix_modes} must be a non-empty list from {', '.join(MIX_MODES)}")
         require(o.mix_alpha > 0, f"method.mix_alpha must be > 0 (Beta(alpha, alpha); SDMP uses 1), got {o.mix_alpha}")
@@ -121,29 +142,7 @@ class SDMP(Method):
                 f"method.resizemix_lam {o.resizemix_lam} must be [min, max] with 0 <= min <= max <= 1 "
                 f"(SDMP: [0.1, 0.9])")
         require(o.mix_weight >= 0, f"method.mix_weight must be >= 0, got {o.mix_weight}")
-        if o.base == "moco_v3":
-            require(o.moco_temperature > 0, f"method.moco_temperature must be > 0 (MoCo v3: 0.2), got {o.moco_temperature}")
-            require(0 <= o.moco_momentum <= 1, f"method.moco_momentum must lie in [0, 1], got {o.moco_momentum}")
-            require(ctx.num_views == 2, f"SDMP with base moco_v3 uses exactly 2 global crops, the crop spec gives "
-                                        f"{ctx.num_views} views: use e.g. crops 2x32, or base dino for local crops")
-        else:
-            check_dino_options(o, ctx)
 
-    def __init__(self, options: SDMPConfig, ctx: MethodContext, backbone: nn.Module):
-        super().__init__(options, ctx)
-        self.check(options, ctx)
-        if options.base == "moco_v3":
-            self.student = MoCoStudent(backbone, ctx.feature_dim, options, is_vit(ctx.backbone), ctx.forward_views)
-            self.teacher = make_teacher(self.student.encoder)
-            self.momenta = cosine_schedule(options.moco_momentum, 1.0, ctx.total_steps)
-        else:
-            self.student = DINONet(backbone, ctx.feature_dim, options, ctx.forward_views)
-            self.teacher = make_teacher(self.student)
-            self.register_buffer("center", torch.zeros(options.out_dim))
-            self.teacher_temperatures = teacher_temperature_schedule(options, ctx.epochs)
-            self.momenta = cosine_schedule(options.teacher_momentum, 1.0, ctx.total_steps)
-
-    # ------------------------------------------------------------------ mixing
     def draws(self, step: int) -> tuple[str, bool]:
         """(mix mode, whether the views swap roles): the same on every rank, from (seed, step) alone."""
         modes = self.options.mix_modes
@@ -173,18 +172,42 @@ class SDMP(Method):
         rows = slice(rank() * batch, (rank() + 1) * batch)
         return mixed_query, mixed_key, source[rows], mixed_targets[rows]
 
-    # ------------------------------------------------------------------ steps
-    def training_step(self, views, labels, step):
-        mode = self.mix_mode(step)
+    def mix_step(self, views, step: int):
+        """This step's roles and mixes: (a, b, mixed b, mixed a, source targets, mixed targets)."""
         a, b = self.roles(step)
-        mixed_b, mixed_a, source_targets, mixed_targets = self.mixed_views(views[b], views[a], mode)
-        if self.options.base == "moco_v3":
-            return self._moco_step(views, a, b, mixed_b, mixed_a, source_targets, mixed_targets)
-        return self._dino_step(views, a, mixed_b, mixed_a, source_targets, mixed_targets, step)
+        return (a, b, *self.mixed_views(views[b], views[a], self.mix_mode(step)))
 
-    def _moco_step(self, views, a, b, mixed_b, mixed_a, source_targets, mixed_targets):
+    def describe(self) -> str:
+        return f"SDMP on {self.options.base}: mixes {'/'.join(self.options.mix_modes)}, weight {self.options.mix_weight}"
+
+
+class SDMPMoCo(DataMixingPrior, MomentumMethod):
+    """SDMP on MoCo v3: L = InfoNCE(q(a), k(b)) + w (L_source + L_mixed)."""
+
+    config_class = SDMPMoCoConfig
+
+    @classmethod
+    def check(cls, o: SDMPMoCoConfig, ctx: MethodContext) -> None:
+        super().check(o, ctx)
+        cls.check_mixing(o)
+        require(o.moco_temperature > 0, f"method.moco_temperature must be > 0 (MoCo v3: 0.2), got {o.moco_temperature}")
+        require(0 <= o.moco_momentum <= 1, f"method.moco_momentum must lie in [0, 1], got {o.moco_momentum}")
+        require(ctx.num_views == 2, f"SDMP with base moco_v3 uses exactly 2 global crops, the crop spec gives "
+                                    f"{ctx.num_views} views: use e.g. crops 2x32, or base dino for local crops")
+
+    def __init__(self, options: SDMPMoCoConfig, ctx: MethodContext, backbone: nn.Module):
+        super().__init__(options, ctx)
+        self.check(options, ctx)
+        self.student = MoCoStudent(backbone, ctx.feature_dim, options, is_vit(ctx.backbone), ctx.forward_views)
+        self.init_teacher(self.student.encoder, options.moco_momentum)
+
+    def ema_source(self) -> nn.Module:
+        return self.student.encoder  # the momentum encoder mirrors backbone + projector, not the predictor
+
+    def training_step(self, views, labels, step):
         o = self.options
         t = o.moco_temperature
+        a, b, mixed_b, mixed_a, source_targets, mixed_targets = self.mix_step(views, step)
         q_a, q_mix = self.run_student([views[a], mixed_b]).chunk(2)
         with torch.no_grad():
             k_a, k_b, k_mix = self.teacher([views[a], views[b], mixed_a]).chunk(3)
@@ -198,10 +221,29 @@ class SDMP(Method):
         return loss, {"loss_base": contrastive.detach(), "loss_source": source.detach(),
                       "loss_mixed": mixed_term.detach()}
 
-    def _dino_step(self, views, a, mixed_b, mixed_a, source_targets, mixed_targets, step):
+    def eval_backbone(self) -> nn.Module:
+        return self.student.backbone  # MoCo v3 evaluates the query encoder's backbone
+
+    def describe(self) -> str:
+        heads = "ViT" if is_vit(self.ctx.backbone) else "ResNet"
+        return f"{super().describe()}, MoCo v3 {heads} heads"
+
+
+class SDMPDINO(DataMixingPrior, DINO):
+    """SDMP on DINO: DINO (its heads, teacher, criterion, frozen last layer) plus w (L_source + L_mixed)."""
+
+    config_class = SDMPDINOConfig
+
+    @classmethod
+    def check(cls, o: SDMPDINOConfig, ctx: MethodContext) -> None:
+        super().check(o, ctx)  # DINO's checks
+        cls.check_mixing(o)
+
+    def training_step(self, views, labels, step):
         o = self.options
+        epoch = self.epoch_of(step)
         globals_ = self.ctx.num_global
-        tau_t = float(self.teacher_temperatures[min(self.epoch_of(step), len(self.teacher_temperatures) - 1)])
+        a, _, mixed_b, mixed_a, source_targets, mixed_targets = self.mix_step(views, step)
         with torch.no_grad():
             teacher_all = self.teacher(list(views[:globals_]) + [mixed_a]).chunk(globals_ + 1)
         teacher, teacher_mixed = list(teacher_all[:globals_]), teacher_all[globals_]
@@ -209,32 +251,11 @@ class SDMP(Method):
         student_all = self.run_student(list(views[:globals_]) + [mixed_b] + list(views[globals_:])).chunk(len(views) + 1)
         student = list(student_all[:globals_]) + list(student_all[globals_ + 1:])
         student_mixed = student_all[globals_]
-        base = dino_loss(student, teacher, self.center, o.student_temperature, tau_t)
-        with torch.no_grad():
-            def sharpened(logits):
-                return F.softmax((logits.float() - self.center) / tau_t, dim=-1)
-            source_probs = all_gather_cat_no_grad(sharpened(teacher[a]))
-            mixed_probs = all_gather_cat_no_grad(sharpened(teacher_mixed))
+        base = self.criterion.loss(student, teacher, epoch)
+        source_probs = all_gather_cat_no_grad(self.criterion.targets(teacher[a], epoch))
+        mixed_probs = all_gather_cat_no_grad(self.criterion.targets(teacher_mixed, epoch))
         source = soft_cross_entropy(student_mixed, source_targets @ source_probs, o.student_temperature)
         mixed_term = soft_cross_entropy(student_mixed, mixed_targets @ mixed_probs, o.student_temperature)
-        update_center(self.center, teacher, o.center_momentum)
+        self.criterion.update_center(teacher)
         loss = base + o.mix_weight * (source + mixed_term)
         return loss, {"loss_base": base.detach(), "loss_source": source.detach(), "loss_mixed": mixed_term.detach()}
-
-    def before_optimizer_step(self, step: int) -> None:
-        if self.options.base == "dino" and self.epoch_of(step) < self.options.freeze_last_layer_epochs:
-            for param in self.student.head.last_layer_parameters():
-                param.grad = None
-
-    def after_optimizer_step(self, step: int) -> None:
-        student = self.student.encoder if self.options.base == "moco_v3" else self.student
-        ema_update(self.teacher, student, float(self.momenta[min(step, len(self.momenta) - 1)]))
-
-    def eval_backbone(self) -> nn.Module:
-        # MoCo v3 evaluates the query encoder's backbone, DINO the teacher's
-        return self.student.backbone if self.options.base == "moco_v3" else self.teacher.backbone
-
-    def describe(self) -> str:
-        heads = "ViT" if is_vit(self.ctx.backbone) else "ResNet"
-        return (f"SDMP on {self.options.base}: mixes {'/'.join(self.options.mix_modes)}, weight {self.options.mix_weight}"
-                + (f", MoCo v3 {heads} heads" if self.options.base == "moco_v3" else ""))
