@@ -22,6 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.recipes import bench_config  # noqa: E402
+from trainers.knn import knn_metric  # noqa: E402
+
+KNN = knn_metric(200, 0.1)  # online kNN as lightly reports it: k=200, T=0.1
 
 from trainers.config import load_config  # noqa: E402
 
@@ -56,10 +59,10 @@ def main() -> int:
 
     def on_epoch_end(completed: int, metrics: dict, _path) -> None:
         elapsed = time.perf_counter() - clock["start"]
-        if "knn_top1_k200" in metrics:
-            curve.append({"epoch": completed, "seconds": round(elapsed, 1), "knn_top1_k200": metrics["knn_top1_k200"]})
-            print(f"epoch {completed:4d}  {elapsed:7.1f} s  kNN top-1 (k=200) {metrics['knn_top1_k200']:.2%}", flush=True)
-            if metrics["knn_top1_k200"] >= target:
+        if KNN in metrics:  # the curve keeps its field name of earlier result files
+            curve.append({"epoch": completed, "seconds": round(elapsed, 1), "knn_top1_k200": metrics[KNN]})
+            print(f"epoch {completed:4d}  {elapsed:7.1f} s  kNN top-1 (k=200, T=0.1) {metrics[KNN]:.2%}", flush=True)
+            if metrics[KNN] >= target:
                 raise Done()
         if elapsed > args.budget_s:
             raise Done()

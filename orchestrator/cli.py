@@ -399,8 +399,10 @@ def _metric_rows(m: dict) -> list[tuple[str, str]]:
     rows = []
     if "loss" in m:
         rows.append(("final loss", f"{m['loss']:.4f}"))
+    from trainers.knn import knn_label
+
     for key in sorted(k for k in m if k.startswith("knn_top1")):
-        rows.append((f"kNN top-1 ({key.rsplit('_', 1)[-1].replace('k', 'k=')})", f"{m[key]:.2%}"))
+        rows.append((knn_label(key) or key, f"{m[key]:.2%}"))
     if "online_linear_top1" in m:
         rows.append(("online linear top-1", f"{m['online_linear_top1']:.2%}"))
     if "img_per_s" in m:

@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 
 from pipelines.spec import PipelineSpec
+from trainers.knn import knn_label
 
-LABELS = {"knn_top1": "kNN top-1 (k=20, T=0.07)", "knn_top5": "kNN top-5 (k=20)",
-          "knn_top1_k200": "kNN top-1 (k=200, T=0.1)", "linear_top1": "linear probe top-1",
-          "linear_top5": "linear probe top-5"}
+LABELS = {"linear_top1": "linear probe top-1", "linear_top5": "linear probe top-5"}
 
 
 def metric_label(key: str) -> str:
     if key in LABELS:
         return LABELS[key]
-    if key == "knn_top5_k200":
-        return "kNN top-5 (k=200)"
+    if knn_label(key):
+        return knn_label(key)
     top = key[-4:].replace("top", "top-")
     if key.startswith("semi") and key[-5:] in ("_top1", "_top5"):
         return f"fine-tuned on {key[4:-5].replace('p', '.')}% labels, {top}"

@@ -79,7 +79,7 @@ def test_pretrain_local_runs_and_prints_a_result_table(tmp_path, capsys):
             "--set", "knn.max_train=200", "--set", "knn.max_test=100", "--set", "data.num_workers=1"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "kNN top-1 (k=20)" in out and "4 (1 epochs)" in out
+    assert "kNN top-1 (k=20, T=0.07)" in out and "4 (1 epochs)" in out
     assert (tmp_path / "run" / "backbone.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
     # the same command again: finished run, resumes at the end and does no more steps
     assert main(args) == 0

@@ -47,19 +47,56 @@ def _clusters(n, dim=32, classes=5, spread=0.6, seed=0):
     return centres[labels] + spread * torch.randn(n, dim, generator=g), labels
 
 
-def test_knn_suite_matches_the_reference_knn_and_sweeps_k():
-    train_x, train_y = _clusters(3000, spread=7)
-    test_x, test_y = _clusters(700, spread=7, seed=1)
-    result = knn_suite(train_x, train_y, test_x, test_y, 5, chunk=256)
+def brute_force_knn(train_x, train_y, test_x, test_y, k, temperature, classes):
+    """Weighted kNN written out per test sample in float64 (the reference): (top-1, top-5) accuracy."""
+    import numpy as np
+
+    train = train_x.double().numpy() / np.linalg.norm(train_x.double().numpy(), axis=1, keepdims=True)
+    test = test_x.double().numpy() / np.linalg.norm(test_x.double().numpy(), axis=1, keepdims=True)
+    top1 = top5 = 0
+    for query, truth in zip(test, test_y.tolist()):
+        similarity = train @ query
+        neighbours = np.argsort(-similarity, kind="stable")[:k]
+        votes = np.zeros(classes)
+        for index in neighbours:
+            votes[int(train_y[index])] += np.exp(similarity[index] / temperature)
+        ranked = np.argsort(-votes, kind="stable")
+        top1 += int(ranked[0] == truth)
+        top5 += int(truth in ranked[:5])
+    return top1 / len(test_y), top5 / len(test_y)
+
+
+def test_one_knn_online_and_offline_with_one_vocabulary():
+    """The pipeline's knn stage (knn_suite, raw features) and the online kNN (knn_accuracy, normalised
+    features) are one implementation with one set of names, and both equal kNN written out by hand."""
+    train_x, train_y = _clusters(800, classes=7, spread=7)
+    test_x, test_y = _clusters(200, classes=7, spread=7, seed=1)
+    result = knn_suite(train_x, train_y, test_x, test_y, 7, chunk=64)
+    ONE = 1.01 / len(test_y)  # noqa: N806
     n = lambda x: F.normalize(x, dim=1)  # noqa: E731
-    ref20 = knn_accuracy(n(train_x), train_y, n(test_x), test_y, ks=(20,), temperature=0.07, num_classes=5)
-    ref200 = knn_accuracy(n(train_x), train_y, n(test_x), test_y, ks=(200,), temperature=0.1, num_classes=5)
-    assert result["knn_top1"] == pytest.approx(ref20["knn_top1_k20"], abs=1e-6)
-    assert result["knn_top5"] == pytest.approx(ref20["knn_top5_k20"], abs=1e-6)
-    assert result["knn_top1_k200"] == pytest.approx(ref200["knn_top1_k200"], abs=1e-6)
+    online = knn_accuracy(n(train_x), train_y, n(test_x), test_y, ks=(20, 200), temperature=0.07, num_classes=7)
+    online_wide = knn_accuracy(n(train_x), train_y, n(test_x), test_y, ks=(200,), temperature=0.1, num_classes=7)
+    assert set(online) == {"knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200"}
+    assert set(online_wide) == {"knn_top1_k200_t0.1", "knn_top5_k200_t0.1"}
+    assert set(result) == {"knn_top1_k20", "knn_top5_k20", "knn_top1_k200_t0.1", "knn_top5_k200_t0.1", "knn_sweep"}
+    for (k, t), names in {(20, 0.07): ("knn_top1_k20", "knn_top5_k20"),
+                          (200, 0.1): ("knn_top1_k200_t0.1", "knn_top5_k200_t0.1")}.items():
+        expected = brute_force_knn(train_x, train_y, test_x, test_y, k, t, 7)
+        # float32 against float64: one near-tie among 200 test images may fall the other way
+        assert (result[names[0]], result[names[1]]) == pytest.approx(expected, abs=ONE), (k, t)
+        assert result[names[0]] == {**online, **online_wide}[names[0]]  # the same code, the same names
+        assert result[names[1]] == {**online, **online_wide}[names[1]]
+    assert online["knn_top1_k200"] == pytest.approx(brute_force_knn(train_x, train_y, test_x, test_y, 200, 0.07, 7)[0],
+                                                    abs=ONE)
     assert sorted(result["knn_sweep"]) == list(KNN_SWEEP)
-    assert result["knn_sweep"][20] == pytest.approx(result["knn_top1"], abs=1e-6)
-    assert 0.4 < result["knn_top1"] < 1.0  # overlapping clusters: neither chance nor perfect
+    assert result["knn_sweep"][20] == result["knn_top1_k20"]
+    assert result["knn_sweep"][1] == pytest.approx(brute_force_knn(train_x, train_y, test_x, test_y, 1, 0.07, 7)[0],
+                                                   abs=ONE)
+    assert 0.3 < result["knn_top1_k20"] < 0.95  # overlapping clusters: neither chance nor perfect
+    # a bank smaller than k: every training sample votes
+    small = knn_accuracy(n(train_x[:15]), train_y[:15], n(test_x), test_y, ks=(20,), num_classes=7)
+    assert small["knn_top1_k20"] == pytest.approx(brute_force_knn(train_x[:15], train_y[:15], test_x, test_y, 15,
+                                                                  0.07, 7)[0], abs=ONE)
 
 
 def test_linear_probe_separates_clusters_and_is_deterministic():
@@ -303,7 +340,7 @@ def test_each_evaluation_is_reproducible_on_a_fixed_backbone(random_backbone, tm
         assert first[kind]["metrics"] == second[kind]["metrics"], kind
     m = {k: v for r in first.values() for k, v in r["metrics"].items()}
     # digits, 10 classes: random conv features are far above chance (0.1)
-    assert m["knn_top1"] > 0.5 and m["linear_top1"] > 0.5 and m["transfer_digits_top1"] == m["linear_top1"]
+    assert m["knn_top1_k20"] > 0.5 and m["linear_top1"] > 0.5 and m["transfer_digits_top1"] == m["linear_top1"]
     assert 0.1 < m["semi10_top1"] <= 1.0
     assert first["transfer"]["extra"]["skipped"] == ["imagefolder:/nonexistent"]
     subset = first["semi"]["files"]["semi10_indices.txt"].split()
@@ -330,7 +367,8 @@ def test_eval_command_on_a_backbone_file(random_backbone, data_root, capsys, tmp
             "--data-root", str(data_root), "--json"]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
-    assert set(first) == {"knn_top1", "knn_top5", "knn_top1_k200", "knn_top5_k200"} and first["knn_top1"] > 0.5
+    assert set(first) == {"knn_top1_k20", "knn_top5_k20", "knn_top1_k200_t0.1", "knn_top5_k200_t0.1"}
+    assert first["knn_top1_k20"] > 0.5
     assert main(argv) == 0 and json.loads(capsys.readouterr().out) == first  # cached features, same numbers
     assert main(["eval", "semi", "--backbone", str(random_backbone.parent), "--dataset", "digits", "--device", "cpu",
                  "--fractions", "0.1", "--epochs", "1", "--min-steps", "5", "--out", str(tmp_path / "semi")]) == 0

@@ -105,9 +105,9 @@ def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys
     assert not any(s.cached for s in outcome.stages)
     m = {k: v for s in outcome.stages for k, v in s.metrics.items()}
     # Fashion-MNIST and digits have 10 classes: chance is 0.1
-    for key in ("knn_top1", "knn_top1_k200", "linear_top1", "semi1_top1", "semi10_top1", "transfer_digits_top1"):
+    for key in ("knn_top1_k20", "knn_top1_k200_t0.1", "linear_top1", "semi1_top1", "semi10_top1", "transfer_digits_top1"):
         assert 0.3 < m[key] <= 1.0, (key, m[key])
-    assert m["knn_top5"] >= m["knn_top1"] and m["linear_top5"] >= m["linear_top1"]
+    assert m["knn_top5_k20"] >= m["knn_top1_k20"] and m["linear_top5"] >= m["linear_top1"]
 
     client, runs = _runs(uri)
     parents = [r for r in runs if r.data.tags.get("sslab.kind") == "pipeline"]
@@ -221,7 +221,7 @@ stages:
     pretrain = stages["pretrain"].result["extra"]
     assert pretrain["method"] == "simclr" and pretrain["dataset"] == "digits"
     assert pretrain["steps"] == 2 * (512 // 64), "the pipeline's own overrides apply on top of the best config"
-    assert stages["knn"].metrics["knn_top1"] > 0.5
+    assert stages["knn"].metrics["knn_top1_k20"] > 0.5
 
 
 def test_a_failing_stage_is_one_line_and_marks_its_runs_failed(local_ray, tmp_path, capsys):

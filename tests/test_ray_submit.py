@@ -69,7 +69,7 @@ def test_submit_wait_runs_a_job_and_returns_its_status(ray_head, tmp_path, capsy
                  "--", *command])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
-    assert "kNN top-1 (k=20)" in captured.out  # the job's own result table, streamed back
+    assert "kNN top-1 (k=20, T=0.07)" in captured.out  # the job's own result table, streamed back
     assert "submitted job sslab-test-ok" in captured.err
     assert (out / "backbone.pt").is_file() and (out / "summary.json").is_file()
 
@@ -203,7 +203,7 @@ def test_plain_ray_job_submit_runs_sslab_from_the_working_dir(ray_head, tmp_path
          "--set", "model.backbone=resnet_mini", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0",
          "--set", "knn.k=[20]"], env=env, capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "kNN top-1 (k=20)" in done.stdout and "succeeded" in done.stdout
+    assert "kNN top-1 (k=20, T=0.07)" in done.stdout and "succeeded" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and summary["knn_top1_k20"] > 0.5  # digits: random guessing is 0.1
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from trainers.checks import SEED_LIMIT
 from trainers.errors import ConfigError
-from trainers.knn import prepare_eval_images
+from trainers.knn import center_crop, extract_features, knn_hits, knn_metric, prepare_eval_images
 
 KNN_SWEEP = (1, 5, 10, 20, 50, 100, 200)
 
@@ -91,18 +91,6 @@ class BackboneSpec:
     batch_size: int = 512
 
 
-def center_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The central square of ``fraction`` of the shorter side of uint8 canvases [B, H, W, 3];
-    ``fraction`` 1: the canvases unchanged (the whole image). 0.875 is DINO's and SwAV's test view,
-    Resize(256) + CenterCrop(224)."""
-    if fraction >= 1:
-        return images
-    height, width = images.shape[1:3]
-    side = max(1, int(round(fraction * min(height, width))))
-    top, left = (height - side) // 2, (width - side) // 2
-    return images[:, top:top + side, left:left + side]
-
-
 def eval_view(images: torch.Tensor, spec: BackboneSpec, crop: float = 1.0) -> torch.Tensor:
     """uint8 canvases on the device -> the normalised float test view [B, 3, s, s] (no randomness)."""
     mean = torch.as_tensor(spec.mean, dtype=torch.float32, device=images.device)
@@ -110,47 +98,31 @@ def eval_view(images: torch.Tensor, spec: BackboneSpec, crop: float = 1.0) -> to
     return prepare_eval_images(center_crop(images, crop), spec.image_size, mean, std)
 
 
-@torch.no_grad()
 def extract(backbone: torch.nn.Module, images: ImageSet, spec: BackboneSpec, crop: float = 1.0) -> torch.Tensor:
-    """Raw (not normalised) features [N, D], float32 on the CPU, from the test view (``eval_view``)."""
-    was_training = backbone.training
-    backbone.eval()
-    out = []
-    try:
-        for start in range(0, len(images.labels), spec.batch_size):
-            batch = images.images[start:start + spec.batch_size].to(spec.device, non_blocking=True)
-            out.append(backbone(eval_view(batch, spec, crop)).float().cpu())
-    finally:
-        backbone.train(was_training)
-    return torch.cat(out)
+    """Raw (not normalised) features [N, D], float32 on the CPU, from the test view (``extract_features``)."""
+    batches = ((images.images[start:start + spec.batch_size], images.labels[start:start + spec.batch_size])
+               for start in range(0, len(images.labels), spec.batch_size))
+    features, _ = extract_features(backbone, batches, spec.image_size, spec.mean, spec.std, spec.device,
+                                   normalize=False, crop=crop)
+    return features.cpu()
+
+
+KNN_MAIN, KNN_WIDE = (20, 0.07), (200, 0.1)  # DINO's eval_knn.py; lightly's benchmarks
 
 
 @torch.no_grad()
 def knn_suite(train_features, train_labels, test_features, test_labels, num_classes: int, chunk: int = 1024) -> dict:
-    """k=20/T=0.07 (``knn_top1``, ``knn_top5``), k=200/T=0.1 (``knn_top1_k200``, ``knn_top5_k200``) and
-    top-1 for every k in ``KNN_SWEEP`` at T=0.07 (``knn_sweep``). One similarity pass serves them all."""
+    """Weighted kNN at k=20/T=0.07 (``knn_top1_k20``, ``knn_top5_k20``) and k=200/T=0.1 (``knn_top1_k200_t0.1``,
+    ``knn_top5_k200_t0.1``), and top-1 for every k in ``KNN_SWEEP`` at T=0.07 (``knn_sweep``), from raw
+    features; one similarity pass (``trainers.knn.knn_hits``) serves them all."""
     train_n, test_n = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
-    settings = {("main", 20, 0.07), ("wide", 200, 0.1)} | {(f"k{k}", k, 0.07) for k in KNN_SWEEP}
-    largest = min(max(k for _, k, _ in settings), len(train_labels))
-    top1 = {name: 0 for name, _, _ in settings}
-    top5 = {name: 0 for name, _, _ in settings}
-    for start in range(0, len(test_labels), chunk):
-        top_sim, top_idx = (test_n[start:start + chunk] @ train_n.t()).topk(largest, dim=1)  # sorted
-        neighbour_labels = train_labels[top_idx]
-        truth = test_labels[start:start + chunk].view(-1, 1)
-        for name, k, temperature in settings:
-            k = min(k, largest)
-            votes = torch.zeros(len(truth), num_classes, device=top_sim.device)
-            votes.scatter_add_(1, neighbour_labels[:, :k], (top_sim[:, :k] / temperature).exp())
-            ranked = votes.topk(min(5, num_classes), dim=1).indices
-            top1[name] += (ranked[:, :1] == truth).sum().item()
-            top5[name] += (ranked == truth).any(1).sum().item()
+    sweep = [(k, KNN_MAIN[1]) for k in KNN_SWEEP]
+    settings = list(dict.fromkeys([KNN_MAIN, KNN_WIDE, *sweep]))
+    hits = knn_hits(train_n, train_labels, test_n, test_labels, settings, num_classes, chunk)
     n = len(test_labels)
-    return {"knn_top1": top1["main"] / n, "knn_top5": top5["main"] / n,
-            "knn_top1_k200": top1["wide"] / n, "knn_top5_k200": top5["wide"] / n,
-            "knn_sweep": {k: top1[f"k{k}"] / n for k in KNN_SWEEP}}
-
-
+    out = {knn_metric(k, t, top): hits[(k, t)][top == 5] / n for k, t in (KNN_MAIN, KNN_WIDE) for top in (1, 5)}
+    out["knn_sweep"] = {k: hits[(k, t)][0] / n for k, t in sweep}
+    return out
 
 
 # --------------------------------------------------------------------------- protocols
@@ -160,7 +132,8 @@ SCHEDULES = ("cosine", "cosine_epoch", "multistep")
 # 32-px (and smaller) data sets take solo-learn's CIFAR settings; the others (tiny-imagenet, image
 # folders) DINO's / SwAV's ImageNet ones
 SMALL_IMAGE_DATASETS = ("cifar10", "fashion-mnist", "digits")
-KNN_PROTOCOL = {"protocol": "weighted_knn", "k": [20, 200], "temperature": [0.07, 0.1], "k_sweep": list(KNN_SWEEP)}
+KNN_PROTOCOL = {"protocol": "weighted_knn", "k": [KNN_MAIN[0], KNN_WIDE[0]], "temperature": [KNN_MAIN[1], KNN_WIDE[1]],
+                "k_sweep": list(KNN_SWEEP)}
 # Where each protocol's settings come from (commits of the copies read).
 REFERENCES = {
     "frozen_features": "this project: the fast probe on cached frozen features (SGD + Nesterov, cosine per update)",
