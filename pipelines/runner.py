@@ -31,6 +31,8 @@ from pipelines import stages as stage_impl
 from pipelines.spec import EVAL_KINDS, PipelineSpec, StageSpec
 
 FORMAT = 1  # bump when a stage's computation changes for the same settings (invalidates caches)
+# per stage kind, over FORMAT: knn 2 since its metrics took the one kNN vocabulary (knn_top1 -> knn_top1_k20)
+STAGE_FORMATS = {"knn": 2}
 PIPELINE_TAG, STAGE_TAG, HASH_TAG, DONE_TAG = "sslab.pipeline", "sslab.stage", "sslab.stage_hash", "sslab.stage_done"
 PARENT_TAG = "mlflow.parentRunId"
 # Fault injection for tests: "<stage>:kill" makes the driver SIGKILL itself once that stage's outputs are
@@ -191,7 +193,7 @@ class PipelineRunner:
             names = value if isinstance(value, list) else [value]
             inputs[role] = [self.outcomes[n].output_hash for n in names]
         prepared = [o.output_hash for o in self.outcomes.values() if o.kind == "prepare"]
-        return _digest({"format": FORMAT, "kind": stage.kind, "settings": settings, "inputs": inputs,
+        return _digest({"format": STAGE_FORMATS.get(stage.kind, FORMAT), "kind": stage.kind, "settings": settings, "inputs": inputs,
                         "prepared": prepared, "seed": self.spec.seed, "data_root": self.spec.data_root})
 
     def run(self) -> PipelineOutcome:
