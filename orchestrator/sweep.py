@@ -344,13 +344,10 @@ def run_trial(trial: dict) -> None:
     uri = setup["tracking_uri"]
     if setup.get("parent_run_id"):
         try:
-            client = tracking.client(uri)
-            run = client.create_run(setup["experiment_id"], run_name=trial_name, tags={
-                "mlflow.parentRunId": setup["parent_run_id"], tracking.RUN_NAME_TAG: trial_name,
-                tracking.KIND_TAG: "trial", "method": config.method_name, "dataset": config.data.dataset,
-                "sweep": setup["sweep_name"]})
-            run_id = run.info.run_id
-            tracking.log_params(client, run_id, tracking.flat_params(config.flat()))
+            recorder = tracking.RunRecorder(uri, experiment_id=setup["experiment_id"])
+            run_id, _ = recorder.open(trial_name, "trial", {"method": config.method_name, "dataset": config.data.dataset,
+                                                            "sweep": setup["sweep_name"]},
+                                      config.flat(), parent=setup["parent_run_id"])
         except Exception as exc:  # noqa: BLE001
             print(f"warning: MLflow child run not created ({str(exc).splitlines()[0][:160]})")
     resources = {"CPU": float(setup["resources"].get("cpu", 1))}
@@ -420,15 +417,13 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
     if problem:
         log(f"warning: {problem}; the sweep runs without MLflow tracking")
     else:
-        client = tracking.client(uri)
-        experiment_id = tracking.experiment_id(client, options.experiment, uri)
-        parent = client.create_run(experiment_id, run_name=name, tags={
-            tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "sweep", "method": spec.base.method_name,
-            "dataset": spec.base.data.dataset, "search": spec.search, "scheduler": spec.scheduler})
-        parent_run_id = parent.info.run_id
-        tracking.log_params(client, parent_run_id, tracking.flat_params(
+        recorder = tracking.RunRecorder(uri, options.experiment)
+        experiment_id = recorder.experiment_id
+        parent_run_id, _ = recorder.open(
+            name, "sweep", {"method": spec.base.method_name, "dataset": spec.base.data.dataset, "search": spec.search,
+                            "scheduler": spec.scheduler},
             {"search": spec.search, "scheduler": spec.scheduler, "metric": spec.metric, "mode": spec.mode,
-             "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"}))
+             "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"})
         log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
     staged = prepare_or_stage(spec.base, options, storage, log)
     setup = {"base": spec.base.to_dict(), "sweep_name": name,
@@ -479,14 +474,13 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
     _write_summary(spec, folder, table, best)
     if parent_run_id is not None:
         try:
-            client = tracking.client(uri)
-            _close_stopped_trials(client, uri, experiment_id, parent_run_id, setup["storage"], spec, log)
-            for path in sorted(folder.glob("summary*")) + sorted(folder.glob("best_config.yaml")) + \
-                    sorted(folder.glob("metric_vs_*.png")):
-                client.log_artifact(parent_run_id, str(path))
+            recorder = tracking.RunRecorder(uri, experiment_id=experiment_id)
+            _close_stopped_trials(recorder.client, uri, experiment_id, parent_run_id, setup["storage"], spec, log)
             if best is not None:
-                client.log_metric(parent_run_id, f"best_{spec.metric}", float(best[spec.metric]))
-            client.set_terminated(parent_run_id, "FINISHED")
+                recorder.client.log_metric(parent_run_id, f"best_{spec.metric}", float(best[spec.metric]))
+            outputs = sorted(folder.glob("summary*")) + sorted(folder.glob("best_config.yaml")) + \
+                sorted(folder.glob("metric_vs_*.png"))
+            recorder.finish(parent_run_id, "FINISHED", [(path, None) for path in outputs])
         except Exception as exc:  # noqa: BLE001
             log(f"warning: could not finish the MLflow sweep run ({str(exc).splitlines()[0][:160]})")
     return SweepOutcome(name, folder, table, best, parent_run_id)

@@ -3,6 +3,10 @@
 - ``resolve_tracking_uri``: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else an absolute
   ``sqlite:///<state dir>/mlflow/mlflow.db`` (artifacts beside it). Relative sqlite/file paths are made
   absolute: inside a Ray job the working directory is Ray's temporary copy of the project.
+- ``RunRecorder``: one MLflow run from open to finish, as pretraining, sweeps (parent and trials) and
+  pipelines (parent and stages) all open them: found again by its tags (a rerun continues it) or created
+  with the standard tags (kind, run name, git commit, Ray job, parent), params logged once, artifacts
+  and the final status at the end.
 - ``MetricLogger``: what rank 0 uses during training. Every row carries the global step; steps at or
   below what the run already holds are skipped, so a restarted worker group that repeats the steps
   since its last checkpoint never duplicates them. When the server does not answer, it warns once,
@@ -202,6 +206,68 @@ def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> None:
     fresh = [Param(k, v) for k, v in params.items() if k not in existing]
     for start in range(0, len(fresh), 100):  # MLflow's batch limit
         mlflow_client.log_batch(run_id, params=fresh[start:start + 100])
+
+
+PARENT_TAG = "mlflow.parentRunId"
+_experiment = experiment_id  # RunRecorder's argument of the same name hides it
+
+
+class RunRecorder:
+    """MLflow runs of one experiment, opened and finished the same way by every command."""
+
+    def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None):
+        self.uri, self.experiment = uri, experiment or DEFAULT_EXPERIMENT
+        self.client = client(uri)
+        self._experiment_id = experiment_id
+
+    @property
+    def experiment_id(self) -> str:
+        """Found or created on first use (finishing a run needs none)."""
+        if self._experiment_id is None:
+            self._experiment_id = _experiment(self.client, self.experiment, self.uri)
+        return self._experiment_id
+
+    def find(self, tags: dict[str, str]):
+        """The newest run of the experiment carrying all of ``tags``, or None."""
+        where = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=where,
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def open(self, name: str, kind: str, tags: dict | None = None, params: dict | None = None,
+             parent: str | None = None, resume: dict | None = None, existing=None) -> tuple[str, bool]:
+        """(run id, whether an existing run continues). ``existing`` (a run) or the newest run with the
+        ``resume`` tags continues (status RUNNING again); otherwise a run named ``name`` of ``kind`` is
+        created, tagged with its name, kind, parent, the checkout's git commit and the Ray job id (when
+        there is one) besides ``tags``. ``params`` are logged once (those the run holds already stay)."""
+        if existing is None and resume:
+            existing = self.find(resume)
+        if existing is not None:
+            run_id = existing.info.run_id
+            if existing.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            standard = {RUN_NAME_TAG: name, KIND_TAG: kind}
+            if parent:
+                standard[PARENT_TAG] = parent
+            commit = git_commit()
+            if commit:
+                standard["git_commit"] = commit
+            job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("SSLAB_RAY_JOB_ID")
+            if job_id:
+                standard["ray_job_id"] = job_id
+            run_id = self.client.create_run(self.experiment_id, run_name=name,
+                                            tags={**standard, **(tags or {})}).info.run_id
+        if params:
+            log_params(self.client, run_id, flat_params(params))
+        return run_id, existing is not None
+
+    def finish(self, run_id: str, status: str = "FINISHED", artifacts: Iterable[tuple[Path, str | None]] = ()) -> None:
+        """Upload ``artifacts`` ((file, folder in the run or None), those that exist) and end the run."""
+        for path, folder in artifacts:
+            if Path(path).is_file():
+                self.client.log_artifact(run_id, str(path), folder)
+        self.client.set_terminated(run_id, status=status)
 
 
 def _metric_values(row: dict) -> dict[str, float]:

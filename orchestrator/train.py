@@ -544,27 +544,13 @@ def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: st
             f"metrics.jsonl and are logged at the end if the server answers by then")
         return None
     try:
-        client = tracking.client(uri)
-        exp_id = tracking.experiment_id(client, options.experiment, uri)
-        existing = tracking.find_run(client, exp_id, name)
-        if existing is not None:
-            run_id = existing.info.run_id
-            client.update_run(run_id, status="RUNNING")
-            log(f"MLflow: continuing run {run_id} ({name})")
-        else:
-            tags = {tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "pretrain", "method": config.method_name,
-                    "dataset": config.data.dataset, "backbone": config.model.backbone,
-                    "workers": str(options.workers)}
-            commit = tracking.git_commit()
-            if commit:
-                tags["git_commit"] = commit
-            job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("SSLAB_RAY_JOB_ID")
-            if job_id:
-                tags["ray_job_id"] = job_id
-            run = client.create_run(exp_id, run_name=name, tags={**tags, **options.run_tags})
-            run_id = run.info.run_id
-            log(f"MLflow: run {run_id} in experiment '{options.experiment}' ({uri})")
-        tracking.log_params(client, run_id, tracking.flat_params(config.flat()))
+        recorder = tracking.RunRecorder(uri, options.experiment)
+        tags = {"method": config.method_name, "dataset": config.data.dataset, "backbone": config.model.backbone,
+                "workers": str(options.workers), **options.run_tags}
+        run_id, continued = recorder.open(name, "pretrain", tags, config.flat(),
+                                          resume={tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "pretrain"})
+        log(f"MLflow: continuing run {run_id} ({name})" if continued else
+            f"MLflow: run {run_id} in experiment '{options.experiment}' ({uri})")
         return run_id
     except Exception as exc:  # noqa: BLE001 - tracking must not stop training
         log(f"warning: MLflow at {uri} failed ({str(exc).splitlines()[0][:160]}); training goes ahead without "
@@ -575,25 +561,21 @@ def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: st
 def _finish_mlflow_run(uri: str, run_id: str, checkpoint_dir: Path | None, config: Config, history: list,
                        status: str, log) -> None:
     try:
-        client = tracking.client(uri)
         tracking.replay_history(uri, run_id, history, log=log)  # anything the workers could not send
         with tempfile.TemporaryDirectory(prefix="sslab-artifacts-") as folder:
             folder = Path(folder)
             config.dump(folder / "config.yaml")
-            client.log_artifact(run_id, str(folder / "config.yaml"))
+            artifacts = [(folder / "config.yaml", None)]
             if history:
                 from trainers.plots import plot_history
 
-                plot = plot_history(history, folder / "curves.png", title=config.name)
-                if plot is not None:
-                    client.log_artifact(run_id, str(plot))
+                artifacts.append((plot_history(history, folder / "curves.png", title=config.name), None))
             if checkpoint_dir is not None:
-                if (checkpoint_dir / "backbone.pt").is_file():
-                    client.log_artifact(run_id, str(checkpoint_dir / "backbone.pt"), "backbone")
-                for name in ("last.pt", "metrics.jsonl", "summary.json"):
-                    if (checkpoint_dir / name).is_file():
-                        client.log_artifact(run_id, str(checkpoint_dir / name), "checkpoint")
-        client.set_terminated(run_id, status=status)
+                artifacts.append((checkpoint_dir / "backbone.pt", "backbone"))
+                artifacts += [(checkpoint_dir / name, "checkpoint") for name in ("last.pt", "metrics.jsonl",
+                                                                                  "summary.json")]
+            tracking.RunRecorder(uri).finish(
+                run_id, status, [(path, where) for path, where in artifacts if path is not None])
     except Exception as exc:  # noqa: BLE001
         log(f"warning: could not finish the MLflow run {run_id} ({str(exc).splitlines()[0][:160]})")
 

@@ -34,7 +34,7 @@ FORMAT = 1  # bump when a stage's computation changes for the same settings (inv
 # per stage kind, over FORMAT: knn 2 since its metrics took the one kNN vocabulary (knn_top1 -> knn_top1_k20)
 STAGE_FORMATS = {"knn": 2}
 PIPELINE_TAG, STAGE_TAG, HASH_TAG, DONE_TAG = "sslab.pipeline", "sslab.stage", "sslab.stage_hash", "sslab.stage_done"
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = tracking.PARENT_TAG
 # Fault injection for tests: "<stage>:kill" makes the driver SIGKILL itself once that stage's outputs are
 # written and logged but before the stage is marked done: the worst moment for a resume to tell a
 # finished stage from a half-written one.
@@ -98,8 +98,8 @@ class PipelineRunner:
                 raise UserError(f"{problem}: the pipeline keeps its stage cache in MLflow; start the server or pass "
                                 f"--tracking-uri (e.g. sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'})")
             raise UserError(f"{problem} (the pipeline keeps its stage cache in MLflow)")
-        self.client = tracking.client(self.uri)
-        self.experiment_id = tracking.experiment_id(self.client, self.spec.experiment, self.uri)
+        self.recorder = tracking.RunRecorder(self.uri, self.spec.experiment)
+        self.client, self.experiment_id = self.recorder.client, self.recorder.experiment_id
         digest = self.spec.digest()
         if self.resume:
             try:
@@ -110,26 +110,13 @@ class PipelineRunner:
             if run.data.tags.get(tracking.KIND_TAG) != "pipeline":
                 raise UserError(f"--resume {self.resume} is not a pipeline run (it is a "
                                 f"{run.data.tags.get(tracking.KIND_TAG, 'plain')} run)")
-            parent_id = run.info.run_id
-        else:
-            runs = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{tracking.KIND_TAG}` = 'pipeline' and "
-                f"tags.`{PIPELINE_TAG}` = '{self.spec.name}' and tags.`sslab.pipeline_hash` = '{digest}'",
-                order_by=["attributes.start_time DESC"], max_results=1)
-            if runs:
-                parent_id = runs[0].info.run_id
-            else:
-                tags = {tracking.KIND_TAG: "pipeline", PIPELINE_TAG: self.spec.name, "sslab.pipeline_hash": digest}
-                commit = tracking.git_commit()
-                if commit:
-                    tags["git_commit"] = commit
-                parent_id = self.client.create_run(self.experiment_id, run_name=self.spec.name, tags=tags).info.run_id
-                tracking.log_params(self.client, parent_id, tracking.flat_params(
-                    {"pipeline": self.spec.name, "seed": self.spec.seed, "stages": [s.name for s in self.spec.stages],
-                     "config": self.spec.path or "", "data_root": self.spec.data_root or "default"}))
+        tags = {PIPELINE_TAG: self.spec.name, "sslab.pipeline_hash": digest}
+        parent_id, _ = self.recorder.open(
+            self.spec.name, "pipeline", tags,
+            {"pipeline": self.spec.name, "seed": self.spec.seed, "stages": [s.name for s in self.spec.stages],
+             "config": self.spec.path or "", "data_root": self.spec.data_root or "default"},
+            existing=run if self.resume else None, resume=None if self.resume else {tracking.KIND_TAG: "pipeline", **tags})
         self.parent_id = parent_id
-        if self.client.get_run(parent_id).info.status != "RUNNING":
-            self.client.update_run(parent_id, status="RUNNING")
         self.children = {r.data.tags.get(HASH_TAG): r for r in self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")}
         self.log(f"MLflow: pipeline run {parent_id} in experiment '{self.spec.experiment}' ({self.uri})")
@@ -139,14 +126,11 @@ class PipelineRunner:
                                         f"tags.`{DONE_TAG}` = '1'", max_results=1)
         return runs[0] if runs else None
 
-    def _child_run(self, stage: StageSpec, key: str) -> str:
-        existing = self.children.get(key)
-        if existing is not None:
-            self.client.update_run(existing.info.run_id, status="RUNNING")
-            return existing.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.spec.name}/{stage.name}",
-                                     tags=self._stage_tags(stage, key))
-        return run.info.run_id
+    def _child_run(self, stage: StageSpec, key: str, settings: dict) -> str:
+        run_id, _ = self.recorder.open(f"{self.spec.name}/{stage.name}", f"stage:{stage.kind}",
+                                       {STAGE_TAG: stage.name, PIPELINE_TAG: self.spec.name, HASH_TAG: key},
+                                       settings, parent=self.parent_id, existing=self.children.get(key))
+        return run_id
 
     def _stage_tags(self, stage: StageSpec, key: str) -> dict:
         return {PARENT_TAG: self.parent_id, tracking.KIND_TAG: f"stage:{stage.kind}", STAGE_TAG: stage.name,
@@ -237,8 +221,7 @@ class PipelineRunner:
             if stage.kind == "pretrain":
                 run_id, result = self._pretrain(stage, settings, key, folder)
             else:
-                run_id = self._child_run(stage, key)
-                tracking.log_params(self.client, run_id, tracking.flat_params(settings))
+                run_id = self._child_run(stage, key, settings)
                 result = self._compute(stage, settings, folder)
             result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)
             self._record(run_id, stage, key, folder, result)
