@@ -71,3 +71,36 @@ def test_replay_history_logs_only_missing_steps(tmp_path):
     assert tracking.replay_history(store, run_id, rows, log=lambda *_: None)
     assert [m.step for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)] == [1, 2, 3, 4, 5]
     assert [m.value for m in client.get_metric_history(run_id, "knn_top1_k20")] == [0.4]
+
+
+def test_run_recorder_opens_continues_and_finishes_runs_one_way(tmp_path, monkeypatch):
+    """Every command's runs get the same standard tags; a run found by its resume tags continues (status
+    RUNNING again, params it holds kept); finish uploads the files that exist and sets the status."""
+    monkeypatch.setenv("SSLAB_RAY_JOB_ID", "raysubmit_42")
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    recorder = tracking.RunRecorder(store, "exp")
+    parent, continued = recorder.open("sweep-a", "sweep", {"search": "grid"}, {"metric": "loss", "space": {"a": [1]}})
+    assert not continued
+    child, _ = recorder.open("sweep-a-1", "trial", {"sweep": "sweep-a"}, {"optim.lr": 0.1}, parent=parent)
+    run = recorder.client.get_run(child)
+    tags = run.data.tags
+    assert tags[tracking.RUN_NAME_TAG] == "sweep-a-1" and tags[tracking.KIND_TAG] == "trial"
+    assert tags[tracking.PARENT_TAG] == parent and tags["ray_job_id"] == "raysubmit_42" and tags["sweep"] == "sweep-a"
+    assert tags.get("git_commit") == tracking.git_commit()  # the checkout's commit (none outside a checkout)
+    assert run.data.params == {"optim.lr": "0.1"} and run.info.run_name == "sweep-a-1"
+    assert recorder.client.get_run(parent).data.params == {"metric": "loss", "space": '{"a": [1]}'}
+
+    (tmp_path / "summary.csv").write_text("a,loss\n1,0.5\n")
+    recorder.finish(child, "KILLED", [(tmp_path / "summary.csv", "report"), (tmp_path / "missing.png", None)])
+    assert recorder.client.get_run(child).info.status == "KILLED"
+    assert [f.path for f in recorder.client.list_artifacts(child, "report")] == ["report/summary.csv"]
+    assert recorder.client.list_artifacts(child) and len(recorder.client.list_artifacts(child)) == 1
+
+    again, continued = recorder.open("sweep-a-1", "trial", params={"optim.lr": 0.2, "seed": 1},
+                                     resume={tracking.RUN_NAME_TAG: "sweep-a-1", tracking.KIND_TAG: "trial"})
+    assert continued and again == child
+    run = recorder.client.get_run(child)
+    assert run.info.status == "RUNNING" and run.data.params == {"optim.lr": "0.1", "seed": "1"}
+    other = tracking.RunRecorder(store, experiment_id=recorder.experiment_id)
+    assert other.find({tracking.KIND_TAG: "sweep"}).info.run_id == parent
+    assert other.find({tracking.KIND_TAG: "pipeline"}) is None
