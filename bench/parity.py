@@ -61,7 +61,7 @@ from trainers.backbones import build_backbone  # noqa: E402
 from trainers.config import SECTIONS, Config, from_dict  # noqa: E402
 from trainers.data.augment import method_crop_groups, normalization_for  # noqa: E402
 from trainers.data.multicrop import subset_indices  # noqa: E402
-from trainers.knn import extract_features, knn_accuracy  # noqa: E402
+from trainers.knn import extract_features, knn_accuracy, knn_metric  # noqa: E402
 from trainers.methods import method_class  # noqa: E402
 from trainers.methods.base import MethodContext  # noqa: E402
 from trainers.optim import cosine_schedule  # noqa: E402
@@ -419,7 +419,7 @@ class SharedKnn:
         test_features, test_labels = extract_features(backbone, self._batches(*self.test), **extract)
         result = knn_accuracy(bank_features, bank_labels, test_features, test_labels, (self.k,), self.temperature,
                               self.num_classes)
-        return result[f"knn_top1_k{self.k}"]
+        return result[knn_metric(self.k, self.temperature)]
 
 
 # --------------------------------------------------------------------------- one run per side

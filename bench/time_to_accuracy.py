@@ -52,12 +52,16 @@ def main() -> int:
                  f"train.out_dir={ROOT / '.state' / 'bench' / f'tta-{args.method}'}", *args.set]
     config = load_config(config_path, overrides)
 
-    from trainers.loop import Trainer
+    from trainers.loop import Trainer, TrainerEvents
 
     curve: list[dict] = []
     clock: dict = {}
 
-    def on_epoch_end(completed: int, metrics: dict, _path) -> None:
+    class Curve(TrainerEvents):
+        def on_epoch_end(self, step: int, completed: int, metrics: dict, path, final: bool) -> None:
+            on_epoch_end(completed, metrics)
+
+    def on_epoch_end(completed: int, metrics: dict) -> None:
         elapsed = time.perf_counter() - clock["start"]
         if KNN in metrics:  # the curve keeps its field name of earlier result files
             curve.append({"epoch": completed, "seconds": round(elapsed, 1), "knn_top1_k200": metrics[KNN]})
@@ -67,7 +71,7 @@ def main() -> int:
         if elapsed > args.budget_s:
             raise Done()
 
-    trainer = Trainer(config, progress=False, log=lambda *_: None, on_epoch_end=on_epoch_end)
+    trainer = Trainer(config, progress=False, log=lambda *_: None, events=Curve())
     setup_started = time.perf_counter()
     trainer.setup()
     setup_s = time.perf_counter() - setup_started

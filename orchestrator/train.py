@@ -28,32 +28,13 @@ from typing import Callable
 from trainers.checkpoint import checksum_path
 from trainers.config import Config, from_dict
 from trainers.errors import ConfigError, UserError
+from trainers.events import TrainerEvents
 from trainers.paths import state_dir
 
 from orchestrator import tracking
+from orchestrator.faults import FAULT_ENV, FaultPlan, parse_fault
 
-# Fault injection for tests: "11" makes rank 0 raise once at step 11; "kill:5,9,14" makes rank 0's
-# process SIGKILL itself once at each listed step (a marker file per step, in the run's storage);
-# "wait:6" makes rank 0 wait at step 6 (marker fault-6 written) until a file go-6 appears beside the
-# marker, so that a test can remove a node or send a signal while the run stands at a known step.
-FAULT_ENV = "SSLAB_FAULT_AT_STEP"
 FATAL_NOTE = "fatal-error.txt"  # in <storage>/<name>/: a user error that a restart would only repeat
-
-
-def parse_fault(text: str | None) -> tuple[str, list[int]] | None:
-    """(kind, steps) of a ``SSLAB_FAULT_AT_STEP`` value; kind is "raise" or "kill"."""
-    if not text:
-        return None
-    kind, _, steps = text.rpartition(":")
-    kind = kind or "raise"
-    try:
-        numbers = sorted({int(s) for s in steps.split(",") if s.strip()})
-    except ValueError:
-        numbers = []
-    if kind not in ("raise", "kill", "wait") or not numbers or numbers[0] < 1:
-        raise ConfigError(f"{FAULT_ENV}={text!r} is not a fault plan: use STEP, or kill:STEP[,STEP...] or "
-                          f"wait:STEP[,STEP...] with steps >= 1")
-    return kind, numbers
 
 
 def run_markers(storage: str, name: str) -> dict:
@@ -306,112 +287,126 @@ def _copy_checkpoint_files(source: Path, target: Path) -> None:
             shutil.copy2(source / name, target / name)
 
 
+class RayReporter(TrainerEvents):
+    """A Ray Train worker's side of the loop's events: logged rows to MLflow (rank 0, by global step, so a
+    restart never duplicates one), checkpoints with the held-out metrics to ``ray.train.report`` (rank 0
+    uploads the files, every rank reports), and the test fault plan after each logged row."""
+
+    def __init__(self, loop_config: dict, rank: int, out_dir: Path, faults: FaultPlan | None = None):
+        self.rank, self.out_dir, self.faults = rank, out_dir, faults
+        self.run_folder = loop_config.get("run_folder")
+        self.metric_logger = None
+        if rank == 0 and loop_config.get("run_id"):
+            self.metric_logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        if self.run_folder:  # the worker's own checkpoint folder is scratch: point at what survives it
+            self.resume_hint = (f"the run resumes from its last checkpoint in {self.run_folder} "
+                                f"(rerun with --name {loop_config['name']})")
+        self.held_out: dict = {}  # the latest online kNN / probe metrics, sent with every report
+
+    def on_log(self, step: int, row: dict) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.log_row(step, row)
+        if self.faults is not None:
+            self.faults.after_step(step)
+
+    def on_checkpoint(self, step: int, metrics: dict, path: Path) -> None:
+        self.report(step, metrics, path)
+
+    def on_epoch_end(self, step: int, completed: int, metrics: dict, path: Path | None, final: bool) -> None:
+        if not final:  # the final report follows fit(), with the backbone
+            self.report(step, metrics, path)
+
+    def flush(self) -> None:
+        if self.metric_logger is not None:
+            self.metric_logger.flush(force=True)
+
+    def report(self, step: int, metrics: dict, path: Path | None, final: bool = False) -> None:
+        import ray.train
+
+        # the held-out evaluations (online kNN, online linear probe) come with epoch ends, not with on_log
+        held_out = {k: v for k, v in metrics.items() if k.startswith(("knn_", "online_linear_top"))}
+        self.held_out.update(held_out)
+        if self.metric_logger is not None and held_out:
+            self.metric_logger.log_row(step, held_out)
+        payload = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        payload.update(self.held_out)
+        payload.setdefault("knn_top1_k20", 0.0)  # the checkpoint score must exist in every report
+        payload.update(step=step, final=float(final))
+        if self.rank != 0 or path is None:
+            ray.train.report(payload, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="sslab-report-") as folder:
+            staged = Path(folder)
+            shutil.copy2(path, staged / "last.pt")
+            if checksum_path(path).is_file():
+                shutil.copy2(checksum_path(path), staged / "last.pt.sha256")
+            for name in CHECKPOINT_FILES[1:]:
+                if (self.out_dir / name).is_file():
+                    shutil.copy2(self.out_dir / name, staged / name)
+            try:
+                ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            except OSError as exc:  # the run storage is full or read-only; Ray has kept the last upload
+                from trainers.checkpoint import storage_error
+
+                raise storage_error(self.run_folder or "the run storage", exc) from None
+
+
 def worker_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs (rank / world size from Ray's context)."""
     import ray.train
     import ray.train.torch
 
+    from orchestrator.preempt import install_on_ray_worker
     from trainers.loop import StopRequested, Trainer
 
-    # state dir, data root, tracking URI of the driver (no secrets); a cluster node keeps its own folders
+    # 1. this worker's settings: the driver's environment (state dir, data root, tracking URI; a cluster
+    #    node keeps its own folders), the config, staged data, the device and a scratch run folder
     apply_env(loop_config.get("env", {}), loop_config.get("env_node_defaults", ()))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+
+    def worker_log(msg: str) -> None:
+        print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+
     config = from_dict(loop_config["config"])
     if loop_config.get("staged_data"):
         from orchestrator.staging import fetch_staged
 
-        fetch_staged(config, loop_config["staged_data"],
-                     log=lambda msg: print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True))
+        fetch_staged(config, loop_config["staged_data"], log=worker_log)
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         config.train.device = "cpu"
-    # the worker's own scratch folder; what must survive goes through ray.train.report
-    out_dir = Path(tempfile.mkdtemp(prefix=f"sslab-{loop_config['name']}-rank{rank}-"))
-    config.train.out_dir = str(out_dir)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"sslab-{loop_config['name']}-rank{rank}-"))  # what must survive
+    config.train.out_dir = str(out_dir)                                                # goes through reports
+
+    # 2. a restarted worker group resumes from the checkpoint Ray hands back
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             _copy_checkpoint_files(Path(folder), out_dir / "checkpoints")
             if (Path(folder) / "metrics.jsonl").is_file():
                 shutil.copy2(Path(folder) / "metrics.jsonl", out_dir / "metrics.jsonl")
-        config.train.resume = "auto"
-    else:
-        config.train.resume = None
-    metric_logger = None
-    if rank == 0 and loop_config.get("run_id"):
-        metric_logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-    fault = loop_config.get("fault")  # (kind, steps) or None
-    fault_folder = Path(loop_config["fault_marker"]) if loop_config.get("fault_marker") else None
-    last_knn: dict = {}
-    trainer: Trainer | None = None
+    config.train.resume = "auto" if checkpoint is not None else None
 
-    def on_log(step: int, row: dict) -> None:
-        if metric_logger is not None:
-            metric_logger.log_row(step, row)
-        if fault is not None and fault_folder is not None:
-            _inject_fault(fault[0], fault[1], step, fault_folder)
-
-    def report(step: int, metrics: dict, path: Path | None, final: bool = False) -> None:
-        # the held-out evaluations (online kNN, online linear probe) come with epoch ends, not with on_log
-        knn = {k: v for k, v in metrics.items() if k.startswith(("knn_", "online_linear_top"))}
-        last_knn.update(knn)
-        if metric_logger is not None and knn:
-            metric_logger.log_row(step, knn)
-        payload = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        payload.update(last_knn)
-        payload.setdefault("knn_top1_k20", 0.0)  # the checkpoint score must exist in every report
-        payload.update(step=step, final=float(final))
-        if rank == 0 and path is not None:
-            with tempfile.TemporaryDirectory(prefix="sslab-report-") as folder:
-                staged = Path(folder)
-                shutil.copy2(path, staged / "last.pt")
-                if checksum_path(path).is_file():
-                    shutil.copy2(checksum_path(path), staged / "last.pt.sha256")
-                for name in CHECKPOINT_FILES[1:]:
-                    if (out_dir / name).is_file():
-                        shutil.copy2(out_dir / name, staged / name)
-                try:
-                    ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
-                except OSError as exc:  # the run storage is full or read-only; Ray has kept the last upload
-                    from trainers.checkpoint import storage_error
-
-                    raise storage_error(loop_config.get("run_folder") or "the run storage", exc) from None
-        else:
-            ray.train.report(payload, checkpoint=None)
-
-    def on_epoch_end(completed: int, metrics: dict, path: Path | None) -> None:
-        if trainer is not None and trainer.step >= trainer_max_steps():
-            return  # the final report follows, with the backbone
-        report(trainer.step if trainer else 0, metrics, path)
-
-    def trainer_max_steps() -> int:
-        t = trainer.config.train
-        return min(trainer.total_steps, t.max_steps) if t.max_steps is not None else trainer.total_steps
-
-    # a user error (NaN loss, bad data) happens again after a restart: the first worker to meet it leaves
-    # a note in the run's storage, and restarted workers stop at once instead of training up to it again
+    # 3. a user error (NaN loss, bad data) happens again after a restart: the first worker to meet it leaves
+    #    a note in the run's storage, and restarted workers stop at once instead of training up to it again
     fatal = Path(loop_config["fatal_marker"]) if loop_config.get("fatal_marker") else None
     if fatal is not None and fatal.is_file():
         note = json.loads(fatal.read_text())
         error = UserError(note["message"])
         error.exit_code = note["exit_code"]
         raise error
-    # a SIGTERM (spot reclaim, pod eviction) stops every rank after the step in flight, with a checkpoint
-    from orchestrator.preempt import install_on_ray_worker
 
-    def worker_log(msg: str) -> None:
-        print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
-
+    # 4. train; the loop's events go through the reporter, a SIGTERM (spot reclaim, pod eviction) stops every
+    #    rank after the step in flight with a checkpoint
+    fault = loop_config.get("fault")  # (kind, steps) or None: the restart tests' plan
+    faults = (FaultPlan(fault[0], fault[1], Path(loop_config["fault_marker"]))
+              if fault is not None and loop_config.get("fault_marker") else None)
+    reporter = RayReporter(loop_config, rank, out_dir, faults)
     stop = install_on_ray_worker(worker_log)
     try:
-        trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False,
-                          log=worker_log, on_log=on_log, on_epoch_end=on_epoch_end,
-                          on_checkpoint=lambda s, m, p: report(s, m, p), stop=stop)
-        # the worker's own checkpoint folder is scratch: point at what survives it
-        if loop_config.get("run_folder"):
-            trainer.resume_hint = (f"the run resumes from its last checkpoint in {loop_config['run_folder']} "
-                                   f"(rerun with --name {loop_config['name']})")
+        trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False, log=worker_log,
+                          events=reporter, stop=stop)
         trainer.setup()
         ranks = _where_ranks_run(world)
         if rank == 0:
@@ -425,8 +420,7 @@ def worker_loop(loop_config: dict) -> None:
                 record_attempt(loop_config, {"stopped_at_step": exc.step, "rank": rank, "reason": exc.reason,
                                              "checkpoint_s": round(time.monotonic() - stop.received_at, 3)},
                                file=PREEMPTIONS_FILE)
-        if metric_logger is not None:
-            metric_logger.flush(force=True)
+        reporter.flush()
         # the controller must hold every rank's report of that checkpoint before it sees the first error, or
         # it restarts from the previous one: each rank waits until its report is taken, then all ranks meet
         _wait_until_reports_taken(worker_log)
@@ -440,10 +434,10 @@ def worker_loop(loop_config: dict) -> None:
             fatal.parent.mkdir(parents=True, exist_ok=True)
             fatal.write_text(json.dumps({"message": str(exc), "exit_code": exc.exit_code}))
         raise
-    if metric_logger is not None:
-        metric_logger.flush(force=True)
-    final_path = result.checkpoint if rank == 0 else None  # fit() always checkpoints its last step
-    report(result.steps, result.metrics, final_path, final=True)
+
+    # 5. the final report: fit() always checkpoints its last step (rank 0 uploads it with the backbone)
+    reporter.flush()
+    reporter.report(result.steps, result.metrics, result.checkpoint if rank == 0 else None, final=True)
     shutil.rmtree(out_dir, ignore_errors=True)
 
 
@@ -511,29 +505,6 @@ def user_error_in(error: BaseException) -> UserError | None:
         todo += [wrapped, getattr(current, "__cause__", None)]
         todo += list((getattr(current, "worker_failures", None) or {}).values())
     return None
-
-
-def _inject_fault(kind: str, steps: list[int], step: int, folder: Path) -> None:
-    """Fail once at each planned step (tests of restarts): the marker is written before the fault,
-    so the restarted worker group goes past that step."""
-    due = [s for s in steps if s <= step and not (folder / f"fault-{s}").exists()]
-    if not due:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    for planned in due:
-        (folder / f"fault-{planned}").write_text(f"{kind} at step {step}\n")
-    if kind == "wait":
-        go = [folder / f"go-{s}" for s in due]
-        deadline = time.monotonic() + 300
-        while not all(path.exists() for path in go) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return
-    if kind == "kill":
-        import signal
-
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: like the OOM killer or a lost node
-    raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV})")
 
 
 # --------------------------------------------------------------------------- driver side

@@ -9,7 +9,7 @@ import torch
 from trainers.checkpoint import StorageError, load_checkpoint, save_checkpoint
 from trainers.config import load_config
 from trainers.errors import ConfigError, DataError
-from trainers.loop import NonFiniteLossError, Trainer, load_backbone
+from trainers.loop import NonFiniteLossError, Trainer, TrainerEvents, load_backbone
 
 METHOD_SETTINGS = {
     "swav": ["method.prototypes=30", "method.queue_length=64", "method.queue_start_epoch=1",
@@ -30,10 +30,26 @@ def tiny_config(method, out_dir, *extra):
         f"train.out_dir={out_dir}", *extra])
 
 
+class Recorded(TrainerEvents):
+    """The loop's events, kept: losses by step, and the order of checkpoints and epoch ends."""
+
+    def __init__(self):
+        self.losses, self.reported = {}, []
+
+    def on_log(self, step, row):
+        self.losses[step] = row["loss"]
+
+    def on_checkpoint(self, step, metrics, path):
+        self.reported.append(step)
+
+    def on_epoch_end(self, step, completed, metrics, path, final):
+        self.reported.append(("epoch", completed, path is not None))
+
+
 def run(config, **kwargs):
-    losses = {}
-    trainer = Trainer(config, progress=False, log=lambda *_: None,
-                      on_log=lambda step, row: losses.__setitem__(step, row["loss"]), **kwargs)
+    events = Recorded()
+    losses = events.losses
+    trainer = Trainer(config, progress=False, log=lambda *_: None, events=events, **kwargs)
     result = trainer.fit()
     return trainer, result, losses
 
@@ -92,9 +108,10 @@ def test_a_stop_request_checkpoints_the_step_in_flight_and_the_resumed_run_is_th
     def stop():
         return "test stop" if holder["trainer"].step >= stop_at else None
 
+    events = Recorded()
+    events.reported = reported
     trainer = Trainer(tiny_config("supcon", tmp_path / "cut"), progress=False, log=lambda *_: None, stop=stop,
-                      on_checkpoint=lambda step, metrics, path: reported.append(step),
-                      on_epoch_end=lambda done, metrics, path: reported.append(("epoch", done, path is not None)))
+                      events=events)
     holder["trainer"] = trainer
     with pytest.raises(StopRequested) as stopped:
         trainer.fit()

@@ -176,7 +176,8 @@ def test_ddp_across_two_nodes_survives_a_preemption_and_a_lost_node_and_matches_
 
     The run ends with the single-node reference's 16 steps and losses, and MLflow holds each step once."""
     from orchestrator.preempt import DEFAULT_STOP_GRACE_S
-    from orchestrator.train import FAULT_ENV, run_pretraining
+    from orchestrator.faults import FAULT_ENV
+    from orchestrator.train import run_pretraining
     from trainers.data.beton import read_meta
 
     preempt_step, lose_step = WAIT_STEP, 11

@@ -93,7 +93,8 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(local_ray, tmp_pa
 
 
 def test_three_sigkills_mid_epoch_give_the_uninterrupted_run_and_one_mlflow_run(local_ray, tmp_path, monkeypatch):
-    from orchestrator.train import FAULT_ENV, run_pretraining
+    from orchestrator.faults import FAULT_ENV
+    from orchestrator.train import run_pretraining
     from trainers.checkpoint import load_checkpoint
 
     def config():

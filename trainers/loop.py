@@ -27,7 +27,8 @@ from trainers.checks import SEED_LIMIT  # seeds are combined as seed * 1000 + ra
 from trainers.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
 from trainers.errors import ConfigError, DataError, UserError
-from trainers.knn import extract_features, knn_accuracy
+from trainers.events import TrainerEvents  # noqa: F401 (re-exported: trainers.loop.TrainerEvents)
+from trainers.knn import extract_features, knn_accuracy, knn_metric
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext
 from trainers.optim import (OPTIMIZERS, build_optimizer, clip_gradients, cosine_schedule, parameter_groups,
@@ -245,20 +246,14 @@ def default_out_dir(name: str) -> Path:
 # --------------------------------------------------------------------------- the trainer
 class Trainer:
     def __init__(self, config: Config, rank: int = 0, world_size: int = 1, device: str | torch.device | None = None,
-                 log: Callable[[str], None] = print, progress: bool = True,
-                 on_epoch_end: Callable[[int, dict, Path | None], None] | None = None,
-                 on_log: Callable[[int, dict], None] | None = None,
-                 wrap_student: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 out_dir: str | Path | None = None,
-                 on_checkpoint: Callable[[int, dict, Path | None], None] | None = None,
-                 stop: Callable[[], str | None] | None = None):
+                 log: Callable[[str], None] = print, progress: bool = True, events: TrainerEvents | None = None,
+                 out_dir: str | Path | None = None, stop: Callable[[], str | None] | None = None):
         check_config(config, world_size)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.is_main = rank == 0
         self.log = log if self.is_main else (lambda *_: None)
         self.progress = progress and self.is_main
-        self.on_epoch_end, self.on_log, self.wrap_student = on_epoch_end, on_log, wrap_student
-        self.on_checkpoint = on_checkpoint  # mid-epoch checkpoints (train.checkpoint_every_steps), every rank
+        self.events = events or TrainerEvents()
         # asked after every step: a reason (str) to stop now, else None. Under DDP the ranks agree (any one
         # asking stops all at the same step); the run then checkpoints and raises StopRequested
         self.stop = stop
@@ -267,7 +262,6 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.out_dir = Path(out_dir or config.train.out_dir or default_out_dir(config.name)).expanduser().resolve()
         self.history: list[dict] = []
-        self.resume_hint: str | None = None  # where a run resumes from, when not this process's checkpoint
         self._held = contextlib.ExitStack()  # the run folder's lock, from setup() to the end of fit()
 
     def _lock_run_folder(self) -> None:
@@ -369,9 +363,7 @@ class Trainer:
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # training randomness differs per rank
         if self.device.type == "cuda":
             torch.cuda.manual_seed(t.seed * 1000 + self.rank + 1)
-        if self.wrap_student is not None:
-            self.method.set_student_runner(self.wrap_student(self.method.student))
-        elif self.world_size > 1:
+        if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -633,7 +625,7 @@ class Trainer:
     def _non_finite(self, step: int, value: float) -> NonFiniteLossError:
         name = self.config.method_name
         lr = float(self.lr_schedule[min(step, len(self.lr_schedule) - 1)])
-        where = self.resume_hint or (
+        where = self.events.resume_hint or (
             f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else
             "no checkpoint was written yet")
         return NonFiniteLossError(
@@ -663,8 +655,8 @@ class Trainer:
         self.history.append(row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.3g}", img_s=f"{row['img_per_s']:.0f}")
-        if self.on_log is not None and self.is_main:
-            self.on_log(row["step"], row)
+        if self.is_main:
+            self.events.on_log(row["step"], row)
         pending.clear()
         return row
 
@@ -716,11 +708,10 @@ class Trainer:
         return own or "another worker was asked to stop"
 
     def _checkpoint_mid_epoch(self, last: dict) -> Path | None:
-        """``last.pt`` and metrics.jsonl at this step, handed to ``on_checkpoint`` (every rank)."""
+        """``last.pt`` and metrics.jsonl at this step, handed to ``events.on_checkpoint`` (every rank)."""
         path = self.save(epoch_end=False)
         self._write_history()
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(self.step, dict(last), path)
+        self.events.on_checkpoint(self.step, dict(last), path)
         return path
 
     def _stop_now(self, reason: str, pending: list, epoch: int, started: float, images: int, bar,
@@ -791,7 +782,8 @@ class Trainer:
                 found = self.evaluate_online(knn=knn_due, probe=probe_due)
                 metrics.update(found)
                 self.history.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, **found})
-                parts = ["kNN top-1 " + ", ".join(f"k={kk} {found[f'knn_top1_k{kk}']:.2%}" for kk in c.knn.k)
+                parts = ["kNN top-1 " + ", ".join(f"k={kk} {found[knn_metric(kk, c.knn.temperature)]:.2%}"
+                                                  for kk in c.knn.k)
                          ] if knn_due else []
                 if probe_due:
                     parts.append(f"online linear top-1 {found['online_linear_top1']:.2%}")
@@ -804,8 +796,8 @@ class Trainer:
             elif final:
                 checkpoint = self.save(epoch_end=False)
             self._write_history()
-            if self.on_epoch_end is not None and (epoch_done or final):
-                self.on_epoch_end(completed, metrics, checkpoint)
+            if epoch_done or final:
+                self.events.on_epoch_end(self.step, completed, metrics, checkpoint, final)
             if self.stop is not None and not final:  # asked during the epoch's last step or its evaluation
                 reason = self._stop_reason()
                 if reason:
