@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import markdown_table, write_result  # noqa: E402
 from bench.recipes import bench_config  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -105,15 +106,12 @@ def main() -> int:
               f"syncs {ours['syncs']}", flush=True)
     facts = {"backbone": args.backbone, "batch": args.batch, "torch": torch.__version__,
              "date": time.strftime("%Y-%m-%d"), "note": "dispatcher-level counts: the same on CPU and GPU"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    out = write_result(args.out, {"facts": facts, "rows": rows})
     print(f"\n{args.backbone}, kernels per call (dispatcher-level ATen operators that launch work)\n")
-    print("| method | crops | ceiling step | our step | added by the method | augmentation | host syncs |\n"
-          "|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['crops']} | {r['ceiling']} | {r['step']} | {r['added_by_method']} | "
-              f"{r['augment']} | {r['syncs']} |")
+    print(markdown_table(("method", "crops", "ceiling step", "our step", "added by the method", "augmentation",
+                          "host syncs"),
+                         [(r["method"], r["crops"], r["ceiling"], r["step"], r["added_by_method"], r["augment"],
+                           r["syncs"]) for r in rows]))
     print(f"\nwrote {out}")
     return 0
 

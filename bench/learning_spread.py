@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import write_result  # noqa: E402
 
 from trainers.config import load_config  # noqa: E402
 from trainers.loop import Trainer  # noqa: E402
@@ -97,9 +98,7 @@ def main() -> int:
             rows.append(row)
             print(f"{method} seed {seed}: {100 * row['before']:.2f}% -> {100 * row['after']:.2f}% "
                   f"({100 * row['gain']:+.2f}) in {row['seconds']:.0f} s", flush=True)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"metric": settings.METRIC, "steps": args.steps, "rows": rows},
-                                                 indent=1))
+            write_result(args.out, {"metric": settings.METRIC, "steps": args.steps, "rows": rows})
     print(summary(rows, settings.MARGINS))
     return 0
 

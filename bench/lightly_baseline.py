@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import markdown_table, write_result  # noqa: E402
 from bench.recipes import bench_config  # noqa: E402
 
 from trainers.backbones import build_backbone  # noqa: E402
@@ -180,12 +181,9 @@ def main() -> int:
         print(f"lightly {lightly.__version__} {method:5s} {crops:10s} {rate:10,.0f} img/s", flush=True)
     facts = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "lightly": lightly.__version__,
              "batch": batch, "backbone": backbone, "workers": workers, "date": time.strftime("%Y-%m-%d")}
-    out = ROOT / "bench" / "results" / f"lightly-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
-    print("\n| method | crops | lightly img/s |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['crops']} | {r['lightly_img_s']:,.0f} |")
+    out = write_result(ROOT / "bench" / "results" / f"lightly-{device.type}.json", {"facts": facts, "rows": rows})
+    print("\n" + markdown_table(("method", "crops", "lightly img/s"),
+                                [(r["method"], r["crops"], f"{r['lightly_img_s']:,.0f}") for r in rows]))
     print(f"\nwrote {out}")
     return 0
 

@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import markdown_table, write_result  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
 from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for  # noqa: E402
@@ -224,14 +225,11 @@ def main(argv=None) -> int:
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                 device_type=device.type, cpu_count=os.cpu_count(), workers=args.workers, torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"), command="python bench/loader.py " + " ".join(argv or sys.argv[1:]))
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"loader-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    out = write_result(args.out or ROOT / "bench" / "results" / f"loader-{device.type}.json", dict(meta=meta, rows=rows))
     print(f"\n{meta['device']}, {meta['cpu_count']} cores, torch {meta['torch']}, {meta['date']}\n")
-    print("| case | path | batch | img/s |\n|---|---|---|---|")
-    for row in rows:
-        what = f"{row['path']} ({row['backbone']})" if "backbone" in row else row["path"]
-        print(f"| {row['case']} | {what} | {row['batch_size']} | {row['img_per_s']:,.0f} |")
+    print(markdown_table(("case", "path", "batch", "img/s"), [
+        (row["case"], f"{row['path']} ({row['backbone']})" if "backbone" in row else row["path"], row["batch_size"],
+         f"{row['img_per_s']:,.0f}") for row in rows]))
     print(f"\nwrote {out}")
     return 0
 

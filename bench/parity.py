@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import write_result  # noqa: E402
 
 from bench.lightly_baseline import PILImages  # noqa: E402
 from trainers.backbones import build_backbone  # noqa: E402
@@ -817,10 +818,8 @@ def merge(args) -> int:
                  lightly_prototype_bias=args.lightly_prototype_bias, lightly_data=args.lightly_data,
                  jitter_order=args.jitter_order)
     summary = summarize(runs, args.methods, args.seeds)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "runs": runs, "summary": summary,
-                               "markdown": markdown(summary, facts)}, indent=1))
+    out = write_result(args.out, {"facts": facts, "runs": runs, "summary": summary,
+                                  "markdown": markdown(summary, facts)})
     missing = [f"{m} seed {s} {side}" for m in args.methods for s in args.seeds for side in ("random", "ours", "lightly")
                if (m, s, side) not in seen]
     print(markdown(summary, facts))
@@ -878,11 +877,9 @@ def main(argv=None) -> int:
              "sides": args.sides}
 
     def save():
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         summary = summarize(runs, args.methods, args.seeds)
-        out.write_text(json.dumps({"facts": facts, "settings": all_settings, "runs": runs, "summary": summary,
-                                   "markdown": markdown(summary, facts)}, indent=1))
+        out = write_result(args.out, {"facts": facts, "settings": all_settings, "runs": runs, "summary": summary,
+                                      "markdown": markdown(summary, facts)})
         return out, summary
 
     total = len(args.methods) * len(args.seeds)

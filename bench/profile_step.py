@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import markdown_table, write_result  # noqa: E402
 from bench.recipes import bench_config  # noqa: E402
 
 from trainers.config import load_config  # noqa: E402
@@ -156,21 +157,18 @@ def main() -> int:
     }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
         f"profile-{args.method}-{args.crops}-{device.type}{'-compiled' if args.compile else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_result(out, result)
     clock = "device time" if gpu else "self CPU time"
     print(f"\n{result['facts']['device']}, {args.method} {args.crops}, {backbone}, batch {batch}: "
           f"{result['img_per_s_profiled']:,.0f} img/s under the profiler, "
           f"{result['host_syncs_per_step']:.1f} host syncs per step\n")
-    print("| half of the step | share of wall time |\n|---|---|")
-    for k, v in result["wall_share"].items():
-        print(f"| {k} | {v:.1%} |")
-    print(f"\n| operator family | share of {clock} |\n|---|---|")
-    for k, v in result["time_by_family"].items():
-        print(f"| {k} | {v:.1%} |")
-    print("\n| operator | family | ms/step | calls/step |\n|---|---|---|---|")
-    for row in result["top_ops"]:
-        print(f"| `{row['op']}` | {row['family']} | {row['ms_per_step']:.2f} | {row['calls_per_step']:.0f} |")
+    print(markdown_table(("half of the step", "share of wall time"),
+                         [(k, f"{v:.1%}") for k, v in result["wall_share"].items()]))
+    print("\n" + markdown_table(("operator family", f"share of {clock}"),
+                                [(k, f"{v:.1%}") for k, v in result["time_by_family"].items()]))
+    print("\n" + markdown_table(("operator", "family", "ms/step", "calls/step"), [
+        (f"`{row['op']}`", row["family"], f"{row['ms_per_step']:.2f}", f"{row['calls_per_step']:.0f}")
+        for row in result["top_ops"]]))
     print(f"\nwrote {out}")
     return 0
 

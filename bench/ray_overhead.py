@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import markdown_table, write_result  # noqa: E402
 from bench.recipes import bench_config  # noqa: E402
 
 from trainers.config import load_config  # noqa: E402
@@ -81,12 +82,11 @@ def main() -> int:
     facts = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "cpus": os.cpu_count(),
              "method": args.method, "crops": args.crops, "batch": batch, "backbone": backbone,
              "steps": window * args.windows, "window": window, "date": time.strftime("%Y-%m-%d")}
-    out = ROOT / "bench" / "results" / f"ray-overhead-{'cuda' if gpu else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "result": rows}, indent=1))
-    print("| path | steady img/s | wall s (incl. start-up) |\n|---|---|---|")
-    print(f"| plain process | {rows['plain_img_s']:,.0f} | {rows['plain_wall_s']} |")
-    print(f"| Ray Train, 1 worker | {rows['ray_img_s']:,.0f} | {rows['ray_wall_s']} |")
+    out = write_result(ROOT / "bench" / "results" / f"ray-overhead-{'cuda' if gpu else 'cpu'}.json",
+                       {"facts": facts, "result": rows})
+    print(markdown_table(("path", "steady img/s", "wall s (incl. start-up)"), [
+        ("plain process", f"{rows['plain_img_s']:,.0f}", rows["plain_wall_s"]),
+        ("Ray Train, 1 worker", f"{rows['ray_img_s']:,.0f}", rows["ray_wall_s"])]))
     print(f"\nRay / plain steady-state throughput: {rows['ray_over_plain']:.1%}   (wrote {out})")
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import write_result  # noqa: E402
 
 
 def max_overlap(spans: list[tuple[float, float]]) -> int:
@@ -77,9 +78,7 @@ resources_per_worker: {resources}
               "trial_seconds": [round(e - s, 1) for s, e in spans],
               "resources_per_trial": {"cpu": cpus, **({"gpu": args.gpu} if gpu else {})},
               "date": time.strftime("%Y-%m-%d")}
-    out = ROOT / "bench" / "results" / f"sweep-concurrency-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result(ROOT / "bench" / "results" / f"sweep-concurrency-{args.device}.json", result)
     print(f"{result['trials']} trials, at most {result['max_concurrent']} at the same time; sweep wall {wall:.0f} s "
           f"(trials {result['trial_seconds']} s); wrote {out}")
     return 0

@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import markdown_table, write_result  # noqa: E402
 from bench.recipes import bench_config  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -190,16 +191,14 @@ def main() -> int:
         facts.update(lightly=lightly.__version__, lightly_loader_workers=loader_workers)
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
         f"throughput-{device.type}{'-compiled' if args.compile else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    write_result(out, {"facts": facts, "rows": rows})
     print(f"\n{facts['device']}, {backbone}, batch {batch}, {facts['precision']}, "
           f"{'compiled' if args.compile else 'eager'}\n")
-    print("| method | crops | ceiling img/s | ours img/s | ours / ceiling | lightly img/s | ours / lightly |\n"
-          "|---|---|---|---|---|---|---|")
-    for r in rows:
-        theirs = (f"{r['lightly_img_s']:,.0f} | {r['ours_vs_lightly']:.1f}x" if "lightly_img_s" in r else "- | -")
-        print(f"| {r['method']} | {r['crops']} | {r['ceiling_img_s']:,.0f} | {r['ours_img_s']:,.0f} | {r['ratio']:.1%} "
-              f"| {theirs} |")
+    print(markdown_table(
+        ("method", "crops", "ceiling img/s", "ours img/s", "ours / ceiling", "lightly img/s", "ours / lightly"),
+        [(r["method"], r["crops"], f"{r['ceiling_img_s']:,.0f}", f"{r['ours_img_s']:,.0f}", f"{r['ratio']:.1%}",
+          *((f"{r['lightly_img_s']:,.0f}", f"{r['ours_vs_lightly']:.1f}x") if "lightly_img_s" in r else ("-", "-")))
+         for r in rows]))
     print(f"\nwrote {out}")
     return 0
 

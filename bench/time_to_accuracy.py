@@ -21,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import write_result  # noqa: E402
 from bench.recipes import bench_config  # noqa: E402
 from trainers.knn import knn_metric  # noqa: E402
 
@@ -85,9 +86,9 @@ def main() -> int:
              "config": str(config_path), "overrides": overrides, "target": target, "budget_s": args.budget_s,
              "setup_s": round(setup_s, 1), "reached_at_s": reached["seconds"] if reached else None,
              "best": max((p["knn_top1_k200"] for p in curve), default=None), "date": time.strftime("%Y-%m-%d")}
-    out = ROOT / "bench" / "results" / f"tta-{args.method}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "curve": curve}, indent=1))
+    out = write_result(ROOT / "bench" / "results" /
+                       f"tta-{args.method}-{'cuda' if args.device.startswith('cuda') else 'cpu'}.json",
+                       {"facts": facts, "curve": curve})
     verdict = f"reached {target:.1%} at {reached['seconds']:.0f} s" if reached else \
         f"did not reach {target:.1%} within {args.budget_s:.0f} s (best {facts['best'] or 0:.1%})"
     print(f"\n{args.method}: {verdict}; setup {setup_s:.0f} s not counted; wrote {out}")

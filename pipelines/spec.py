@@ -32,7 +32,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
