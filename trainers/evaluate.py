@@ -103,8 +103,8 @@ def extract(backbone: torch.nn.Module, images: ImageSet, spec: BackboneSpec, cro
     batches = ((images.images[start:start + spec.batch_size], images.labels[start:start + spec.batch_size])
                for start in range(0, len(images.labels), spec.batch_size))
     features, _ = extract_features(backbone, batches, spec.image_size, spec.mean, spec.std, spec.device,
-                                   normalize=False, crop=crop)
-    return features.cpu()
+                                   normalize=False, crop=crop, output_device="cpu")
+    return features
 
 
 KNN_MAIN, KNN_WIDE = (20, 0.07), (200, 0.1)  # DINO's eval_knn.py; lightly's benchmarks

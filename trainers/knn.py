@@ -64,10 +64,12 @@ def center_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, batches: Iterable, size: int, mean, std, device,
                      autocast_dtype=None, channels_last: bool = False, limit: int | None = None,
-                     normalize: bool = True, crop: float = 1.0):
-    """L2-normalised (``normalize=False``: raw) features [N, D] (float32, on ``device``) and labels [N] of
-    every (uint8 images, labels) batch, from the test view: the central ``crop`` of each image, resized to
-    ``size`` and normalised (no randomness); the backbone in eval mode."""
+                     normalize: bool = True, crop: float = 1.0, output_device=None):
+    """L2-normalised (``normalize=False``: raw) features [N, D] (float32) and labels [N] of every (uint8
+    images, labels) batch, from the test view: the central ``crop`` of each image, resized to ``size`` and
+    normalised (no randomness); the backbone in eval mode. They stay on ``device`` unless
+    ``output_device`` says where to collect them (e.g. "cpu": each batch moves there, so a large data set
+    never holds all its features in GPU memory)."""
     was_training = backbone.training
     backbone.eval()
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
@@ -80,8 +82,9 @@ def extract_features(backbone: torch.nn.Module, batches: Iterable, size: int, me
             with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
                 out = backbone(x)
-            features.append(F.normalize(out.float(), dim=1) if normalize else out.float())
-            labels.append(batch_labels.to(device).long().view(-1))
+            out = F.normalize(out.float(), dim=1) if normalize else out.float()
+            features.append(out if output_device is None else out.to(output_device))
+            labels.append(batch_labels.to(output_device or device).long().view(-1))
             seen += len(images)
             if limit is not None and seen >= limit:
                 break
