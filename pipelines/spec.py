@@ -226,6 +226,8 @@ def _check_ray(value) -> dict:
 
 def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path | None,
                  loaded: dict | None = None) -> StageSpec:
+    """One stage's settings checked: its kind and keys, resources and inputs (common to every kind), then
+    what its kind needs (``KIND_CHECKS``), numbers, and the evaluation protocol."""
     loaded = {} if loaded is None else loaded
     if not isinstance(settings, dict):
         raise ConfigError(f"stage '{name}': settings must be a mapping, got {type(settings).__name__}")
@@ -240,12 +242,25 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
             raise ConfigError(f"stage '{name}' ({kind}): unknown setting '{key}'{_suggest(str(key), SETTINGS[kind])}; "
                               f"it takes {', '.join(sorted(SETTINGS[kind]))}")
     values = {**DEFAULTS.get(kind, {}), **{k: v for k, v in settings.items() if k not in COMMON}}
-    resources = settings.get("resources")
+    resources = _stage_resources(name, settings.get("resources"))
+    inputs = _stage_inputs(name, kind, values, earlier)
+    for check in KIND_CHECKS.get(kind, ()):
+        check(name, kind, values, inputs, base, loaded, earlier)
+    _check_numbers(name, kind, values)
+    if kind in ("linear", "semi"):
+        from trainers.evaluate import LINEAR_PROTOCOLS, SEMI_PROTOCOLS, check_protocol
+
+        values["protocol"] = check_protocol(values["protocol"], LINEAR_PROTOCOLS if kind == "linear"
+                                            else SEMI_PROTOCOLS, f"stage '{name}': protocol")
+    return StageSpec(name, kind, values, inputs, resources)
+
+
+def _stage_resources(name: str, resources) -> dict:
+    """A stage's Ray resources: {cpu: N, gpu: share}."""
     if resources is None:
-        resources = {}
+        return {}
     if not isinstance(resources, dict):
         raise ConfigError(f"stage '{name}': resources is {resources!r}: give a mapping, e.g. {{cpu: 2, gpu: 1}}")
-    resources = dict(resources)
     for key, value in resources.items():
         if key not in ("cpu", "gpu"):
             raise ConfigError(f"stage '{name}': resources take cpu and gpu, not '{key}'")
@@ -253,6 +268,11 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
             check_number(value, f"stage '{name}': resources.cpu", minimum=0, example="2")
         else:
             check_gpus(value, f"stage '{name}': resources.gpu")
+    return dict(resources)
+
+
+def _stage_inputs(name: str, kind: str, values: dict, earlier: list[StageSpec]) -> dict:
+    """The earlier stages this one reads (``INPUT_KEYS``): a backbone defaults to the last pretrain stage."""
     earlier_kinds = {s.name: s.kind for s in earlier}
     inputs: dict = {}
     for role, kinds in INPUT_KEYS.items():
@@ -276,39 +296,52 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
             raise ConfigError(f"stage '{name}': {role} '{wanted}' is a {earlier_kinds[wanted]} stage, "
                               f"expected {' or '.join(kinds)}")
         inputs[role] = wanted
-    if kind == "report":
-        listed = values.pop("inputs", None)
-        listed = list(earlier_kinds) if listed is None else as_list(listed, f"stage '{name}': inputs",
-                                                                      "[knn, linear]")
-        for item in listed:
-            if not isinstance(item, str) or item not in earlier_kinds:
-                raise ConfigError(f"stage '{name}': input {item!r} is not an earlier stage"
-                                  f"{_suggest(str(item), earlier_kinds)}: list stages declared above it "
-                                  f"({', '.join(earlier_kinds) or 'none yet'})")
-        inputs["inputs"] = listed
-    if kind in ("pretrain", "sweep"):
-        _check_run_settings(name, kind, values, inputs, base, loaded)
-    if kind in ("prepare", "transfer"):
-        datasets = values.get("datasets")
-        if not datasets:
-            example = "[name, ...]" if kind == "prepare" else "[name or {name: ..., optional: true}, ...]"
-            raise ConfigError(f"stage '{name}' needs datasets: {example}")
-        datasets = as_list(datasets, f"stage '{name}': datasets", "[fashion-mnist, digits]")
-        values["datasets"] = [dataset_entry(d, name) for d in datasets]
-    if kind in ("knn", "linear", "semi") and values.get("dataset") is not None:
+    return inputs
+
+
+def _check_report_inputs(name, kind, values, inputs, base, loaded, earlier) -> None:
+    earlier_names = [s.name for s in earlier]
+    listed = values.pop("inputs", None)
+    listed = list(earlier_names) if listed is None else as_list(listed, f"stage '{name}': inputs", "[knn, linear]")
+    for item in listed:
+        if not isinstance(item, str) or item not in earlier_names:
+            raise ConfigError(f"stage '{name}': input {item!r} is not an earlier stage"
+                              f"{_suggest(str(item), earlier_names)}: list stages declared above it "
+                              f"({', '.join(earlier_names) or 'none yet'})")
+    inputs["inputs"] = listed
+
+
+def _check_datasets(name, kind, values, inputs, base, loaded, earlier) -> None:
+    datasets = values.get("datasets")
+    if not datasets:
+        example = "[name, ...]" if kind == "prepare" else "[name or {name: ..., optional: true}, ...]"
+        raise ConfigError(f"stage '{name}' needs datasets: {example}")
+    datasets = as_list(datasets, f"stage '{name}': datasets", "[fashion-mnist, digits]")
+    values["datasets"] = [dataset_entry(d, name) for d in datasets]
+
+
+def _check_eval_dataset(name, kind, values, inputs, base, loaded, earlier) -> None:
+    if values.get("dataset") is not None:
         from trainers.data.datasets import check_dataset_name
 
         check_dataset_name(check_text(values["dataset"], f"stage '{name}': dataset", "digits"))
-    if kind == "semi":
-        fractions = as_list(values["fractions"], f"stage '{name}': fractions", "[0.01, 0.1]", allow_single=(int, float))
-        if not fractions:
-            raise ConfigError(f"stage '{name}': fractions must be a list of label fractions in (0, 1], e.g. [0.01, 0.1]")
-        for i, fraction in enumerate(fractions):
-            check_number(fraction, f"stage '{name}': fractions[{i}] (a label fraction)", above=0, maximum=1,
-                         example="0.01 for 1% of the labels")
-        values["fractions"] = fractions
+
+
+def _check_fractions(name, kind, values, inputs, base, loaded, earlier) -> None:
+    fractions = as_list(values["fractions"], f"stage '{name}': fractions", "[0.01, 0.1]", allow_single=(int, float))
+    if not fractions:
+        raise ConfigError(f"stage '{name}': fractions must be a list of label fractions in (0, 1], e.g. [0.01, 0.1]")
+    for i, fraction in enumerate(fractions):
+        check_number(fraction, f"stage '{name}': fractions[{i}] (a label fraction)", above=0, maximum=1,
+                     example="0.01 for 1% of the labels")
+    values["fractions"] = fractions
+
+
+def _check_numbers(name: str, kind: str, values: dict) -> None:
+    """Epochs, batch sizes, steps, workers, learning rates and weight decay, where a stage sets them (None:
+    the evaluation protocol's value)."""
     for key in ("epochs", "batch_size", "min_steps", "workers"):
-        if values.get(key) is not None:  # None: the evaluation protocol's value
+        if values.get(key) is not None:
             check_number(values[key], f"stage '{name}': {key}", integer=True, minimum=0 if key == "min_steps" else 1,
                          example=example_value(kind, key))
     for key in ("lr", "head_lr"):
@@ -317,12 +350,23 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
     if values.get("weight_decay") is not None:
         check_number(values["weight_decay"], f"stage '{name}': weight_decay", minimum=0,
                      example=example_value(kind, "weight_decay"))
-    if kind in ("linear", "semi"):
-        from trainers.evaluate import LINEAR_PROTOCOLS, SEMI_PROTOCOLS, check_protocol
 
-        values["protocol"] = check_protocol(values["protocol"], LINEAR_PROTOCOLS if kind == "linear"
-                                            else SEMI_PROTOCOLS, f"stage '{name}': protocol")
-    return StageSpec(name, kind, values, inputs, resources)
+
+def _check_run(name, kind, values, inputs, base, loaded, earlier) -> None:
+    _check_run_settings(name, kind, values, inputs, base, loaded)
+
+
+# what each kind checks besides the common settings, in this order
+KIND_CHECKS = {
+    "prepare": (_check_datasets,),
+    "sweep": (_check_run,),
+    "pretrain": (_check_run,),
+    "knn": (_check_eval_dataset,),
+    "linear": (_check_eval_dataset,),
+    "semi": (_check_eval_dataset, _check_fractions),
+    "transfer": (_check_datasets,),
+    "report": (_check_report_inputs,),
+}
 
 
 def _check_run_settings(name: str, kind: str, values: dict, inputs: dict, base: Path | None, loaded: dict) -> None:
