@@ -435,6 +435,26 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
              "workers": spec.workers_per_trial, "resources": spec.resources_per_worker}
     space = tune_space(spec)
     space["__sweep__"] = setup
+    search_alg, scheduler = _search_and_scheduler(spec)
+    num_samples = 1 if spec.search == "grid" else spec.num_samples
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, {"cpu": 0.1}),  # the trial only drives its TorchTrainer
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
+                                    num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials),
+        run_config=tune.RunConfig(name=name, storage_path=str(folder / "tune")))
+    log(f"sweep {name}: {spec.search} search, {spec.scheduler} scheduler on {spec.metric} ({spec.mode}), "
+        f"{num_samples} sample(s), {spec.max_concurrent_trials} at a time; folder {folder}")
+    table = _results_table(tuner.fit(), spec, setup["storage"], name)
+    best = next((r for r in table if r[spec.metric] is not None and not r["error"]), None)
+    _write_summary(spec, folder, table, best)
+    if parent_run_id is not None:
+        _finish_sweep_run(uri, experiment_id, parent_run_id, setup["storage"], spec, folder, best, log)
+    return SweepOutcome(name, folder, table, best, parent_run_id)
+
+
+def _search_and_scheduler(spec: SweepSpec):
+    """Tune's search algorithm (None: random / grid from the space) and trial scheduler (None: FIFO)."""
     search_alg = None
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -448,16 +468,11 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(total, 1),
                                   grace_period=int(spec.asha.get("grace_period", 1)),
                                   reduction_factor=float(spec.asha.get("reduction_factor", 2)))
-    num_samples = 1 if spec.search == "grid" else spec.num_samples
-    tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": 0.1}),  # the trial only drives its TorchTrainer
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg, scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=spec.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=str(folder / "tune")))
-    log(f"sweep {name}: {spec.search} search, {spec.scheduler} scheduler on {spec.metric} ({spec.mode}), "
-        f"{num_samples} sample(s), {spec.max_concurrent_trials} at a time; folder {folder}")
-    results = tuner.fit()
+    return search_alg, scheduler
+
+
+def _results_table(results, spec: SweepSpec, storage: str, name: str) -> list[dict]:
+    """One row per trial (its parameters, the metric, steps, checkpoint, error), best first."""
     table = []
     for result in results:
         params = {k: v for k, v in (result.config or {}).items() if k != "__sweep__"}
@@ -468,24 +483,26 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
                "checkpoint": result.checkpoint.path if getattr(result, "checkpoint", None) else None,
                "error": str(result.error).splitlines()[0][:200] if result.error else None}
         if metrics.get("trial_id"):
-            _complete_from_storage(row, spec.metric, _latest_checkpoint(setup["storage"], f"{name}-{metrics['trial_id']}"))
+            _complete_from_storage(row, spec.metric, _latest_checkpoint(storage, f"{name}-{metrics['trial_id']}"))
         table.append(row)
     sign = -1 if spec.mode == "max" else 1
     table.sort(key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0.0)))
-    best = next((r for r in table if r[spec.metric] is not None and not r["error"]), None)
-    _write_summary(spec, folder, table, best)
-    if parent_run_id is not None:
-        try:
-            recorder = tracking.RunRecorder(uri, experiment_id=experiment_id)
-            _close_stopped_trials(recorder.client, uri, experiment_id, parent_run_id, setup["storage"], spec, log)
-            if best is not None:
-                recorder.client.log_metric(parent_run_id, f"best_{spec.metric}", float(best[spec.metric]))
-            outputs = sorted(folder.glob("summary*")) + sorted(folder.glob("best_config.yaml")) + \
-                sorted(folder.glob("metric_vs_*.png"))
-            recorder.finish(parent_run_id, "FINISHED", [(path, None) for path in outputs])
-        except Exception as exc:  # noqa: BLE001
-            log(f"warning: could not finish the MLflow sweep run ({str(exc).splitlines()[0][:160]})")
-    return SweepOutcome(name, folder, table, best, parent_run_id)
+    return table
+
+
+def _finish_sweep_run(uri: str, experiment_id: str, parent_run_id: str, storage: str, spec: SweepSpec, folder: Path,
+                      best: dict | None, log) -> None:
+    """The sweep's MLflow run: trials Tune stopped closed, the best metric, the summary files, FINISHED."""
+    try:
+        recorder = tracking.RunRecorder(uri, experiment_id=experiment_id)
+        _close_stopped_trials(recorder.client, uri, experiment_id, parent_run_id, storage, spec, log)
+        if best is not None:
+            recorder.client.log_metric(parent_run_id, f"best_{spec.metric}", float(best[spec.metric]))
+        outputs = sorted(folder.glob("summary*")) + sorted(folder.glob("best_config.yaml")) + \
+            sorted(folder.glob("metric_vs_*.png"))
+        recorder.finish(parent_run_id, "FINISHED", [(path, None) for path in outputs])
+    except Exception as exc:  # noqa: BLE001
+        log(f"warning: could not finish the MLflow sweep run ({str(exc).splitlines()[0][:160]})")
 
 
 def _complete_from_storage(row: dict, metric: str, checkpoint: Path | None) -> None:
