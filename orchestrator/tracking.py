@@ -215,9 +215,9 @@ _experiment = experiment_id  # RunRecorder's argument of the same name hides it
 class RunRecorder:
     """MLflow runs of one experiment, opened and finished the same way by every command."""
 
-    def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None):
+    def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None, mlflow_client=None):
         self.uri, self.experiment = uri, experiment or DEFAULT_EXPERIMENT
-        self.client = client(uri)
+        self.client = mlflow_client or client(uri)
         self._experiment_id = experiment_id
 
     @property

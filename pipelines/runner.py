@@ -98,8 +98,8 @@ class PipelineRunner:
                 raise UserError(f"{problem}: the pipeline keeps its stage cache in MLflow; start the server or pass "
                                 f"--tracking-uri (e.g. sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'})")
             raise UserError(f"{problem} (the pipeline keeps its stage cache in MLflow)")
-        self.recorder = tracking.RunRecorder(self.uri, self.spec.experiment)
-        self.client, self.experiment_id = self.recorder.client, self.recorder.experiment_id
+        recorder = tracking.RunRecorder(self.uri, self.spec.experiment)
+        self.client, self.experiment_id = recorder.client, recorder.experiment_id
         digest = self.spec.digest()
         if self.resume:
             try:
@@ -125,6 +125,11 @@ class PipelineRunner:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{HASH_TAG}` = '{key}' and "
                                         f"tags.`{DONE_TAG}` = '1'", max_results=1)
         return runs[0] if runs else None
+
+    @property
+    def recorder(self) -> tracking.RunRecorder:
+        """Runs of this pipeline's experiment, through the runner's client."""
+        return tracking.RunRecorder(self.uri, experiment_id=self.experiment_id, mlflow_client=self.client)
 
     def _child_run(self, stage: StageSpec, key: str, settings: dict) -> str:
         run_id, _ = self.recorder.open(f"{self.spec.name}/{stage.name}", f"stage:{stage.kind}",
