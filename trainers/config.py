@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import re
 import typing
@@ -21,6 +22,10 @@ from typing import Any
 import yaml
 
 from trainers.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOADERS = ("auto", "ffcv", "torch")
+KNN_SPLITS = ("train", "test")
 
 
 @dataclass
@@ -44,6 +49,42 @@ class DataConfig:
     train_subset: int | None = None  # train on a fixed random subset of this many images (quick runs)
     compile_augment: bool = False  # torch.compile the augmentation's pixel ops (fused kernels; ~15 s per crop size first)
 
+    def check(self, world_size: int, crop_preset: str, model: "ModelConfig") -> list[tuple[int, int]]:
+        """The crop groups (count, size) of ``crops``, every augmentation setting and the loader's numbers
+        checked (``model``: the backbone the crops must suit); returns the groups."""
+        from trainers.data.augment import method_crop_groups, parse_crop_spec
+
+        groups = parse_crop_spec(self.crops)
+        model.check([size for count, size in groups if count])
+        global_size = groups[0][1]
+        for count, size in groups[1:]:
+            if count and size > global_size:
+                raise ConfigError(f"data.crops '{self.crops}': local crops of {size} px are larger than the "
+                                  f"global crops ({global_size} px); list the global (largest) group first")
+        for key in ("global_scale", "local_scale"):
+            scale = getattr(self, key)
+            if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+                raise ConfigError(f"data.{key} {list(scale)} must be [min, max] with 0 < min <= max <= 1 (fractions "
+                                  f"of the image area), e.g. [0.14, 1.0] for global and [0.05, 0.14] for local crops")
+        method_crop_groups(crop_preset, self.crops,  # every augmentation setting checked now
+                           global_augment=self.global_augment, local_augment=self.local_augment)
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"data.loader '{self.loader}' must be one of {', '.join(LOADERS)}")
+        if self.canvas_size is not None and self.canvas_size < 1:
+            raise ConfigError(f"data.canvas_size must be a positive number of pixels or null (the images' own size), "
+                              f"got {self.canvas_size}; e.g. data.canvas_size={max(global_size, 32)}")
+        for key in ("num_workers", "train_subset"):
+            value = getattr(self, key)
+            if value is not None and value < (0 if key == "num_workers" else 1):
+                raise ConfigError(f"data.{key} must be {'>= 0' if key == 'num_workers' else '>= 1'} or null, "
+                                  f"got {value}")
+        if self.batch_size % world_size:
+            raise ConfigError(f"data.batch_size {self.batch_size} is not divisible by the {world_size} workers: "
+                              f"use a multiple of {world_size}")
+        return groups
+
 
 @dataclass
 class ModelConfig:
@@ -57,6 +98,19 @@ class ModelConfig:
     # backbone call, the head over all views: facebookresearch/swav and dino) or "each" (backbone and head
     # once per view: solo-learn, lightly, MoCo v3)
     forward_views: str = "by_size"
+
+    def check(self, crop_sizes: list[int]) -> None:
+        """Which views share a call, the patch size, and a ViT's fit to the crops."""
+        from trainers.backbones import check_vit_crops
+        from trainers.methods.base import FORWARD_VIEWS
+
+        if self.forward_views not in FORWARD_VIEWS:
+            raise ConfigError(f"model.forward_views must be one of {', '.join(FORWARD_VIEWS)}, got "
+                              f"{self.forward_views!r} (by_size: views of one size in one backbone call; "
+                              "each: backbone and head once per view)")
+        check_vit_crops(self.backbone, crop_sizes, self.patch_size)
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ConfigError(f"model.patch_size must be >= 1 or null, got {self.patch_size}")
 
 
 @dataclass
@@ -78,6 +132,42 @@ class OptimConfig:
     exclude_bias_norm: bool = True  # no weight decay (nor LARS scaling) on biases and norm layers (solo-learn's
     # LARS exclude_bias_n_norm); false: weight decay on every parameter (solo-learn's SGD default)
 
+    def check(self, batch_size: int, epochs: int) -> None:
+        """Optimizer, learning rates (the schedule's end within [0, peak]), momenta, LARS, warm-up (at most
+        ``epochs``), weight decay and clipping."""
+        from trainers.optim import OPTIMIZERS
+
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name '{self.name}' must be one of {', '.join(OPTIMIZERS)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr must be a positive number, got {self.lr}")
+        peak = self.lr * (batch_size / 256 if self.lr_scaling == "linear" else 1.0)
+        if not (0 <= self.min_lr <= peak):
+            raise ConfigError(f"optim.min_lr must lie in [0, the peak learning rate {peak:.4g}] (the cosine "
+                              f"schedule's end), got {self.min_lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must lie in [0, 1) (0.9 is usual), got {self.momentum}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1) (AdamW's [0.9, 0.999]), got {self.betas}")
+        if not (self.lars_eta > 0 and math.isfinite(self.lars_eta)):
+            raise ConfigError(f"optim.lars_eta must be a positive number (LARS uses 0.001; solo-learn 0.02), got "
+                              f"{self.lars_eta}")
+        if self.lr_scaling not in ("linear", "none"):
+            raise ConfigError(f"optim.lr_scaling '{self.lr_scaling}' must be linear or none")
+        if self.lars_trust not in ("update", "paper"):
+            raise ConfigError(f"optim.lars_trust '{self.lars_trust}' must be update (||g + wd w||) or paper "
+                              "(||g|| + wd ||w||)")
+        if not 0 <= self.warmup_epochs <= epochs:
+            raise ConfigError(f"optim.warmup_epochs {self.warmup_epochs} must lie in [0, train.epochs={epochs}]")
+        for key in ("weight_decay", "weight_decay_end"):
+            value = getattr(self, key)
+            if value is not None and not (0 <= value < math.inf):
+                raise ConfigError(f"optim.{key} must be a number >= 0, got {value}")
+        if self.clip_grad is not None and not (0 < self.clip_grad < math.inf):
+            raise ConfigError(f"optim.clip_grad must be a positive number or null (off), got {self.clip_grad}")
+        if self.clip_mode not in ("global", "per_parameter"):
+            raise ConfigError(f"optim.clip_mode '{self.clip_mode}' must be global or per_parameter")
+
 
 @dataclass
 class TrainConfig:
@@ -96,6 +186,31 @@ class TrainConfig:
     out_dir: str | None = None  # run folder; None: <state dir>/runs/<name>
     resume: str | None = "auto"  # auto (last checkpoint in out_dir if any), a checkpoint path, or None
 
+    def check(self) -> None:
+        """Epochs and steps, seed, device and precision, checkpoint and log intervals."""
+        from trainers.checks import SEED_LIMIT
+        from trainers.loop import check_device_name, resolve_device_type
+
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null (train every epoch), got {self.max_steps}: "
+                              "a run of 0 steps would leave an untrained backbone")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"train.seed must be an integer in [0, {SEED_LIMIT}), got {self.seed}")
+        check_device_name(self.device)
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ConfigError(f"train.checkpoint_every_steps must be >= 1 or null, got {self.checkpoint_every_steps}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"train.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision '{self.precision}' must be one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and resolve_device_type(self.device) == "cpu":
+            raise ConfigError("train.precision=fp16 needs a GPU (its loss scaler runs on CUDA only): use fp32 or bf16 "
+                              "on the CPU, or auto")
+        if self.log_every < 1 or self.checkpoint_every_epochs < 1:
+            raise ConfigError("train.log_every and train.checkpoint_every_epochs must be >= 1")
+
 
 @dataclass
 class KnnConfig:
@@ -106,6 +221,22 @@ class KnnConfig:
     max_train: int | None = None  # use at most this many training images as the memory bank
     max_test: int | None = None  # classify at most this many held-out images
     batch_size: int = 512
+
+    def check(self) -> None:
+        if self.every_epochs < 0 or any(v < 1 for v in self.k) or not 0 < self.temperature < math.inf:
+            raise ConfigError(f"knn: every_epochs >= 0, every k >= 1 and temperature > 0 needed, got "
+                              f"{self.every_epochs}, {self.k}, {self.temperature}")
+        if self.every_epochs and not self.k:
+            raise ConfigError("knn.k is empty: list at least one k (e.g. [20, 200]) or set knn.every_epochs=0")
+        if self.split not in KNN_SPLITS:
+            raise ConfigError(f"knn.split '{self.split}' must be one of {', '.join(KNN_SPLITS)} (the held-out split "
+                              "is 'test')")
+        for key in ("max_train", "max_test"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"knn.{key} must be >= 1 or null (all images), got {value}")
+        if self.batch_size < 1:
+            raise ConfigError(f"knn.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -120,6 +251,13 @@ class ProbeConfig:
     momentum: float = 0.9  # SGD momentum (solo-learn's default)
     weight_decay: float = 0.0  # solo-learn: none on the classifier
     every_epochs: int = 1  # evaluate every N epochs and after the last one
+
+    def check(self) -> None:
+        if not (0 < self.lr < math.inf and 0 <= self.momentum < 1 and 0 <= self.weight_decay < math.inf
+                and self.every_epochs >= 1):
+            raise ConfigError(f"probe: lr > 0, momentum in [0, 1), weight_decay >= 0 and every_epochs >= 1 needed, "
+                              f"got {self.lr}, {self.momentum}, {self.weight_decay}, {self.every_epochs} (solo-learn: "
+                              "0.1, 0.9, 0, 1; probe.online_linear=false turns the probe off)")
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,7 @@ from typing import Callable
 
 import torch
 
-from trainers.backbones import build_backbone, check_backbone, check_vit_crops
-from trainers.checks import SEED_LIMIT  # seeds are combined as seed * 1000 + rank
+from trainers.backbones import build_backbone, check_backbone
 from trainers.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint, storage_error
 from trainers.config import Config
 from trainers.errors import ConfigError, DataError, UserError
@@ -31,13 +29,10 @@ from trainers.events import TrainerEvents  # noqa: F401 (re-exported: trainers.l
 from trainers.knn import extract_features, knn_accuracy, knn_metric
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext
-from trainers.optim import (OPTIMIZERS, build_optimizer, clip_gradients, cosine_schedule, parameter_groups,
+from trainers.optim import (build_optimizer, clip_gradients, cosine_schedule, parameter_groups,
                             set_hyperparameters)
 from trainers.paths import state_dir, write_text_atomic
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LOADERS = ("auto", "ffcv", "torch")
-KNN_SPLITS = ("train", "test")
 CHECKPOINT_FORMAT = 1
 RUN_LOCK = ".sslab-run.lock"  # in the run folder: held (POSIX lock) by the run writing there
 
@@ -81,122 +76,22 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- config checks
 def check_config(config: Config, world_size: int = 1) -> None:
-    """Everything that can be checked without data: fail before any expensive work."""
-    from trainers.data.augment import parse_crop_spec
+    """Everything that can be checked without data: fail before any expensive work. Each section checks
+    its own values (``DataConfig.check``, ``OptimConfig.check``, ... in trainers/config.py); the method
+    checks its options against the run (``Method.check``)."""
     from trainers.data.datasets import check_dataset_name
 
     check_run_name(config.name)
     check_dataset_name(config.data.dataset)
     check_backbone(config.model.backbone)
-    from trainers.methods.base import FORWARD_VIEWS
-
-    if config.model.forward_views not in FORWARD_VIEWS:
-        raise ConfigError(f"model.forward_views must be one of {', '.join(FORWARD_VIEWS)}, got "
-                          f"{config.model.forward_views!r} (by_size: views of one size in one backbone call; "
-                          "each: backbone and head once per view)")
-    groups = parse_crop_spec(config.data.crops)
-    check_vit_crops(config.model.backbone, [size for count, size in groups if count], config.model.patch_size)
-    global_size = groups[0][1]
-    for count, size in groups[1:]:
-        if count and size > global_size:
-            raise ConfigError(f"data.crops '{config.data.crops}': local crops of {size} px are larger than the "
-                              f"global crops ({global_size} px); list the global (largest) group first")
-    for key in ("global_scale", "local_scale"):
-        scale = getattr(config.data, key)
-        if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-            raise ConfigError(f"data.{key} {list(scale)} must be [min, max] with 0 < min <= max <= 1 (fractions of "
-                              f"the image area), e.g. [0.14, 1.0] for global and [0.05, 0.14] for local crops")
-    d = config.data
-    from trainers.data.augment import method_crop_groups
-
-    method_crop_groups(method_class(config.method_name).crop_preset, config.data.crops,  # every setting checked now
-                       global_augment=d.global_augment, local_augment=d.local_augment)
-    if d.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be positive, got {d.batch_size}")
-    if d.loader not in LOADERS:
-        raise ConfigError(f"data.loader '{d.loader}' must be one of {', '.join(LOADERS)}")
-    if d.canvas_size is not None and d.canvas_size < 1:
-        raise ConfigError(f"data.canvas_size must be a positive number of pixels or null (the images' own size), "
-                          f"got {d.canvas_size}; e.g. data.canvas_size={max(global_size, 32)}")
-    for key in ("num_workers", "train_subset"):
-        value = getattr(d, key)
-        if value is not None and value < (0 if key == "num_workers" else 1):
-            raise ConfigError(f"data.{key} must be {'>= 0' if key == 'num_workers' else '>= 1'} or null, got {value}")
-    if config.model.patch_size is not None and config.model.patch_size < 1:
-        raise ConfigError(f"model.patch_size must be >= 1 or null, got {config.model.patch_size}")
-    if config.data.batch_size % world_size:
-        raise ConfigError(f"data.batch_size {config.data.batch_size} is not divisible by the {world_size} workers: "
-                          f"use a multiple of {world_size}")
-    t, o, k = config.train, config.optim, config.knn
-    if t.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"train.max_steps must be >= 1 or null (train every epoch), got {t.max_steps}: "
-                          "a run of 0 steps would leave an untrained backbone")
-    if not 0 <= t.seed < SEED_LIMIT:
-        raise ConfigError(f"train.seed must be an integer in [0, {SEED_LIMIT}), got {t.seed}")
-    check_device_name(t.device)
-    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
-        raise ConfigError(f"train.checkpoint_every_steps must be >= 1 or null, got {t.checkpoint_every_steps}")
-    if t.keep_checkpoints < 0:
-        raise ConfigError(f"train.keep_checkpoints must be >= 0, got {t.keep_checkpoints}")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision '{t.precision}' must be one of {', '.join(PRECISIONS)}")
-    if o.name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name '{o.name}' must be one of {', '.join(OPTIMIZERS)}")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError(f"optim.lr must be a positive number, got {o.lr}")
-    peak = o.lr * (d.batch_size / 256 if o.lr_scaling == "linear" else 1.0)
-    if not (0 <= o.min_lr <= peak):
-        raise ConfigError(f"optim.min_lr must lie in [0, the peak learning rate {peak:.4g}] (the cosine schedule's "
-                          f"end), got {o.min_lr}")
-    if not 0 <= o.momentum < 1:
-        raise ConfigError(f"optim.momentum must lie in [0, 1) (0.9 is usual), got {o.momentum}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1) (AdamW's [0.9, 0.999]), got {o.betas}")
-    if not (o.lars_eta > 0 and math.isfinite(o.lars_eta)):
-        raise ConfigError(f"optim.lars_eta must be a positive number (LARS uses 0.001; solo-learn 0.02), got "
-                          f"{o.lars_eta}")
-    if o.lr_scaling not in ("linear", "none"):
-        raise ConfigError(f"optim.lr_scaling '{o.lr_scaling}' must be linear or none")
-    if o.lars_trust not in ("update", "paper"):
-        raise ConfigError(f"optim.lars_trust '{o.lars_trust}' must be update (||g + wd w||) or paper (||g|| + wd ||w||)")
-    if not 0 <= o.warmup_epochs <= t.epochs:
-        raise ConfigError(f"optim.warmup_epochs {o.warmup_epochs} must lie in [0, train.epochs={t.epochs}]")
-    for key in ("weight_decay", "weight_decay_end"):
-        value = getattr(o, key)
-        if value is not None and not (0 <= value < math.inf):
-            raise ConfigError(f"optim.{key} must be a number >= 0, got {value}")
-    if o.clip_grad is not None and not (0 < o.clip_grad < math.inf):
-        raise ConfigError(f"optim.clip_grad must be a positive number or null (off), got {o.clip_grad}")
-    if t.precision == "fp16" and resolve_device_type(t.device) == "cpu":
-        raise ConfigError("train.precision=fp16 needs a GPU (its loss scaler runs on CUDA only): use fp32 or bf16 on "
-                          "the CPU, or auto")
-    if o.clip_mode not in ("global", "per_parameter"):
-        raise ConfigError(f"optim.clip_mode '{o.clip_mode}' must be global or per_parameter")
-    if t.log_every < 1 or t.checkpoint_every_epochs < 1:
-        raise ConfigError("train.log_every and train.checkpoint_every_epochs must be >= 1")
-    if k.every_epochs < 0 or any(v < 1 for v in k.k) or not 0 < k.temperature < math.inf:
-        raise ConfigError(f"knn: every_epochs >= 0, every k >= 1 and temperature > 0 needed, got "
-                          f"{k.every_epochs}, {k.k}, {k.temperature}")
-    if k.every_epochs and not k.k:
-        raise ConfigError("knn.k is empty: list at least one k (e.g. [20, 200]) or set knn.every_epochs=0")
-    if k.split not in KNN_SPLITS:
-        raise ConfigError(f"knn.split '{k.split}' must be one of {', '.join(KNN_SPLITS)} (the held-out split is "
-                          "'test')")
-    for key in ("max_train", "max_test"):
-        value = getattr(k, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"knn.{key} must be >= 1 or null (all images), got {value}")
-    if k.batch_size < 1:
-        raise ConfigError(f"knn.batch_size must be >= 1, got {k.batch_size}")
-    p = config.probe
-    if not (0 < p.lr < math.inf and 0 <= p.momentum < 1 and 0 <= p.weight_decay < math.inf and p.every_epochs >= 1):
-        raise ConfigError(f"probe: lr > 0, momentum in [0, 1), weight_decay >= 0 and every_epochs >= 1 needed, got "
-                          f"{p.lr}, {p.momentum}, {p.weight_decay}, {p.every_epochs} (solo-learn: 0.1, 0.9, 0, 1; "
-                          "probe.online_linear=false turns the probe off)")
+    groups = config.data.check(world_size, method_class(config.method_name).crop_preset, config.model)
+    config.train.check()
+    config.optim.check(config.data.batch_size, config.train.epochs)
+    config.knn.check()
+    config.probe.check()
     cls = method_class(config.method_name, config.method)
-    ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size, t.epochs, 1)
+    ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size,
+                        config.train.epochs, 1)
     cls.check(config.method_options(), ctx)
 
 
