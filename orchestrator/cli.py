@@ -282,6 +282,9 @@ def cmd_pretrain(args) -> int:
     if args.print_config:
         import yaml
 
+        from trainers.loop import check_config
+
+        check_config(config, 1 if args.local else args.workers)  # the checks a real run applies, first
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     if not args.local:

@@ -285,6 +285,13 @@ CASES = {
                                 "optim.name=adamw"], _sgd_run, "was written with optim.name=sgd, this run uses adamw", 2),
     # found by probing (second round)
     "min-lr-out-of-range": (["pretrain", "--local", "--set", "optim.min_lr=-1"], None, "optim.min_lr must lie in [0, ", 2),
+    "min-lr-above-lr": (["pretrain", "--local", "--set", "optim.lr=0.1", "--set", "optim.min_lr=0.5", "--set",
+                         "optim.lr_scaling=none"], None,
+                        "optim.min_lr must lie in [0, the peak learning rate 0.1] (the cosine schedule's end), got 0.5", 2),
+    "print-config-checks": (["pretrain", "--local", "--print-config", "--set", "data.batch_size=0"], None,
+                            "data.batch_size must be positive, got 0", 2),
+    "print-config-checks-workers": (["pretrain", "--print-config", "--workers", "3", "--set", "data.batch_size=64"],
+                                    None, "data.batch_size 64 is not divisible by the 3 workers", 2),
     "momentum-out-of-range": (["pretrain", "--local", "--set", "optim.momentum=-1"], None,
                               "optim.momentum must lie in [0, 1)", 2),
     "betas-out-of-range": (["pretrain", "--local", "--set", "optim.name=adamw", "--set", "optim.betas=[2]"], None,
@@ -377,8 +384,11 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing_complete(case, tmp_pat
     capsys.readouterr()
     argv = [a.format(**values) for a in argv]
     assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert err, "nothing said"
+    if "--print-config" in argv:
+        assert captured.out == "", "a refused config is not printed"
     last = err[-1]
     assert last.startswith("error: ") and words.format(**values) in last, err
     assert not any(line.startswith(("Traceback", "  File ")) for line in err), err
