@@ -620,13 +620,53 @@ def _add_ui(subparsers) -> None:
     p.set_defaults(func=cmd_ui)
 
 
+# --------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from trainers.export import export_backbone
+
+    if args.register:
+        from orchestrator.tracking import check_registered_model_name
+
+        check_registered_model_name(args.register)
+    out = export_backbone(args.source, args.format, args.out, weights=args.weights)
+    print(f"wrote {out}: {out / f'model.{args.weights}'} ({args.format} state dict) and {out / 'MODEL_CARD.md'}")
+    if args.register:
+        from orchestrator.tracking import register_export, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.tracking_uri)
+        version = register_export(uri, out, args.register, args.format)
+        print(f"MLflow: registered model '{args.register}' version {version} ({uri})")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    from trainers.export import FORMATS, WEIGHT_FILES
+
+    p = subparsers.add_parser("export", formatter_class=HelpFormatter,
+                              help="backbone weights as a torchvision / timm state dict with a model card",
+                              description="Write a run's backbone as the state dict that torchvision's or timm's own "
+                                          "module loads with strict=True (safetensors by default), a MODEL_CARD.md "
+                                          "(method, recipe, data set, epochs, every evaluation metric) and "
+                                          "export.json; optionally register it in the MLflow Model Registry.")
+    p.add_argument("source", help="a run folder (with backbone.pt) or a backbone.pt file")
+    p.add_argument("--format", choices=FORMATS, default="torchvision",
+                   help="whose module the weights load into (ViTs: timm)")
+    p.add_argument("--out", required=True, help="new (or empty) folder for the export")
+    p.add_argument("--weights", choices=WEIGHT_FILES, default="safetensors", help="weights file type")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="also register a version of MLflow model NAME (pytorch flavour) with the card")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for --register (default as `sslab ui`)")
+    p.set_defaults(func=cmd_export)
+
+
 # --------------------------------------------------------------------------- registration
 def add_commands(subparsers) -> None:
-    """Register data, pretrain, sweep and submit (sslab/cli.py builds the whole command line)."""
+    """Register data, pretrain, sweep, submit and export (sslab/cli.py builds the whole command line)."""
     _add_data_commands(subparsers)
     _add_pretrain(subparsers)
     _add_sweep(subparsers)
     _add_submit(subparsers)
+    _add_export(subparsers)
 
 
 def add_ui_command(subparsers) -> None:

@@ -374,3 +374,56 @@ def download_backbone(uri: str, run_id: str, device="cpu"):
         raise UserError(f"MLflow run {run_id} has no backbone/backbone.pt ({str(exc).splitlines()[0][:120]}): "
                         f"pass the run id of a finished pretraining run") from None
     return load_backbone(path, device)
+
+
+def check_registered_model_name(name: str) -> str:
+    """A Model Registry name: letters, digits, '.', '_' and '-' (it appears in models:/<name>/<version> URIs)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+        raise UserError(f"--register {name!r} is not a model name: use letters, digits, '.', '_' and '-', "
+                        "e.g. --register swav-cifar10-resnet18")
+    return name
+
+
+def register_export(uri: str, folder: Path, name: str, fmt: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """Log an export folder (trainers/export.py) as an MLflow run: the export's files as artifacts and the
+    loaded torchvision / timm module as an MLflow pytorch model registered under ``name``, its version
+    described by the model card. Returns the version."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+
+    from trainers.export import library_module
+
+    _quiet_http_client()
+    facts = json.loads((Path(folder) / "export.json").read_text())
+    module = library_module(facts, fmt)
+    weights = Path(folder) / facts["weights"]
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        module.load_state_dict(load_file(str(weights)))
+    else:
+        import torch
+
+        module.load_state_dict(torch.load(weights, weights_only=True))
+    module.eval()
+    card = (Path(folder) / "MODEL_CARD.md").read_text()
+    mlflow.set_tracking_uri(uri)
+    recorder = RunRecorder(uri, experiment)
+    run_id, _ = recorder.open(f"export-{name}", "export", {"format": fmt, "backbone": facts["backbone"],
+                                                         "method": str(facts.get("method"))},
+                              {"format": fmt, "backbone": facts["backbone"], "image_size": facts["image_size"]})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(folder), artifact_path="export")
+        # pickle: the nn.Module itself (MLflow 3's default, a pt2 graph traced at one input shape, would fix
+        # the batch size); the input example records the expected image size in the model's signature
+        example = np.zeros((1, 3, facts["image_size"], facts["image_size"]), dtype=np.float32)
+        logged = mlflow.pytorch.log_model(module, name="model", registered_model_name=name,
+                                          serialization_format="pickle", input_example=example)
+    version = str(logged.registered_model_version)
+    recorder.client.update_model_version(name, version, description=card)
+    recorder.client.set_model_version_tag(name, version, "format", fmt)
+    recorder.client.set_terminated(run_id, "FINISHED")
+    return version

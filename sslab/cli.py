@@ -16,7 +16,7 @@ from orchestrator import cli as orchestrator_cli
 from pipelines import cli as pipelines_cli
 from trainers.errors import UserError
 
-COMMANDS = "{data,pretrain,sweep,pipeline,eval,submit,ui,demo}"
+COMMANDS = "{data,pretrain,sweep,pipeline,eval,submit,export,ui,demo}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "batches, run by Ray and tracked in MLflow.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar=COMMANDS, required=True)
-    orchestrator_cli.add_commands(subparsers)  # data, pretrain, sweep, submit
+    orchestrator_cli.add_commands(subparsers)  # data, pretrain, sweep, submit, export
     pipelines_cli.add_pipeline_commands(subparsers, formatter)  # pipeline, demo
     pipelines_cli.add_eval_commands(subparsers, formatter, orchestrator_cli.add_data_root)  # eval
     orchestrator_cli.add_ui_command(subparsers)
