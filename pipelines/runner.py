@@ -264,10 +264,26 @@ class PipelineRunner:
 
             inputs = [self.outcomes[name] for name in stage.inputs["inputs"]]
             files = write_report(self.spec, inputs, folder, self.uri, self.parent_id)
+            files += self._export_final_backbone(inputs, folder)
             for path in files:
                 self.client.log_artifact(self.parent_id, str(path), "report")
             return {"metrics": {}, "extra": {"files": [p.name for p in files], "folder": str(folder)}, "files": {}}
         raise AssertionError(stage.kind)
+
+    def _export_final_backbone(self, inputs: list, folder: Path) -> list[Path]:
+        """The last pretrained backbone as ``sslab export`` writes it (report/export/: torchvision for ResNets,
+        timm for ViTs, with the pipeline's metrics on its card); nothing for a backbone neither library has."""
+        from trainers.export import default_format, export_backbone
+
+        pretrain = next((o for o in reversed(inputs) if o.kind == "pretrain"), None)
+        source = pretrain.result["extra"].get("backbone_path") if pretrain is not None else None
+        fmt = default_format(pretrain.result["extra"].get("backbone", "")) if pretrain is not None else None
+        if source is None or fmt is None or not Path(source).is_file():
+            return []
+        metrics = {k: v for o in inputs for k, v in o.metrics.items() if isinstance(v, (int, float))}
+        out = export_backbone(source, fmt, folder / "export", metrics=metrics)
+        self.log(f"[report] exported the {fmt} backbone to {out}")
+        return sorted(out.iterdir())
 
     def _record(self, run_id: str, stage: StageSpec, key: str, folder: Path, result: dict) -> None:
         """Write the stage's files and result, log them, and only then mark the stage done."""

@@ -121,3 +121,27 @@ def test_register_gives_a_model_version_that_mlflow_loads_back(tmp_path, capsys,
     version = mlflow.MlflowClient(uri).get_model_version("swav-r18", "1")
     assert version.description == (tmp_path / "tv" / "MODEL_CARD.md").read_text()
     assert version.tags["format"] == "torchvision"
+
+
+def test_the_pipeline_report_exports_the_final_backbone_with_the_pipelines_metrics(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.runner import PipelineRunner, StageOutcome
+
+    fake_run(tmp_path / "run")
+    pretrain = StageOutcome("pretrain", "pretrain", "r1", "finished", False, "k", "h",
+                            {"metrics": {"knn_top1_k20": 0.5}, "extra": {"backbone": "resnet18", "method": "swav",
+                             "backbone_path": str(tmp_path / "run" / "backbone.pt")}})
+    linear = StageOutcome("linear", "linear", "r2", "finished", False, "k", "h",
+                          {"metrics": {"linear_top1": 0.875}, "extra": {}})
+    said = []
+    files = PipelineRunner._export_final_backbone(SimpleNamespace(log=said.append), [pretrain, linear],
+                                                  tmp_path / "report")
+    assert [p.name for p in files] == ["MODEL_CARD.md", "export.json", "model.safetensors"]
+    card = (tmp_path / "report" / "export" / "MODEL_CARD.md").read_text()
+    assert "| linear_top1 | 87.50% | linear probe on the frozen backbone" in card and "torchvision state dict" in card
+    assert "| knn_top1_k20 | 50.00% |" in card  # the pipeline's value over the run's own 81.25%
+    # a backbone neither library has: the report goes on without an export
+    mini = StageOutcome("pretrain", "pretrain", "r1", "finished", False, "k", "h",
+                        {"metrics": {}, "extra": {"backbone": "resnet_mini", "backbone_path": "x"}})
+    assert PipelineRunner._export_final_backbone(SimpleNamespace(log=said.append), [mini], tmp_path / "r2") == []

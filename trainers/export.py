@@ -135,6 +135,12 @@ def _protocol_of(metric: str) -> str:
         return f"{knn_label(metric)}, weighted kNN on frozen features (online, during pretraining)"
     if metric.startswith("online_linear"):
         return "online linear probe: a detached linear classifier trained during pretraining (solo-learn's)"
+    if metric.startswith("linear_"):
+        return "linear probe on the frozen backbone (the pipeline's linear stage; its protocol is in its MLflow params)"
+    if metric.startswith("semi"):
+        return f"fine-tuned on {metric[4:].split('_')[0]}% of the labels (SwAV's semi-supervised protocol)"
+    if metric.startswith("transfer_"):
+        return "linear probe on another data set (the pipeline's transfer stage)"
     return ""
 
 
@@ -161,15 +167,25 @@ def model_card(info: dict, summary: dict, config: dict, fmt: str, weights_file: 
     return "\n".join(lines)
 
 
-def export_backbone(source: str | Path, fmt: str, out: str | Path, weights: str = "safetensors") -> Path:
+def default_format(backbone: str) -> str | None:
+    """torchvision for ResNets, timm for ViTs, None for a backbone neither library has."""
+    if backbone not in TIMM_NAMES:
+        return None
+    return "timm" if backbone.startswith("vit") else "torchvision"
+
+
+def export_backbone(source: str | Path, fmt: str, out: str | Path, weights: str = "safetensors",
+                    metrics: dict | None = None) -> Path:
     """Write ``out/`` (weights, MODEL_CARD.md, export.json) from a run folder or backbone file; the
-    folder appears complete or not at all. Returns ``out``."""
+    folder appears complete or not at all. ``metrics`` (e.g. a pipeline's evaluations) join the run's own
+    for the card. Returns ``out``."""
     if weights not in WEIGHT_FILES:
         raise ConfigError(f"weights file type '{weights}' must be one of {', '.join(WEIGHT_FILES)}")
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder: choose a new folder")
     info, summary, config = _read_source(source)
+    summary = {**summary, **(metrics or {})}
     check_export(info["backbone"], fmt)
     model = library_module(info, fmt)
     state = {k: v.detach().cpu().contiguous() for k, v in info["state_dict"].items()}
