@@ -169,11 +169,20 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view; sslab's are model training
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(mlflow_client, name: str, uri: str) -> str:
+    """The experiment ``name``, created if missing, marked as a model-training experiment (an older one
+    without a kind gets the mark too)."""
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location(uri),
+                                           tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def find_run(mlflow_client, exp_id: str, run_name: str, kind: str = "pretrain"):

@@ -104,3 +104,18 @@ def test_run_recorder_opens_continues_and_finishes_runs_one_way(tmp_path, monkey
     other = tracking.RunRecorder(store, experiment_id=recorder.experiment_id)
     assert other.find({tracking.KIND_TAG: "sweep"}).info.run_id == parent
     assert other.find({tracking.KIND_TAG: "pipeline"}) is None
+
+
+def test_experiments_are_marked_as_model_training_for_mlflows_ui(tmp_path):
+    """Without mlflow.experimentKind MLflow 3's UI opens an experiment in its GenAI view."""
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    client = tracking.client(store)
+    fresh = tracking.experiment_id(client, "fresh", store)
+    assert client.get_experiment(fresh).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("older")  # as sslab created them before
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(older).tags
+    assert tracking.experiment_id(client, "older", store) == older
+    assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(older, tracking.EXPERIMENT_KIND_TAG, "genai_development")  # a user's choice stays
+    tracking.experiment_id(client, "older", store)
+    assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
