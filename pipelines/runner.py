@@ -34,6 +34,8 @@ FORMAT = 1  # bump when a stage's computation changes for the same settings (inv
 # per stage kind, over FORMAT: knn 2 since its metrics took the one kNN vocabulary (knn_top1 -> knn_top1_k20)
 STAGE_FORMATS = {"knn": 2}
 PIPELINE_TAG, STAGE_TAG, HASH_TAG, DONE_TAG = "sslab.pipeline", "sslab.stage", "sslab.stage_hash", "sslab.stage_done"
+# a cached stage under a new parent: a link run (not a cache source: it has no HASH_TAG / DONE_TAG)
+LINK_TAG, CACHED_FROM_TAG = "sslab.link_hash", "sslab.cached_from"
 PARENT_TAG = tracking.PARENT_TAG
 # Fault injection for tests: "<stage>:kill" makes the driver SIGKILL itself once that stage's outputs are
 # written and logged but before the stage is marked done: the worst moment for a resume to tell a
@@ -203,6 +205,23 @@ class PipelineRunner:
         write_text_atomic(self.out / "pipeline.json", json.dumps(outcome.as_json(), indent=1))
         return outcome
 
+    def _link_cached(self, stage: StageSpec, done, key: str, result: dict) -> str | None:
+        """A cached stage whose run sits under another pipeline run appears under this one too: a finished
+        child run tagged ``sslab.cached_from`` (the run that holds the stage's outputs) with its metrics, so
+        every parent shows all its stages. One link per parent and stage."""
+        if done.data.tags.get(PARENT_TAG) == self.parent_id:
+            return None
+        linked = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{LINK_TAG}` = '{key}'"), max_results=1)
+        if linked:
+            return linked[0].info.run_id
+        run_id, _ = self.recorder.open(f"{self.spec.name}/{stage.name}", f"stage:{stage.kind}",
+                                       {STAGE_TAG: stage.name, PIPELINE_TAG: self.spec.name, LINK_TAG: key,
+                                        CACHED_FROM_TAG: done.info.run_id}, parent=self.parent_id)
+        self._log_metrics(run_id, {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))})
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
     def _run_stage(self, stage: StageSpec) -> StageOutcome:
         settings = self._settings(stage)
         key = self._key(stage, settings)
@@ -214,6 +233,7 @@ class PipelineRunner:
                 self.log(f"[{stage.name}] cached (MLflow run {done.info.run_id})")
                 if stage.kind == "pretrain":
                     self._restore_backbone(done.info.run_id, folder, result)
+                self._link_cached(stage, done, key, result)
                 return StageOutcome(stage.name, stage.kind, done.info.run_id, "finished", True, key,
                                     result["output_hash"], result)
         self.log(f"[{stage.name}] running ({stage.kind})")

@@ -176,6 +176,15 @@ def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys
     assert len(hashes) == len(set(hashes)), "exactly one run per stage"
     assert all(r.info.status == "FINISHED" for r in stage_runs)
     assert len(stage_runs) == 7 + 2  # the second pipeline added only its linear and report runs
+    # ... and its parent shows every stage: the cached ones as finished links to the runs that hold them
+    under = [r for r in final if r.data.tags.get("mlflow.parentRunId") == resumed["parent_run_id"]]
+    assert resumed["parent_run_id"] != outcome.parent_run_id
+    assert sorted(r.data.tags["sslab.stage"] for r in under) == sorted(names)
+    links = {r.data.tags["sslab.stage"]: r for r in under if "sslab.cached_from" in r.data.tags}
+    assert set(links) == {"prepare", "pretrain", "knn", "semi", "transfer"}, "one link per cached stage, no repeats"
+    assert links["knn"].data.tags["sslab.cached_from"] == by_stage["knn"].info.run_id
+    assert links["knn"].data.metrics["knn_top1_k20"] == pytest.approx(m["knn_top1_k20"])
+    assert all(r.info.status == "FINISHED" and "sslab.stage_done" not in r.data.tags for r in links.values())
 
 
 @pytest.mark.parametrize("path", sorted((DEMO.parent).glob("*.yaml")), ids=lambda p: p.name)
