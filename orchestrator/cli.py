@@ -377,7 +377,8 @@ def _cluster_options(args):
                           cpus_per_worker=args.cpus_per_worker, address=args.address, storage=args.storage,
                           max_failures=args.max_failures, num_to_keep=args.num_to_keep,
                           tracking_uri=args.tracking_uri, experiment=args.experiment, stage_data=args.stage_data,
-                          resource_timeout_s=args.resource_timeout, require_tracking=args.require_tracking)
+                          resource_timeout_s=args.resource_timeout, require_tracking=args.require_tracking,
+                          system_metrics_s=getattr(args, "system_metrics", None))
 
 
 def _pretrain_on_ray(args, config) -> int:
@@ -435,6 +436,9 @@ def _add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                                                         "sqlite:///<state dir>/mlflow/mlflow.db)")
     g.add_argument("--experiment", default="sslab", help="MLflow experiment")
+    g.add_argument("--system-metrics", type=float, default=None, nargs="?", const=10.0, metavar="SECONDS",
+                   help="sample CPU/memory/GPU utilisation (MLflow's system metrics) on rank 0's node into the run "
+                        "every SECONDS (10 when given without a value); default off")
     g.add_argument("--require-tracking", action="store_true",
                    help="refuse to start when the MLflow server does not answer (default: train anyway, keep the "
                         "metrics in metrics.jsonl and log them when the server answers)")

@@ -359,6 +359,7 @@ def run_trial(trial: dict) -> None:
     loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"],
                    "env_node_defaults": setup.get("env_node_defaults", ()), "run_id": run_id,
                    "tracking_uri": uri, "fault": None, "fault_marker": None,
+                   "system_metrics_s": setup.get("system_metrics_s"),
                    **run_markers(setup["storage"], trial_name),
                    "staged_data": setup.get("staged_data")}
     trainer = TorchTrainer(
@@ -432,7 +433,8 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
              "env": {**_worker_env(options.address), **options.worker_env},
              "env_node_defaults": node_default_keys(options), "tracking_uri": uri, "staged_data": staged,
              "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),
-             "workers": spec.workers_per_trial, "resources": spec.resources_per_worker}
+             "workers": spec.workers_per_trial, "resources": spec.resources_per_worker,
+             "system_metrics_s": options.system_metrics_s}
     space = tune_space(spec)
     space["__sweep__"] = setup
     search_alg, scheduler = _search_and_scheduler(spec)

@@ -67,6 +67,9 @@ class ClusterOptions:
     require_tracking: bool = False  # refuse to start when MLflow does not answer (default: train, replay later)
     worker_env: dict = field(default_factory=dict)  # extra environment variables for the workers
     run_tags: dict = field(default_factory=dict)  # extra MLflow tags (a pipeline's parent run id, stage)
+    # MLflow's system metrics (CPU, memory, GPU utilisation and memory) sampled every N seconds on rank 0's
+    # node into the run (system/...); None: off
+    system_metrics_s: float | None = None
 
 
 @dataclass
@@ -103,6 +106,9 @@ def check_cluster_options(options: ClusterOptions, config: Config) -> None:
         raise ConfigError(f"--num-to-keep must be >= 1 (checkpoints kept in storage), got {options.num_to_keep}")
     if options.resource_timeout_s is not None and not (0 <= options.resource_timeout_s < float("inf")):
         raise ConfigError(f"--resource-timeout must be a number of seconds >= 0, got {options.resource_timeout_s}")
+    if options.system_metrics_s is not None and not (0.1 <= options.system_metrics_s < float("inf")):
+        raise ConfigError(f"--system-metrics {options.system_metrics_s:g} must be an interval of at least 0.1 seconds "
+                          "(10 is usual)")
     if options.max_failures < -1:
         raise ConfigError("--max-failures must be >= 0 (or -1 for unlimited restarts)")
     if config.data.batch_size % options.workers:
@@ -298,6 +304,14 @@ class RayReporter(TrainerEvents):
         self.metric_logger = None
         if rank == 0 and loop_config.get("run_id"):
             self.metric_logger = tracking.MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        self.monitor = None
+        if self.metric_logger is not None and loop_config.get("system_metrics_s"):
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=loop_config["system_metrics_s"],
+                                                tracking_uri=loop_config["tracking_uri"],
+                                                resume_logging=loop_config.get("resumed", False))
+            self.monitor.start()
         if self.run_folder:  # the worker's own checkpoint folder is scratch: point at what survives it
             self.resume_hint = (f"the run resumes from its last checkpoint in {self.run_folder} "
                                 f"(rerun with --name {loop_config['name']})")
@@ -319,6 +333,12 @@ class RayReporter(TrainerEvents):
     def flush(self) -> None:
         if self.metric_logger is not None:
             self.metric_logger.flush(force=True)
+
+    def close(self) -> None:
+        """Stop the system-metrics sampler (its last samples are logged)."""
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            monitor.finish()
 
     def report(self, step: int, metrics: dict, path: Path | None, final: bool = False) -> None:
         import ray.train
@@ -402,7 +422,7 @@ def worker_loop(loop_config: dict) -> None:
     fault = loop_config.get("fault")  # (kind, steps) or None: the restart tests' plan
     faults = (FaultPlan(fault[0], fault[1], Path(loop_config["fault_marker"]))
               if fault is not None and loop_config.get("fault_marker") else None)
-    reporter = RayReporter(loop_config, rank, out_dir, faults)
+    reporter = RayReporter({**loop_config, "resumed": checkpoint is not None}, rank, out_dir, faults)
     stop = install_on_ray_worker(worker_log)
     try:
         trainer = Trainer(config, rank=rank, world_size=world, device=device, progress=False, log=worker_log,
@@ -434,6 +454,8 @@ def worker_loop(loop_config: dict) -> None:
             fatal.parent.mkdir(parents=True, exist_ok=True)
             fatal.write_text(json.dumps({"message": str(exc), "exit_code": exc.exit_code}))
         raise
+    finally:
+        reporter.close()
 
     # 5. the final report: fit() always checkpoints its last step (rank 0 uploads it with the backbone)
     reporter.flush()
@@ -614,6 +636,7 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
     loop_config = {"config": config.to_dict(), "name": name,
                    "env": {**_worker_env(options.address), **options.worker_env},
                    "env_node_defaults": node_default_keys(options), "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
+                   "system_metrics_s": options.system_metrics_s,
                    "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
                    else None, **markers}
     trainer = TorchTrainer(

@@ -7,6 +7,7 @@ One Ray instance serves the whole module; runs are tiny (a Fashion-MNIST subset,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,11 @@ def losses(history):
 def test_two_workers_match_one_worker_on_the_same_global_batch(local_ray, tmp_path):
     from orchestrator.train import run_pretraining
 
-    one = run_pretraining(tiny_config(), options(tmp_path), name="one", log=lambda *_: None)
+    one = run_pretraining(tiny_config(), options(tmp_path, system_metrics_s=0.5), name="one", log=lambda *_: None)
+    client, _ = mlflow_runs(tmp_path)  # MLflow's own sampler ran on rank 0 and wrote into the run
+    samples = client.get_metric_history(one.run_id, "system/cpu_utilization_percentage")
+    assert samples and all(0 <= m.value <= 100 * os.cpu_count() for m in samples)
+    assert client.get_metric_history(one.run_id, "system/system_memory_usage_megabytes")
     # the second run stages its data files through the run storage and its workers fetch them into
     # their own cache folder, as on nodes without a shared file system
     node = tmp_path / "node-state"
