@@ -436,3 +436,23 @@ def register_export(uri: str, folder: Path, name: str, fmt: str, experiment: str
     recorder.client.set_model_version_tag(name, version, "format", fmt)
     recorder.client.set_terminated(run_id, "FINISHED")
     return version
+
+
+def log_dataset_inputs(mlflow_client, run_id: str, sidecars: Iterable[dict]) -> int:
+    """The run's data sets as MLflow dataset inputs (the lineage from a run back to its data): per prepared
+    split (a ``.beton`` sidecar: data set, split, content key, source, count), name ``<data set>-<split>``,
+    digest the first 36 characters of the content key (the whole key in the profile), context training for
+    the train split and evaluation otherwise. Inputs the run holds already are kept. Returns how many."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for meta in sidecars:
+        profile = {"content_key": meta["key"], "count": meta.get("count"), "num_classes": meta.get("num_classes"),
+                   "image_size": meta.get("image_size"), "mode": meta.get("mode")}
+        dataset = Dataset(name=f"{meta['dataset']}-{meta['split']}", digest=str(meta["key"])[:36], source_type="local",
+                          source=json.dumps({"uri": str(meta.get("source", ""))}), profile=json.dumps(profile))
+        context = "training" if meta["split"] == "train" else "evaluation"
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        mlflow_client.log_inputs(run_id, datasets=inputs)
+    return len(inputs)

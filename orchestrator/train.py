@@ -544,6 +544,7 @@ def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: st
                                           resume={tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "pretrain"})
         log(f"MLflow: continuing run {run_id} ({name})" if continued else
             f"MLflow: run {run_id} in experiment '{options.experiment}' ({uri})")
+        tracking.log_dataset_inputs(recorder.client, run_id, prepared_sidecars(config))
         return run_id
     except Exception as exc:  # noqa: BLE001 - tracking must not stop training
         log(f"warning: MLflow at {uri} failed ({str(exc).splitlines()[0][:160]}); training goes ahead without "
@@ -702,6 +703,16 @@ def _latest_checkpoint(storage: str, name: str) -> Path | None:
         if best is None or step > best_step or (step == best_step and candidate.stat().st_mtime > best.stat().st_mtime):
             best, best_step = candidate, step
     return best
+
+
+def prepared_sidecars(config: Config) -> list[dict]:
+    """The ``.beton`` sidecars (data set, split, content key, source) of the run's prepared splits, on
+    the driver's disk; those not prepared here (a cluster node prepares its own) are left out."""
+    from trainers.data.beton import PrepareSettings, beton_path, read_meta
+
+    cache = config.data.cache_dir or str(state_dir() / "data")
+    metas = [read_meta(beton_path(cache, config.data.dataset, split, PrepareSettings())) for split in ("train", "test")]
+    return [m for m in metas if m and m.get("key") and m.get("dataset") and m.get("split")]
 
 
 def prepare_or_stage(config: Config, options: ClusterOptions, storage: str, log) -> str | None:

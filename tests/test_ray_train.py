@@ -70,6 +70,8 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(local_ray, tmp_pa
     samples = client.get_metric_history(one.run_id, "system/cpu_utilization_percentage")
     assert samples and all(0 <= m.value <= 100 * os.cpu_count() for m in samples)
     assert client.get_metric_history(one.run_id, "system/system_memory_usage_megabytes")
+    inputs = client.get_run(one.run_id).inputs.dataset_inputs  # lineage: the prepared splits it trained on
+    assert sorted(i.dataset.name for i in inputs) == ["fashion-mnist-test", "fashion-mnist-train"]
     # the second run stages its data files through the run storage and its workers fetch them into
     # their own cache folder, as on nodes without a shared file system
     node = tmp_path / "node-state"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -119,3 +120,23 @@ def test_experiments_are_marked_as_model_training_for_mlflows_ui(tmp_path):
     client.set_experiment_tag(older, tracking.EXPERIMENT_KIND_TAG, "genai_development")  # a user's choice stays
     tracking.experiment_id(client, "older", store)
     assert client.get_experiment(older).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_prepared_splits_become_the_runs_dataset_inputs(tmp_path):
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    recorder = tracking.RunRecorder(store, "t")
+    run_id, _ = recorder.open("r", "pretrain")
+    key = "ab" * 32
+    sidecars = [{"dataset": "cifar10", "split": "train", "key": key, "source": "/data/cifar10-jpg.tar.gz",
+                 "count": 50000, "num_classes": 10},
+                {"dataset": "cifar10", "split": "test", "key": "cd" * 32, "source": "/data/cifar10-jpg.tar.gz",
+                 "count": 10000}]
+    assert tracking.log_dataset_inputs(recorder.client, run_id, sidecars) == 2
+    inputs = recorder.client.get_run(run_id).inputs.dataset_inputs
+    found = {i.dataset.name: i for i in inputs}
+    assert set(found) == {"cifar10-train", "cifar10-test"}
+    train = found["cifar10-train"]
+    assert train.dataset.digest == key[:36] and json.loads(train.dataset.profile)["content_key"] == key
+    assert json.loads(train.dataset.source)["uri"] == "/data/cifar10-jpg.tar.gz"
+    assert [(t.key, t.value) for t in train.tags] == [("mlflow.data.context", "training")]
+    assert [t.value for t in found["cifar10-test"].tags] == ["evaluation"]
