@@ -284,6 +284,10 @@ def cmd_pretrain(args) -> int:
 
         from trainers.loop import check_config
 
+        from trainers.errors import ConfigError
+
+        if not args.local and args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         check_config(config, 1 if args.local else args.workers)  # the checks a real run applies, first
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0

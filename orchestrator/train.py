@@ -29,6 +29,7 @@ from trainers.checkpoint import checksum_path
 from trainers.config import Config, from_dict
 from trainers.errors import ConfigError, UserError
 from trainers.events import TrainerEvents
+from trainers.knn import knn_metric
 from trainers.paths import state_dir
 
 from orchestrator import tracking
@@ -316,6 +317,9 @@ class RayReporter(TrainerEvents):
             self.resume_hint = (f"the run resumes from its last checkpoint in {self.run_folder} "
                                 f"(rerun with --name {loop_config['name']})")
         self.held_out: dict = {}  # the latest online kNN / probe metrics, sent with every report
+        knn = loop_config["config"].get("knn", {})
+        self.held_out_defaults = [knn_metric(k, knn.get("temperature", 0.07), top) for k in knn.get("k") or [20]
+                                  for top in (1, 5)]
 
     def on_log(self, step: int, row: dict) -> None:
         if self.metric_logger is not None:
@@ -350,7 +354,8 @@ class RayReporter(TrainerEvents):
             self.metric_logger.log_row(step, held_out)
         payload = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         payload.update(self.held_out)
-        payload.setdefault("knn_top1_k20", 0.0)  # the checkpoint score must exist in every report
+        for key in self.held_out_defaults:  # every kNN metric (the checkpoint score, a sweep's metric) exists
+            payload.setdefault(key, 0.0)       # in every report, 0 before the first kNN
         payload.update(step=step, final=float(final))
         if self.rank != 0 or path is None:
             ray.train.report(payload, checkpoint=None)
@@ -544,7 +549,10 @@ def _open_mlflow_run(config: Config, name: str, options: ClusterOptions, uri: st
                                           resume={tracking.RUN_NAME_TAG: name, tracking.KIND_TAG: "pretrain"})
         log(f"MLflow: continuing run {run_id} ({name})" if continued else
             f"MLflow: run {run_id} in experiment '{options.experiment}' ({uri})")
-        tracking.log_dataset_inputs(recorder.client, run_id, prepared_sidecars(config))
+        try:
+            tracking.log_dataset_inputs(recorder.client, run_id, prepared_sidecars(config))
+        except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not the run's tracking
+            log(f"warning: the run's data sets were not logged as MLflow inputs ({str(exc).splitlines()[0][:160]})")
         return run_id
     except Exception as exc:  # noqa: BLE001 - tracking must not stop training
         log(f"warning: MLflow at {uri} failed ({str(exc).splitlines()[0][:160]}); training goes ahead without "
@@ -649,7 +657,7 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.num_to_keep,
-                                                         checkpoint_score_attribute="knn_top1_k20",
+                                                         checkpoint_score_attribute=checkpoint_score(config),
                                                          checkpoint_score_order="max")))
     log(f"Ray Train: {options.workers} worker(s) x ({options.cpus_per_worker:g} CPU"
         f"{f', {options.gpus_per_worker:g} GPU' if use_gpu else ''}), storage {storage}/{name}")
@@ -703,6 +711,12 @@ def _latest_checkpoint(storage: str, name: str) -> Path | None:
         if best is None or step > best_step or (step == best_step and candidate.stat().st_mtime > best.stat().st_mtime):
             best, best_step = candidate, step
     return best
+
+
+def checkpoint_score(config: Config) -> str:
+    """The metric that ranks a run's checkpoints in storage: kNN top-1 at the first online k (0 until the
+    first kNN, so the latest checkpoints rank by recency until then)."""
+    return knn_metric(config.knn.k[0] if config.knn.k else 20, config.knn.temperature)
 
 
 def prepared_sidecars(config: Config) -> list[dict]:

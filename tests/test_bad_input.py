@@ -290,6 +290,8 @@ CASES = {
                         "optim.min_lr must lie in [0, the peak learning rate 0.1] (the cosine schedule's end), got 0.5", 2),
     "print-config-checks": (["pretrain", "--local", "--print-config", "--set", "data.batch_size=0"], None,
                             "data.batch_size must be positive, got 0", 2),
+    "print-config-zero-workers": (["pretrain", "--print-config", "--workers", "0"], None, "--workers must be >= 1, got 0",
+                                  2),
     "print-config-checks-workers": (["pretrain", "--print-config", "--workers", "3", "--set", "data.batch_size=64"],
                                     None, "data.batch_size 64 is not divisible by the 3 workers", 2),
     "momentum-out-of-range": (["pretrain", "--local", "--set", "optim.momentum=-1"], None,

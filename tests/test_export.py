@@ -58,7 +58,7 @@ def test_resnet_weights_load_strictly_into_torchvision_and_timm_as_the_card_says
         card = (out / "MODEL_CARD.md").read_text()
         assert "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # CIFAR stem" in card
         assert "| method | swav |" in card and "| data set | cifar10 |" in card and "| epochs | 4 (1560 steps) |" in card
-        assert "| knn_top1_k20 | 81.25% | kNN top-1 (k=20, T=0.07), weighted kNN" in card
+        assert "| knn_top1_k20 | 81.25% | kNN top-1 (k=20, T=0.07), weighted kNN on frozen features |" in card
         assert "| online_linear_top1 | 70.00% | online linear probe" in card
         facts = json.loads((out / "export.json").read_text())
         assert facts["format"] == fmt and facts["metrics"]["knn_top1_k20"] == 0.8125

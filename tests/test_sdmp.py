@@ -252,6 +252,8 @@ def test_each_base_has_its_own_options():
         Config(method={"name": "sdmp", "base": "moco_v3", "out_dim": 64}).method_options()
     with pytest.raises(ConfigError, match="method.base 'byol' must be one of moco_v3, dino"):
         Config(method={"name": "sdmp", "base": "byol"}).method_options()
+    with pytest.raises(ConfigError, match=r"method.base '\['dino'\]' must be one of moco_v3, dino"):
+        Config(method={"name": "sdmp", "base": ["dino"]}).method_options()
 
 
 def test_a_dino_checkpoint_from_before_the_criterion_still_loads():

@@ -132,7 +132,7 @@ def _protocol_of(metric: str) -> str:
     from trainers.knn import knn_label
 
     if knn_label(metric):
-        return f"{knn_label(metric)}, weighted kNN on frozen features (online, during pretraining)"
+        return f"{knn_label(metric)}, weighted kNN on frozen features"
     if metric.startswith("online_linear"):
         return "online linear probe: a detached linear classifier trained during pretraining (solo-learn's)"
     if metric.startswith("linear_"):

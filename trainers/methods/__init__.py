@@ -39,7 +39,7 @@ def method_class(name: str, options=None):
     if check_method(name) in _VARIANTS:
         option, default, classes = _VARIANTS[name]
         value = options.get(option, default) if isinstance(options, dict) else getattr(options, option, default)
-        if value not in classes:
+        if not isinstance(value, str) or value not in classes:
             raise ConfigError(f"method.{option} '{value}' must be one of {', '.join(classes)}")
         module, cls = classes[value]
     else:
