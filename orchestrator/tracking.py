@@ -449,6 +449,8 @@ def log_dataset_inputs(mlflow_client, run_id: str, sidecars: Iterable[dict]) -> 
     for meta in sidecars:
         profile = {"content_key": meta["key"], "count": meta.get("count"), "num_classes": meta.get("num_classes"),
                    "image_size": meta.get("image_size"), "mode": meta.get("mode")}
+        if meta.get("holdout"):  # a test split held out of the train images (image folders without one)
+            profile["holdout"] = meta["holdout"]
         dataset = Dataset(name=f"{meta['dataset']}-{meta['split']}", digest=str(meta["key"])[:36], source_type="local",
                           source=json.dumps({"uri": str(meta.get("source", ""))}), profile=json.dumps(profile))
         context = "training" if meta["split"] == "train" else "evaluation"

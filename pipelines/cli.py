@@ -36,13 +36,21 @@ def cmd_pipeline_run(args) -> int:
     from pipelines.runner import run_pipeline
     from pipelines.spec import load_pipeline
 
+    from pipelines.expect import REGRESSION_EXIT
+
     spec = load_pipeline(args.config, args.set)
     outcome = run_pipeline(spec, tracking_uri=args.tracking_uri, out_dir=args.out, resume=args.resume,
-                           address=args.address, log=_err)
+                           address=args.address, log=_err, force=args.force)
     if args.json:
-        print(json.dumps({k: v for k, v in outcome.as_json().items() if k in ("parent_run_id", "tracking_uri", "stages")}))
+        print(json.dumps({k: v for k, v in outcome.as_json().items()
+                          if k in ("parent_run_id", "tracking_uri", "stages", "verdict")}), flush=True)
     else:
         print_results(outcome)
+    if outcome.verdict == "regression":
+        out = [c.describe() for c in outcome.checks if c.status != "in"]
+        _err(f"error: {len(out)} metric(s) outside their expected band: {'; '.join(out)}: find the change that "
+             f"moved them, or record the new band in the pipeline's expect: if it is intended")
+        return REGRESSION_EXIT
     return 0
 
 
@@ -70,7 +78,11 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray address (default: the pipeline's ray.address, else local)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                                                         "sqlite:///<state dir>/mlflow/mlflow.db)")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of the table")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of the table "
+                   "(with the verdict of the expected bands)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="run this stage (and every later stage that reads it) despite the cache, e.g. to certify "
+                        "it again; repeat for several, or 'all' (default: none)")
 
 
 def add_pipeline_commands(subparsers, formatter) -> None:

@@ -92,8 +92,15 @@ def _plots(outcomes, folder: Path) -> list[Path]:
     return paths
 
 
-def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, parent_run_id: str) -> list[Path]:
-    """Writes report.md, report.html and the plots into ``folder``; returns every file written."""
+def _mark(check) -> str:
+    band = f"[{100 * check.low:.2f}, {100 * check.high:.2f}]%" if check.high <= 1 else f"[{check.low:g}, {check.high:g}]"
+    return {"in": f"in {band}", "out": f"OUT of {band}", "missing": f"missing (expected {band})"}[check.status]
+
+
+def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, parent_run_id: str,
+                 checks=()) -> list[Path]:
+    """Writes report.md, report.html and the plots into ``folder``; returns every file written. ``checks``
+    (pipelines.expect): the declared bands, each marked in or out in the table and a verdict line."""
     folder.mkdir(parents=True, exist_ok=True)
     plots = _plots(outcomes, folder)
     rows = accuracy_rows(outcomes)
@@ -106,15 +113,25 @@ def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, 
                       ("pretraining data", extra.get("dataset", "")), ("pretraining steps", str(extra.get("steps", "")))]
     lines = [f"# {spec.name}: results", ""]
     lines += [f"- **{k}**: {v}" for k, v in facts] + [""]
-    lines += ["| stage | metric | value |", "|---|---|---|"]
-    lines += [f"| {s} | {label} | {100 * v:.2f}% |" for s, _, label, v in rows]
+    marks = {(c.stage, c.metric): _mark(c) for c in checks}
+    if checks:
+        from pipelines.expect import verdict
+
+        out = [c.describe() for c in checks if c.status != "in"]
+        lines += [f"**Verdict: {verdict(list(checks))}** ({len(checks) - len(out)} of {len(checks)} expected metrics "
+                  f"in their bands{': ' + '; '.join(out) if out else ''})", ""]
+    lines += ["| stage | metric | value | expected |", "|---|---|---|---|"]
+    lines += [f"| {s} | {label} | {100 * v:.2f}% | {marks.get((s, key), '')} |" for s, key, label, v in rows]
+    shown = {(s, key) for s, key, _, _ in rows}
+    lines += [f"| {c.stage} | {c.metric} | {'' if c.value is None else f'{c.value:.4f}'} | {_mark(c)} |"
+              for c in checks if (c.stage, c.metric) not in shown]
     lines += ["", "| stage | MLflow run | cached | seconds |", "|---|---|---|---|"]
     lines += [f"| {o.name} | {o.run_id} | {'yes' if o.cached else 'no'} | {o.seconds:.0f} |" for o in outcomes]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     markdown = "\n".join(lines) + "\n"
     (folder / "report.md").write_text(markdown)
-    table = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(label)}</td><td>{100 * v:.2f}%</td></tr>"
-                    for s, _, label, v in rows)
+    table = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(label)}</td><td>{100 * v:.2f}%</td>"
+                    f"<td>{html.escape(marks.get((s, key), ''))}</td></tr>" for s, key, label, v in rows)
     fact_html = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts)
     images = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
                      for p in plots)
@@ -122,6 +139,7 @@ def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, 
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}</style></head><body>"
             f"<h1>{html.escape(spec.name)}: results</h1><ul>{fact_html}</ul>"
-            f"<table><tr><th>stage</th><th>metric</th><th>value</th></tr>{table}</table>{images}</body></html>")
+            f"<table><tr><th>stage</th><th>metric</th><th>value</th><th>expected</th></tr>{table}</table>{images}"
+            "</body></html>")
     (folder / "report.html").write_text(page)
     return [folder / "report.md", folder / "report.html", *plots]

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainers.errors import UserError
+from trainers.errors import ConfigError, UserError
 from trainers.paths import state_dir, write_text_atomic
 
 from orchestrator import tracking
 from pipelines import stages as stage_impl
+from pipelines.expect import Check, check_expectations, verdict, verdict_json
 from pipelines.spec import EVAL_KINDS, PipelineSpec, StageSpec
 
 FORMAT = 1  # bump when a stage's computation changes for the same settings (invalidates caches)
@@ -36,6 +37,7 @@ STAGE_FORMATS = {"knn": 2}
 PIPELINE_TAG, STAGE_TAG, HASH_TAG, DONE_TAG = "sslab.pipeline", "sslab.stage", "sslab.stage_hash", "sslab.stage_done"
 # a cached stage under a new parent: a link run (not a cache source: it has no HASH_TAG / DONE_TAG)
 LINK_TAG, CACHED_FROM_TAG = "sslab.link_hash", "sslab.cached_from"
+FORCED_TAG = "sslab.forced"  # a stage run with --force despite a finished run of the same key
 PARENT_TAG = tracking.PARENT_TAG
 # Fault injection for tests: "<stage>:kill" makes the driver SIGKILL itself once that stage's outputs are
 # written and logged but before the stage is marked done: the worst moment for a resume to tell a
@@ -54,6 +56,7 @@ class StageOutcome:
     output_hash: str
     result: dict
     seconds: float = 0.0
+    link_run_id: str | None = None  # a cached stage's link run under this pipeline's parent, if one was made
 
     @property
     def metrics(self) -> dict:
@@ -71,10 +74,16 @@ class PipelineOutcome:
     tracking_uri: str
     out_dir: str
     stages: list[StageOutcome] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)  # the declared bands (expect:), checked
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.checks)
 
     def as_json(self) -> dict:
         return {"pipeline": self.name, "parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri,
-                "out_dir": self.out_dir, "stages": [s.as_json() for s in self.stages]}
+                "out_dir": self.out_dir, "stages": [s.as_json() for s in self.stages],
+                "verdict": verdict_json(self.checks)}
 
 
 def _digest(value) -> str:
@@ -83,8 +92,10 @@ def _digest(value) -> str:
 
 class PipelineRunner:
     def __init__(self, spec: PipelineSpec, tracking_uri: str | None = None, out_dir: str | None = None,
-                 resume: str | None = None, address: str | None = None, log: Callable[[str], None] = print):
+                 resume: str | None = None, address: str | None = None, log: Callable[[str], None] = print,
+                 force: list[str] | None = None):
         self.spec, self.resume, self.log = spec, resume, log
+        self.forced = forced_stages(spec, force or [])
         self.uri = tracking.resolve_tracking_uri(tracking_uri)
         self.out = Path(out_dir or spec.output_dir or state_dir() / "pipelines" / spec.name).expanduser().resolve()
         self.address = address if address is not None else spec.ray.get("address", "local")
@@ -134,9 +145,10 @@ class PipelineRunner:
         return tracking.RunRecorder(self.uri, experiment_id=self.experiment_id, mlflow_client=self.client)
 
     def _child_run(self, stage: StageSpec, key: str, settings: dict) -> str:
-        run_id, _ = self.recorder.open(f"{self.spec.name}/{stage.name}", f"stage:{stage.kind}",
-                                       {STAGE_TAG: stage.name, PIPELINE_TAG: self.spec.name, HASH_TAG: key},
-                                       settings, parent=self.parent_id, existing=self.children.get(key))
+        forced = stage.name in self.forced  # a new run: the finished one with this key stays as it was
+        tags = {STAGE_TAG: stage.name, PIPELINE_TAG: self.spec.name, HASH_TAG: key, **({FORCED_TAG: "1"} if forced else {})}
+        run_id, _ = self.recorder.open(f"{self.spec.name}/{stage.name}", f"stage:{stage.kind}", tags, settings,
+                                       parent=self.parent_id, existing=None if forced else self.children.get(key))
         return run_id
 
     def _stage_tags(self, stage: StageSpec, key: str) -> dict:
@@ -176,6 +188,11 @@ class PipelineRunner:
             settings["dataset"] = self.outcomes[stage.inputs["backbone"]].result["extra"]["dataset"]
         if stage.kind in EVAL_KINDS:
             settings = stage_impl.resolve_settings(stage.kind, settings)
+        if stage.kind == "report":  # the report marks its inputs' bands: new bands, a new report
+            bands = {name: self.spec.stage(name).expect for name in stage.inputs["inputs"]
+                     if self.spec.stage(name).expect}
+            if bands:
+                settings["expect"] = bands
         return settings
 
     def _key(self, stage: StageSpec, settings: dict) -> str:
@@ -198,12 +215,27 @@ class PipelineRunner:
         except Exception:
             self.client.set_terminated(self.parent_id, status="FAILED")
             raise
+        outcome.checks = self._certify(outcome.stages)
         if not all(s.cached for s in outcome.stages):  # a rerun that did no work logs nothing new
             summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
             self._log_metrics(self.parent_id, summary)
         self.client.set_terminated(self.parent_id, status="FINISHED")
         write_text_atomic(self.out / "pipeline.json", json.dumps(outcome.as_json(), indent=1))
         return outcome
+
+    def _certify(self, outcomes: list[StageOutcome]) -> list[Check]:
+        """Each declared band checked; the verdict tagged on the parent run and each check on the stage's run
+        as this parent shows it (``sslab.expect.<metric>``), so the MLflow UI shows them too."""
+        checks = check_expectations({s.name: s.expect for s in self.spec.stages if s.expect},
+                                    {o.name: o.metrics for o in outcomes})
+        for check in checks:
+            outcome = self.outcomes[check.stage]
+            run_id = outcome.link_run_id or outcome.run_id
+            if run_id:
+                self.client.set_tag(run_id, f"sslab.expect.{check.metric}", check.describe().split(" ", 1)[1])
+            self.log(f"[{check.stage}] expected: {check.describe()}")
+        self.client.set_tag(self.parent_id, "sslab.verdict", verdict(checks))
+        return checks
 
     def _link_cached(self, stage: StageSpec, done, key: str, result: dict) -> str | None:
         """A cached stage whose run sits under another pipeline run appears under this one too: a finished
@@ -226,16 +258,18 @@ class PipelineRunner:
         settings = self._settings(stage)
         key = self._key(stage, settings)
         folder = self.out / stage.name
-        done = self._finished_run(key)
+        done = None if stage.name in self.forced else self._finished_run(key)
+        if stage.name in self.forced:
+            self.log(f"[{stage.name}] forced: running despite the cache")
         if done is not None:
             result = self._cached_result(done, folder, key)
             if result is not None:
                 self.log(f"[{stage.name}] cached (MLflow run {done.info.run_id})")
                 if stage.kind == "pretrain":
                     self._restore_backbone(done.info.run_id, folder, result)
-                self._link_cached(stage, done, key, result)
+                link = self._link_cached(stage, done, key, result)
                 return StageOutcome(stage.name, stage.kind, done.info.run_id, "finished", True, key,
-                                    result["output_hash"], result)
+                                    result["output_hash"], result, link_run_id=link)
         self.log(f"[{stage.name}] running ({stage.kind})")
         started = time.time()
         if folder.exists():
@@ -283,7 +317,8 @@ class PipelineRunner:
             from pipelines.report import write_report
 
             inputs = [self.outcomes[name] for name in stage.inputs["inputs"]]
-            files = write_report(self.spec, inputs, folder, self.uri, self.parent_id)
+            files = write_report(self.spec, inputs, folder, self.uri, self.parent_id,
+                                 check_expectations(settings.get("expect", {}), {o.name: o.metrics for o in inputs}))
             files += self._export_final_backbone(inputs, folder)
             for path in files:
                 self.client.log_artifact(self.parent_id, str(path), "report")
@@ -383,6 +418,8 @@ class PipelineRunner:
             config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._ray()
         name = f"{self.spec.name}-{stage.name}-{key[:10]}"
+        if stage.name in self.forced:  # a fresh Ray run, not a resume of the finished one
+            name += time.strftime("-forced-%Y%m%d-%H%M%S")
         options = self._cluster_options(stage, settings, self._stage_tags(stage, key))
         outcome = run_pretraining(config, options, name=name, log=self.log)
         if outcome.run_id is None:
@@ -443,6 +480,30 @@ def _eval_task(kind: str, settings: dict, backbone_bytes: bytes, data_root, seed
         path.write_bytes(backbone_bytes)
         # the feature cache is keyed by the file's hash, so a temp path still hits it
         return stage_impl.run_evaluation(kind, settings, str(path), data_root, seed=seed, log=stage_impl.log_stderr)
+
+
+def forced_stages(spec: PipelineSpec, names: list[str]) -> set[str]:
+    """``--force`` names (or ``all``) and every later stage that reads one of them (a prepare stage is read by
+    all later stages): the stages to run despite the cache."""
+    stage_names = [s.name for s in spec.stages]
+    forced = set()
+    for name in names:
+        if name == "all":
+            return set(stage_names)
+        if name not in stage_names:
+            import difflib
+
+            close = difflib.get_close_matches(name, stage_names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"--force {name}: no stage '{name}' in pipeline {spec.name}{hint}: name one of "
+                            f"{', '.join(stage_names)}, or all")
+        forced.add(name)
+    for stage in spec.stages:
+        read = [n for v in stage.inputs.values() for n in (v if isinstance(v, list) else [v])]
+        if any(n in forced for n in read) or any(spec.stage(n).kind == "prepare" for n in forced
+                                                   if stage_names.index(n) < stage_names.index(stage.name)):
+            forced.add(stage.name)
+    return forced
 
 
 def run_pipeline(spec: PipelineSpec, **kwargs) -> PipelineOutcome:

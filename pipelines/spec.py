@@ -16,6 +16,15 @@
       transfer: {backbone: pretrain, datasets: [digits, {name: cifar10, optional: true}]}
       report: {}
 
+Any stage may declare the band its metrics are expected in, measured on a run you trust::
+
+      knn: {backbone: pretrain, expect: {knn_top1_k20: [0.83, 0.86]}}
+
+The report and MLflow mark each such metric in or out of its band, ``--json`` carries the verdict,
+and ``sslab pipeline run`` exits 7 when one is out (a scheduled run fails visibly). Bands are not
+part of a stage's cache key: ``--force STAGE`` reruns a stage (and the stages that read it) to
+certify it again.
+
 Paths in a pipeline file are relative to that file. Inputs name earlier stages: ``backbone``
 (knn, linear, semi, transfer; default: the pretrain stage), ``from_sweep`` (pretrain: train the
 best config of a sweep stage), ``inputs`` (report; default: every earlier stage).
@@ -44,7 +53,7 @@ from trainers.errors import ConfigError
 
 KINDS = ("prepare", "sweep", "pretrain", "knn", "linear", "semi", "transfer", "report")
 EVAL_KINDS = ("knn", "linear", "semi", "transfer")
-COMMON = {"kind", "resources"}
+COMMON = {"kind", "resources", "expect"}
 SETTINGS = {
     "prepare": {"datasets"},
     "sweep": {"config", "set"},
@@ -84,6 +93,7 @@ class StageSpec:
     settings: dict
     inputs: dict = field(default_factory=dict)  # role -> earlier stage name (report: "inputs" -> list)
     resources: dict = field(default_factory=dict)  # cpu, gpu for a Ray task
+    expect: dict = field(default_factory=dict)  # metric -> [low, high]: the band a good run lands in
 
 
 @dataclass
@@ -101,8 +111,9 @@ class PipelineSpec:
         return next(s for s in self.stages if s.name == name)
 
     def digest(self) -> str:
-        """Identity of the pipeline: everything that changes what it computes."""
-        body = {"name": self.name, "seed": self.seed, "stages": [asdict(s) for s in self.stages]}
+        """Identity of the pipeline: everything that changes what it computes (not the expected bands)."""
+        stages = [{k: v for k, v in asdict(s).items() if k != "expect"} for s in self.stages]
+        body = {"name": self.name, "seed": self.seed, "stages": stages}
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -243,6 +254,7 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
                               f"it takes {', '.join(sorted(SETTINGS[kind]))}")
     values = {**DEFAULTS.get(kind, {}), **{k: v for k, v in settings.items() if k not in COMMON}}
     resources = _stage_resources(name, settings.get("resources"))
+    expect = _stage_expect(name, settings.get("expect"))
     inputs = _stage_inputs(name, kind, values, earlier)
     for check in KIND_CHECKS.get(kind, ()):
         check(name, kind, values, inputs, base, loaded, earlier)
@@ -252,7 +264,27 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
 
         values["protocol"] = check_protocol(values["protocol"], LINEAR_PROTOCOLS if kind == "linear"
                                             else SEMI_PROTOCOLS, f"stage '{name}': protocol")
-    return StageSpec(name, kind, values, inputs, resources)
+    return StageSpec(name, kind, values, inputs, resources, expect)
+
+
+def _stage_expect(name: str, expect) -> dict:
+    """``expect: {metric: [low, high]}``: accuracies as fractions, low <= high."""
+    if expect is None:
+        return {}
+    example = "expect: {knn_top1_k20: [0.83, 0.86]}"
+    if not isinstance(expect, dict) or not expect:
+        raise ConfigError(f"stage '{name}': expect is {expect!r}: give a mapping of metric -> [low, high], e.g. {example}")
+    bands = {}
+    for metric, band in expect.items():
+        where = f"stage '{name}': expect.{metric}"
+        check_text(metric, f"stage '{name}': an expect key (a metric name)", "knn_top1_k20")
+        if not isinstance(band, (list, tuple)) or len(band) != 2:
+            raise ConfigError(f"{where} is {band!r}: give [low, high], e.g. {example}")
+        low, high = (check_number(v, where, example="[0.83, 0.86]") for v in band)
+        if low > high:
+            raise ConfigError(f"{where} is [{low}, {high}]: low is above high; write [{high}, {low}]")
+        bands[str(metric)] = [float(low), float(high)]
+    return bands
 
 
 def _stage_resources(name: str, resources) -> dict:

@@ -50,9 +50,9 @@ def _plain(tmp: Path) -> dict:
     return {"folder": str(_class_tree(tmp / "images"))}
 
 
-def _train_only(tmp: Path) -> dict:
-    _class_tree(tmp / "images" / "train")
-    return {"folder": str(tmp / "images")}
+def _single_images(tmp: Path) -> dict:
+    """A class tree of one image per class: nothing can be held out as a test split."""
+    return {"folder": str(_class_tree(tmp / "images", count=2))}
 
 
 def _cwd(tmp: Path) -> dict:
@@ -107,16 +107,16 @@ CASES = {
                                  None, "--workers -1 must be a whole number >= 0 (0 or unset: min(8, cores))", 2),
     "prepare-workers-too-many": (["data", "prepare", "--dataset", "digits", "--workers", "100000", "--out",
                                   "{tmp}/out"], None, "--workers 100000 is more than the limit of", 2),
-    "prepare-plain-tree-all": (["data", "prepare", "--dataset", "imagefolder:{folder}", "--split", "all", "--out",
-                                "{tmp}/out", "--quiet"], _plain,
-                               "image folder {folder} is a plain <class>/* tree, which is a train split only: "
-                               "prepare the train split only (--split train)", 3),
-    "prepare-plain-tree-test": (["data", "prepare", "--dataset", "imagefolder:{folder}", "--split", "test", "--out",
-                                 "{tmp}/out", "--quiet"], _plain, "which is a train split only", 3),
-    "prepare-train-without-test": (["data", "prepare", "--dataset", "imagefolder:{folder}", "--out", "{tmp}/out",
-                                    "--quiet"], _train_only,
-                                   "image folder {folder} has {folder}/train/ but no test split: add "
-                                   "{folder}/test/<class>/", 3),
+    "prepare-holdout-out-of-range": (["data", "prepare", "--dataset", "imagefolder:{folder}?holdout=1.5", "--split",
+                                      "all", "--out", "{tmp}/out", "--quiet"], _plain,
+                                     "data set 'imagefolder:{folder}?holdout=1.5': holdout=1.5 must lie strictly "
+                                     "between 0 and 1", 2),
+    "prepare-holdout-unknown-option": (["data", "prepare", "--dataset", "imagefolder:{folder}?fraction=0.1", "--out",
+                                        "{tmp}/out", "--quiet"], _plain,
+                                       "unknown option 'fraction=0.1': write imagefolder:{folder}?holdout=0.2,seed=0", 2),
+    "prepare-holdout-nothing-to-hold-out": (["data", "prepare", "--dataset", "imagefolder:{folder}", "--split", "all",
+                                             "--out", "{tmp}/out", "--quiet"], _single_images,
+                                            "has no class with 2 or more images, so no test split can be held out", 3),
     # submit
     "submit-list-working-dir-missing": (["submit", "--list-files", "--working-dir", "{tmp}/nonexistent"], None,
                                         "--working-dir {tmp}/nonexistent does not exist: pass the sslab project "

@@ -184,6 +184,10 @@ def test_every_sslab_command_in_cluster_files_parses():
         config = getattr(args, "config", None)
         if config:
             assert (ROOT / config).is_file(), f"{where}: {config} does not exist"
+        if "cronjob" in where and getattr(args, "func", None) is not None and "pipeline" in argv + list(
+                getattr(args, "command", None) or []):
+            # a scheduled pipeline certifies: it reruns from pretraining instead of finding everything cached
+            assert getattr(args, "force", None) == ["pretrain"], f"{where}: a nightly without --force pretrain"
 
 
 def test_dockerfile_matches_the_pins_and_system_packages():

@@ -1,5 +1,6 @@
 import gzip
 import shutil
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -107,11 +108,12 @@ def test_image_folder(tmp_path):
     assert data.images[4][0, 0].tolist() == [141, 141, 141]
 
 
-def test_image_folder_without_test_split(tmp_path):
+def test_image_folder_without_test_split_holds_out_its_train_folder(tmp_path):
     _make_folder(tmp_path)
     shutil.rmtree(tmp_path / "test")
-    with pytest.raises(DataError, match="no test split"):
-        load_split(f"imagefolder:{tmp_path}", "test")
+    train, test = load_split(f"imagefolder:{tmp_path}", "train"), load_split(f"imagefolder:{tmp_path}", "test")
+    assert len(train) == 4 and len(test) == 2 and test.labels.tolist() == [0, 1]  # round(0.2 * 3) = 1 per class
+    assert test.source == str(tmp_path / "train") and test.extra["holdout"]["of"] == str(tmp_path / "train")
 
 
 def test_unreadable_image_names_the_file(tmp_path):
@@ -172,3 +174,54 @@ def test_image_folder_labels_follow_the_other_split(tmp_path, data_root):
     assert before.fingerprint != after.fingerprint  # a prepared .beton of train is written again
     (tmp_path / "test" / "zebra").mkdir()  # an empty folder changes nothing
     assert load_split(f"imagefolder:{tmp_path}", "train").fingerprint == after.fingerprint
+
+
+# --------------------------------------------------------------------------- a plain class tree gets a test split
+def _plain_cifar_tree(root, data_root, per_class=(7, 5, 1, 0)):
+    """Real CIFAR-10 test images as JPEG files in a plain <class>/* tree (no train/ or test/)."""
+    cifar = load_split("cifar10", "test", data_root)
+    names = ["airplane", "bird", "cat", "deer"]
+    for name, count in zip(names, per_class):
+        (root / name).mkdir(parents=True)
+        picks = np.flatnonzero(cifar.labels == cifar.classes.index(name))[:count]
+        for i in picks:
+            Image.fromarray(cifar.images[int(i)]).save(root / name / f"{i}.jpg", quality=95)
+    return root
+
+
+def test_plain_tree_holds_out_a_stratified_deterministic_test_split(tmp_path, data_root):
+    root = _plain_cifar_tree(tmp_path / "pets", data_root)
+    name = f"imagefolder:{root}"
+    train, test = load_split(name, "train"), load_split(name, "test")
+    assert train.classes == test.classes == ["airplane", "bird", "cat"]  # deer is empty: no class
+    # round(0.2 * n), at least 1 and never all for n >= 2; a lone image stays in train
+    assert np.bincount(test.labels, minlength=3).tolist() == [1, 1, 0]
+    assert np.bincount(train.labels, minlength=3).tolist() == [6, 4, 1]
+    train_files, test_files = set(map(str, train.images.paths)), set(map(str, test.images.paths))
+    assert not train_files & test_files and len(train_files | test_files) == 13
+    assert all(Path(p).parent.name == test.classes[label] for p, label in zip(test.images.paths, test.labels))
+    assert train.extra["holdout"] == test.extra["holdout"] == {"fraction": 0.2, "seed": 0, "of": str(root)}
+    again = load_split(name, "test")  # the same folder gives the same split
+    assert list(map(str, again.images.paths)) == list(map(str, test.images.paths))
+    assert again.fingerprint == test.fingerprint
+    # the fraction and the seed choose it: more held out, other files, other fingerprints
+    half = load_split(f"{name}?holdout=0.5", "test")
+    assert np.bincount(half.labels, minlength=3).tolist() == [4, 2, 0] and half.fingerprint != test.fingerprint
+    draws = {tuple(map(str, load_split(f"{name}?holdout=0.5,seed={seed}", "test").images.paths)) for seed in range(6)}
+    assert len(draws) > 1
+    # a class keeps its hold-out when another class comes or goes (the draw is seeded by its name)
+    (root / "zebra").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "zebra" / "z0.jpg")
+    Image.new("RGB", (32, 32)).save(root / "zebra" / "z1.jpg")
+    grown = load_split(name, "test")
+    kept = [str(p) for p in grown.images.paths if Path(p).parent.name != "zebra"]
+    assert kept == list(map(str, test.images.paths)) and grown.classes[-1] == "zebra"
+
+
+def test_holdout_options_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="holdout=0.0 must lie strictly between 0 and 1"):
+        load_split(f"imagefolder:{tmp_path}?holdout=0", "test")
+    with pytest.raises(ConfigError, match="seed=x is not a number"):
+        load_split(f"imagefolder:{tmp_path}?seed=x", "test")
+    with pytest.raises(ConfigError, match="unknown option 'split=3'"):
+        load_split(f"imagefolder:{tmp_path}?split=3", "test")

@@ -186,8 +186,8 @@ def test_online_probe_learns_digits(tmp_path):
 def test_a_data_set_without_a_held_out_split_trains_without_the_probe_unless_the_knn_needs_that_split(tmp_path):
     from PIL import Image
 
-    for i in range(16):  # a plain <class>/* tree: a train split only
-        path = tmp_path / "images" / "ab"[i % 2] / f"{i}.png"
+    for i in range(16):  # a plain <class>/* tree of one image per class: nothing to hold out, a train split only
+        path = tmp_path / "images" / f"c{i:02d}" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (15 * i, 0, 0)).save(path)
     settings = ["method.name=supcon", f"data.dataset=imagefolder:{tmp_path / 'images'}", "data.crops=2x8",

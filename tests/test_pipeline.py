@@ -24,7 +24,11 @@ SMALL = ["stages.prepare.datasets=[fashion-mnist, digits]",
          "train.log_every=2]",
          "stages.pretrain.cpus_per_worker=1", "stages.linear.epochs=2", "stages.semi.epochs=1",
          "stages.semi.min_steps=40", "stages.semi.batch_size=64", "stages.transfer.datasets=[digits]",
-         "stages.transfer.epochs=2"]
+         "stages.transfer.epochs=2",
+         # the demo's bands are for its full budget; this one's are what the test asserts below
+         "stages.knn.expect={knn_top1_k20: [0.3, 1.0]}", "stages.linear.expect={linear_top1: [0.3, 1.0]}",
+         "stages.semi.expect={semi1_top1: [0.3, 1.0], semi10_top1: [0.3, 1.0]}",
+         "stages.transfer.expect={transfer_digits_top1: [0.3, 1.0]}"]
 
 
 def _raw(**stages):
@@ -139,6 +143,10 @@ def test_demo_pipeline_end_to_end_cached_and_resumed(local_ray, tmp_path, capsys
     assert printed["parent_run_id"] == outcome.parent_run_id and printed["tracking_uri"] == uri
     assert [s["name"] for s in printed["stages"]] == names and all(s["cached"] for s in printed["stages"])
     assert printed["stages"][3]["metrics"]["linear_top1"] == pytest.approx(m["linear_top1"])
+    # every declared band checked, cached stages included: the verdict a scheduler reads
+    assert printed["verdict"]["status"] == "pass" and outcome.verdict == "pass"
+    assert sorted(c["metric"] for c in printed["verdict"]["checks"]) == sorted(
+        ["knn_top1_k20", "linear_top1", "semi1_top1", "semi10_top1", "transfer_digits_top1"])
     _, again = _runs(uri)
     assert len(again) == len(runs)
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.data.datasets import DatasetSplit, check_dataset_name, load_split
+from trainers.data.datasets import DatasetSplit, ImageFolderName, check_dataset_name, load_split
 from trainers.data.ffcv_import import import_ffcv
 from trainers.data.sharding import check_rank, shard_indices
 from trainers.checkpoint import StorageError
@@ -67,8 +67,9 @@ def beton_path(out_dir: str | Path, dataset: str, split: str, settings: PrepareS
     """``<out>/<dataset>-<split>[-r<resize>].beton``; an image folder is named by its folder and a hash."""
     name = dataset
     if dataset.startswith("imagefolder:"):
-        folder = dataset.split(":", 1)[1]
-        name = f"imagefolder-{Path(folder).name}-{hashlib.sha1(folder.encode()).hexdigest()[:8]}"
+        body = dataset.split(":", 1)[1]  # the path and its hold-out options, if any
+        folder = ImageFolderName.parse(dataset).path
+        name = f"imagefolder-{Path(folder).name}-{hashlib.sha1(body.encode()).hexdigest()[:8]}"
     suffix = f"-r{settings.resize}" if settings.resize else ""
     return Path(out_dir).expanduser().resolve() / f"{name}-{split}{suffix}.beton"
 
@@ -368,21 +369,15 @@ def check_num_workers(num_workers, what: str = "--workers", default: str = "0 or
 
 
 def check_splits_exist(dataset: str, splits) -> None:
-    """An image folder must hold every split asked for, checked before any file is written: a plain
-    ``<path>/<class>/*`` tree is a train split only."""
-    if not str(dataset).startswith("imagefolder:") or "test" not in splits:
+    """An image folder's splits are listed (not decoded) before any file is written, so what is wrong
+    with any of them (no class folders, no images, nothing to hold out) stops the run first."""
+    if not str(dataset).startswith("imagefolder:") or len(tuple(splits)) < 2:
         return
-    root = Path(dataset.split(":", 1)[1]).expanduser().resolve()
-    if not root.is_dir():
-        return  # load_split says what is missing
-    if (root / "train").is_dir():
-        if any((root / name).is_dir() for name in ("test", "val")):
-            return
-        raise DataError(f"image folder {root} has {root}/train/ but no test split: add {root}/test/<class>/ "
-                        f"(or {root}/val/<class>/), or prepare the train split only (--split train)")
-    raise DataError(f"image folder {root} is a plain <class>/* tree, which is a train split only: prepare the "
-                    f"train split only (--split train), or move the classes to {root}/train/<class>/ and add "
-                    f"{root}/test/<class>/")
+    try:
+        for split in splits:
+            load_split(dataset, split)
+    except DataNotFoundError:
+        return  # prepare_split says what is missing, or uses a staged copy
 
 
 def prepare_split(dataset: str, split: str, out_dir: str | Path, data_root=None,
@@ -467,6 +462,7 @@ def _prepare_locked(source, dataset, split, path, settings, num_workers, force, 
         meta = {"key": key, "version": FORMAT_VERSION, "dataset": dataset, "split": split, "count": len(source),
                 "classes": source.classes, "num_classes": source.num_classes, "image_size": fixed,
                 "mode": mode, "settings": asdict(settings), "source": source.source,
+                "holdout": source.extra.get("holdout"),
                 "bytes": path.stat().st_size, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.time() - started, 2)}
         try:

@@ -500,12 +500,66 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_image_folder(path: str, split: str) -> DatasetSplit:
+HOLDOUT_FRACTION = 0.2  # the test split of a folder without one: this fraction of each class ...
+HOLDOUT_SEED = 0  # ... drawn with this seed (both overridable: imagefolder:<path>?holdout=0.1,seed=3)
+
+
+@dataclass(frozen=True)
+class ImageFolderName:
+    """``imagefolder:<path>[?holdout=F,seed=S]`` read apart: the options only matter for a folder without a
+    test split, whose test split is then a stratified hold-out of its train images."""
+
+    path: str
+    holdout: float = HOLDOUT_FRACTION
+    seed: int = HOLDOUT_SEED
+
+    @classmethod
+    def parse(cls, name: str) -> "ImageFolderName":
+        body = name.split(":", 1)[1]
+        path, _, query = body.partition("?")
+        if not path.strip():  # an empty path would resolve to the current folder
+            raise ConfigError(f"data set '{name}': imagefolder: needs a path: write imagefolder:<path>, "
+                              "e.g. imagefolder:/data/pets")
+        options = {}
+        for item in filter(None, query.split(",")):
+            key, _, value = item.partition("=")
+            if key not in ("holdout", "seed") or not value:
+                raise ConfigError(f"data set '{name}': unknown option '{item}': write "
+                                  f"imagefolder:{path}?holdout=0.2,seed=0 (both optional)")
+            try:
+                options[key] = float(value) if key == "holdout" else int(value)
+            except ValueError:
+                raise ConfigError(f"data set '{name}': {key}={value} is not a number: write e.g. "
+                                  f"imagefolder:{path}?holdout=0.2,seed=0") from None
+        folder = cls(path, **options)
+        if not 0 < folder.holdout < 1:
+            raise ConfigError(f"data set '{name}': holdout={folder.holdout} must lie strictly between 0 and 1 "
+                              "(the fraction of each class held out as the test split), e.g. holdout=0.2")
+        return folder
+
+
+def holdout_indices(count: int, fraction: float, seed: int, class_name: str) -> np.ndarray:
+    """Which of a class's ``count`` images (in sorted path order) are held out: round(fraction * count),
+    at least one and never all when the class has two or more; drawn from (seed, the class's name), so
+    a class keeps its hold-out when other classes come or go."""
+    if count < 2:
+        return np.zeros(0, dtype=np.int64)
+    held = min(max(int(round(fraction * count)), 1), count - 1)
+    rng = np.random.default_rng([int(seed), zlib.crc32(class_name.encode())])
+    return np.sort(rng.permutation(count)[:held])
+
+
+def load_image_folder(path: str, split: str, holdout: float = HOLDOUT_FRACTION,
+                      seed: int = HOLDOUT_SEED) -> DatasetSplit:
     """``<path>/train/<class>/*`` and ``<path>/test/<class>/*`` (or ``val/``), or one class tree ``<path>/<class>/*``.
 
     Both splits number their classes from ONE list: the sorted names of the class folders that hold
     at least one image in either split. So a class keeps its label when a folder is empty, missing
     from one split, or present in only one; an empty folder is no class.
+
+    A folder without a test split (a plain class tree, or ``train/`` alone) gets one: a deterministic
+    stratified hold-out of ``holdout`` of each class's images (``holdout_indices``); the train split is
+    then the rest, and both record the hold-out in ``extra['holdout']``.
     """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
@@ -516,18 +570,25 @@ def load_image_folder(path: str, split: str) -> DatasetSplit:
         folders = {"train": root / "train", "test": test}
     else:  # one class tree: it is the train split (a class may be called "test")
         folders = {"train": root, "test": None}
+    if folders["test"] is None:
+        return _held_out_split(root, folders["train"], split, holdout, seed)
     folder = folders[split]
-    if folder is None:
-        raise DataError(f"image folder {root} has no test split: expected {root}/test/<class>/ "
-                        f"(or {root}/val/<class>/) beside {root}/train/<class>/")
-    if not _class_folders(folder):
-        raise DataError(f"image folder {folder} has no class sub-folders: expected {folder}/<class>/<image>")
-    files = {p.name: sorted(f for f in p.rglob("*") if _is_image(f)) for p in _class_folders(folder)}
+    files = _class_files(folder)
     names = {name for name, found in files.items() if found}
     for other in (f for s, f in folders.items() if s != split and f is not None):
         # the other split only has to show one image per class folder
         names |= {p.name for p in _class_folders(other) if any(_is_image(f) for f in p.rglob("*"))}
-    classes = sorted(names)
+    return _folder_split(root, folder, split, files, sorted(names))
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    if not _class_folders(folder):
+        raise DataError(f"image folder {folder} has no class sub-folders: expected {folder}/<class>/<image>")
+    return {p.name: sorted(f for f in p.rglob("*") if _is_image(f)) for p in _class_folders(folder)}
+
+
+def _folder_split(root: Path, folder: Path, split: str, files: dict[str, list[Path]], classes: list[str],
+                  extra: dict | None = None) -> DatasetSplit:
     index = {name: i for i, name in enumerate(classes)}
     paths, labels = [], []
     for name in sorted(n for n in files if files[n]):
@@ -537,9 +598,24 @@ def load_image_folder(path: str, split: str) -> DatasetSplit:
         raise DataError(f"image folder {folder} has class folders but no images "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     # the labels depend on the other split's classes too, so they are part of the fingerprint
-    fingerprint = hashlib.sha256(f"{_dir_fingerprint(paths)}\n{classes}".encode()).hexdigest()
+    described = f"{_dir_fingerprint(paths)}\n{classes}" + (f"\n{sorted(extra['holdout'].items())}" if extra else "")
+    fingerprint = hashlib.sha256(described.encode()).hexdigest()
     return DatasetSplit(f"imagefolder:{root}", split, FileImages(paths), np.asarray(labels, dtype=np.int64),
-                        classes, str(folder), fingerprint)
+                        classes, str(folder), fingerprint, dict(extra or {}))
+
+
+def _held_out_split(root: Path, folder: Path, split: str, holdout: float, seed: int) -> DatasetSplit:
+    files = _class_files(folder)
+    chosen = {}
+    for name, found in files.items():
+        held = set(holdout_indices(len(found), holdout, seed, name).tolist())
+        chosen[name] = [f for i, f in enumerate(found) if (i in held) == (split == "test")]
+    classes = sorted(name for name, found in files.items() if found)
+    if split == "test" and not any(chosen.values()):
+        raise DataError(f"image folder {folder} has no class with 2 or more images, so no test split can be held "
+                        f"out: add images, or add {root}/test/<class>/ beside {root}/train/<class>/")
+    extra = {"holdout": {"fraction": holdout, "seed": seed, "of": str(folder)}}
+    return _folder_split(root, folder, split, chosen, classes, extra)
 
 
 # --------------------------------------------------------------------------- registry
@@ -557,10 +633,7 @@ def dataset_names() -> list[str]:
 
 def check_dataset_name(name: str) -> str:
     if name.startswith("imagefolder:"):
-        if not name.split(":", 1)[1].strip():
-            # an empty path would resolve to the current folder
-            raise ConfigError(f"data set '{name}': imagefolder: needs a path: write imagefolder:<path>, "
-                              "e.g. imagefolder:/data/pets")
+        ImageFolderName.parse(name)
         return name
     if name in REGISTRY:
         return name
@@ -575,5 +648,6 @@ def load_split(name: str, split: str, data_root: str | Path | None = None) -> Da
     _check_split(split)
     root = Path(data_root).expanduser().resolve() if data_root is not None else default_data_root()
     if name.startswith("imagefolder:"):
-        return load_image_folder(name.split(":", 1)[1], split)
+        folder = ImageFolderName.parse(name)
+        return load_image_folder(folder.path, split, folder.holdout, folder.seed)
     return REGISTRY[name](split, root)

@@ -1,0 +1,88 @@
+"""Expected bands (pipelines/expect.py, a stage's `expect:`) and `--force`: parsing, checking, the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.expect import Check, check_expectations, verdict, verdict_json
+from pipelines.runner import StageOutcome, forced_stages
+from pipelines.spec import parse_pipeline
+from trainers.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def _spec(**changes):
+    stages = {"prepare": {"datasets": ["digits"]},
+              "pretrain": {"config": str(ROOT / "configs" / "pretrain" / "swav_fashion-mnist.yaml")},
+              "knn": {"expect": {"knn_top1_k20": [0.83, 0.86]}},
+              "linear": {"expect": {"linear_top1": [0.7, 0.8], "linear_top5": [0.95, 1.0]}},
+              "report": {}}
+    for name, settings in changes.items():
+        stages[name] = {**stages[name], **settings}
+    return parse_pipeline({"name": "t", "stages": stages}, base=ROOT)
+
+
+def test_bands_are_parsed_and_kept_out_of_the_pipeline_identity():
+    spec = _spec()
+    assert spec.stage("knn").expect == {"knn_top1_k20": [0.83, 0.86]}
+    assert "expect" not in spec.stage("knn").settings  # not a setting: no part of the stage's cache key
+    assert _spec(knn={"expect": {"knn_top1_k20": [0.5, 0.6]}}).digest() == spec.digest()
+    assert _spec(linear={"epochs": 3}).digest() != spec.digest()
+
+
+@pytest.mark.parametrize("expect, message", [
+    ({"knn_top1_k20": [0.9, 0.8]}, "expect.knn_top1_k20 is [0.9, 0.8]: low is above high; write [0.8, 0.9]"),
+    ({"knn_top1_k20": 0.85}, "expect.knn_top1_k20 is 0.85: give [low, high]"),
+    ({"knn_top1_k20": [0.8, "high"]}, "expect.knn_top1_k20"),
+    ([0.8, 0.9], "expect is [0.8, 0.9]: give a mapping of metric -> [low, high]"),
+])
+def test_bad_bands_are_one_line(expect, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
+        _spec(knn={"expect": expect})
+
+
+def test_checks_and_verdict():
+    expected = {"knn": {"knn_top1_k20": [0.83, 0.86]}, "linear": {"linear_top1": [0.7, 0.8], "linear_top9": [0, 1]},
+                "semi": {"semi1_top1": [0.1, 0.2]}}
+    metrics = {"knn": {"knn_top1_k20": 0.8412}, "linear": {"linear_top1": 0.69}}
+    checks = check_expectations(expected, metrics)
+    assert [(c.stage, c.metric, c.status) for c in checks] == [
+        ("knn", "knn_top1_k20", "in"), ("linear", "linear_top1", "out"), ("linear", "linear_top9", "missing")]
+    assert checks[0].describe() == "knn/knn_top1_k20 0.8412 in [0.83, 0.86]"
+    assert checks[1].describe() == "linear/linear_top1 0.6900 OUT of [0.7, 0.8]"
+    assert verdict(checks) == "regression" and verdict(checks[:1]) == "pass" and verdict([]) == "none"
+    assert verdict_json(checks[:2])["checks"][1] == {"stage": "linear", "metric": "linear_top1", "value": 0.69,
+                                                       "band": [0.7, 0.8], "status": "out"}
+    assert Check("k", "m", 0.83, 0.83, 0.86).status == "in" and Check("k", "m", 0.86, 0.83, 0.86).status == "in"
+
+
+def test_force_reruns_a_stage_and_the_stages_that_read_it():
+    spec = _spec()
+    assert forced_stages(spec, []) == set()
+    assert forced_stages(spec, ["knn"]) == {"knn", "report"}
+    assert forced_stages(spec, ["pretrain"]) == {"pretrain", "knn", "linear", "report"}
+    assert forced_stages(spec, ["prepare"]) == {"prepare", "pretrain", "knn", "linear", "report"}
+    assert forced_stages(spec, ["all"]) == {s.name for s in spec.stages}
+    with pytest.raises(ConfigError, match="--force knnn: no stage 'knnn' in pipeline t \\(did you mean 'knn'\\?\\)"):
+        forced_stages(spec, ["knnn"])
+
+
+def test_report_marks_each_band(tmp_path):
+    from pipelines.report import write_report
+
+    spec = _spec()
+    outcomes = [StageOutcome("knn", "knn", "r1", "finished", False, "k", "h", {"metrics": {"knn_top1_k20": 0.8412},
+                                                                              "extra": {}}),
+                StageOutcome("linear", "linear", "r2", "finished", False, "k", "h",
+                             {"metrics": {"linear_top1": 0.69, "linear_top5": 0.97}, "extra": {}})]
+    checks = check_expectations({"knn": spec.stage("knn").expect, "linear": spec.stage("linear").expect},
+                                {o.name: o.metrics for o in outcomes})
+    write_report(spec, outcomes, tmp_path, "sqlite:///x", "parent", checks)
+    text = (tmp_path / "report.md").read_text()
+    assert "**Verdict: regression** (2 of 3 expected metrics in their bands: linear/linear_top1 0.6900 OUT of " \
+           "[0.7, 0.8])" in text
+    assert "| knn | kNN" in text and "| 84.12% | in [83.00, 86.00]% |" in text
+    assert "| 69.00% | OUT of [70.00, 80.00]% |" in text and "| 97.00% | in [95.00, 100.00]% |" in text
+    assert "<td>OUT of [70.00, 80.00]%</td>" in (tmp_path / "report.html").read_text()
