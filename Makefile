@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # ffcv 1.0.2 is built from source: it needs pkg-config, OpenCV and libjpeg-turbo headers.
 SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
-# tests/test_mlflow_server.py starts a throwaway PostgreSQL (not in the image: the cluster's is a service);
-# installed when setup can (root + apt), else a note: that test file skips without it
-TEST_PACKAGES := postgresql
+# tests/test_mlflow_server.py starts a throwaway PostgreSQL (not in the image: the cluster's is a service),
+# tests/test_mlflow_ui.py a headless Chromium; installed when setup can (root + apt), else a note: those
+# test files skip without them
+TEST_PACKAGES := postgresql chromium
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages venv test test-fast demo bench-loader clean help
@@ -25,7 +26,7 @@ system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES) $(TEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	needed=$$(for p in $$missing; do case " $(TEST_PACKAGES) " in *" $$p "*) ;; *) echo $$p;; esac; done); \
 	if [ -n "$$missing" ] && [ -z "$$needed" ] && { [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; }; then \
-	  echo "setup: note: $$missing not installed (only tests/test_mlflow_server.py needs it and skips without it):" \
+	  echo "setup: note: $$missing not installed (tests/test_mlflow_server.py and tests/test_mlflow_ui.py skip without them):" \
 	       "sudo apt-get install -y $$missing" >&2; missing=; fi; \
 	if [ -z "$$missing" ]; then echo "setup: system packages present"; \
 	elif ! command -v apt-get >/dev/null; then \

@@ -1,11 +1,15 @@
-"""Loader throughput: images/s of multi-crop batches, FFCV vs torchvision canvases, same augmentation.
+"""Loader throughput: images/s of multi-crop batches, FFCV vs batched-JPEG vs PIL canvases, same augmentation.
 
 Rows (each a path x case):
   ffcv     .beton decoded once per image (ffcv threads) -> uint8 canvases -> MultiCropAugment on the device
+  jpeg     file bytes read in DataLoader workers, JPEGs decoded in batches by torchvision.io.decode_jpeg (nvjpeg
+           in the main process on a GPU, libjpeg in the workers on a CPU) -> the same canvases -> the same
+           MultiCropAugment (the path without ffcv)
   torch    PIL decode in DataLoader worker processes -> the same canvases -> the same MultiCropAugment
   classic  the usual recipe: torchvision PIL transforms per view in DataLoader workers (float views on the CPU,
            then copied to the device). The baseline most SSL repos use; not our code path.
   decode   the ffcv loader alone: uint8 canvases on the device, no views (the decoder's ceiling)
+  decode-jpeg, decode-torch   the same for the jpeg and the torch loader
   crop     the ffcv loader + the random-resized crops and flips only (no colour, blur or solarization)
   ceiling  no data at all: the backbone's forward + backward + SGD step on random tensors of the case's crops
            (--ceiling-backbone: ResNet-18 for CIFAR-10 and ResNet-50 for 2x224+6x96 on a GPU, bf16,
@@ -39,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for  # noqa: E402
 from trainers.data.beton import FfcvCanvasLoader, PrepareSettings, prepare_split  # noqa: E402
 from trainers.data.datasets import load_split  # noqa: E402
+from trainers.data.jpeg_loader import JpegCanvasLoader  # noqa: E402
 from trainers.data.torch_loader import TorchCanvasLoader  # noqa: E402
 from trainers.paths import default_data_root, state_dir  # noqa: E402
 
@@ -47,7 +52,7 @@ CASES = {
     "cifar10-2x32+4x16": dict(dataset="cifar10", crops="2x32+4x16", method="swav"),
     "tin256-2x224+6x96": dict(dataset="tin256", crops="2x224+6x96", method="dino"),
 }
-PATHS = ("ffcv", "torch", "classic", "decode", "crop", "ceiling")
+PATHS = ("ffcv", "jpeg", "torch", "classic", "decode", "decode-jpeg", "decode-torch", "crop", "ceiling")
 
 
 def crops_only(groups):
@@ -197,10 +202,15 @@ def main(argv=None) -> int:
 
                     def step(batch, crop=crop):
                         return crop(batch[0])
-            elif path == "torch":
-                loader = TorchCanvasLoader(load_split(dataset, "train", args.data_root), batch_size, device,
-                                           canvas_size=canvas, seed=0, num_workers=args.workers)
-                step = augment_step
+            elif path in ("jpeg", "torch", "decode-jpeg", "decode-torch"):
+                kind = JpegCanvasLoader if path.endswith("jpeg") else TorchCanvasLoader
+                loader = kind(load_split(dataset, "train", args.data_root), batch_size, device,
+                              canvas_size=canvas, seed=0, num_workers=args.workers)
+                if path.startswith("decode"):
+                    def step(batch):
+                        return batch[0]
+                else:
+                    step = augment_step
             elif path == "classic":
                 data = ClassicMultiCrop(load_split(dataset, "train", args.data_root), groups, mean, std)
                 loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -214,11 +224,11 @@ def main(argv=None) -> int:
                 raise SystemExit(f"unknown path {path}: use {', '.join(PATHS)}")
             # decoding alone is so fast that the 3 batches ffcv prefetches during warm-up would dominate a
             # short window: time at least 50 batches there
-            timed = max(args.batches, 50) if path == "decode" else args.batches
+            timed = max(args.batches, 50) if path.startswith("decode") else args.batches
             rate, images = measure(endless(loader), step, args.warmup, timed, batch_size, device)
             row = dict(case=case_name, path=path, crops=case["crops"], batch_size=batch_size, images=images,
                        img_per_s=round(rate, 1))
-            print(f"{case_name:<20} {path:<8} {rate:>10,.0f} img/s", flush=True)
+            print(f"{case_name:<20} {path:<12} {rate:>10,.0f} img/s", flush=True)
             rows.append(row)
             del loader
 

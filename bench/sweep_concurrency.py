@@ -45,7 +45,7 @@ def main() -> int:
     cpus = args.cpu or (2.0 if gpu else 0.4)
     scratch = Path(tempfile.mkdtemp(prefix="sslab-sweep-concurrency-"))
     backbone, subset, batch = ("resnet18", "null", 512) if gpu else ("resnet_mini", 512, 64)
-    resources = f"{{cpu: {cpus}, gpu: {args.gpu}}}" if gpu else f"{{cpu: {cpus}}}"
+    resources = f"cpus_per_worker: {cpus}\ngpus_per_worker: {args.gpu if gpu else 0}"
     spec_path = scratch / "sweep.yaml"
     spec_path.write_text(f"""
 name: concurrency
@@ -58,7 +58,7 @@ space:
 search: grid
 scheduler: fifo
 max_concurrent_trials: 4
-resources_per_worker: {resources}
+{resources}
 """)
     from mlflow.tracking import MlflowClient
 

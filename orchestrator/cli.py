@@ -22,6 +22,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     pass
 
 
+class _Renamed(argparse.Action):
+    """An option's old spelling, hidden from --help: using it stops the command with one line naming the new one
+    (sslab/cli.py main), instead of argparse's 'unrecognized arguments'."""
+
+    def __init__(self, option_strings, dest, new: str = "", meaning: str = "", **kwargs):
+        super().__init__(option_strings, dest="renamed_option", nargs="?", default=None, help=argparse.SUPPRESS)
+        self.new, self.meaning = new, meaning
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        why = "; --workers means Ray Train workers everywhere" if option_string == "--workers" else ""
+        namespace.renamed_option = (f"{option_string} is now {self.new} ({self.meaning}{why}): pass {self.new}"
+                                    + (f" {values}" if values else ""))
+
+
+def renamed(parser: argparse.ArgumentParser, old: str, new: str, meaning: str) -> None:
+    parser.add_argument(old, action=_Renamed, new=new, meaning=meaning)
+
+
 def add_data_root(parser: argparse.ArgumentParser) -> None:
     root = default_data_root()
     parser.add_argument("--data-root", default=str(root) if root else None,
@@ -83,7 +101,7 @@ def cmd_data_prepare(args) -> int:
     from trainers.data.beton import prepare
 
     paths = prepare(args.dataset, args.split, args.out, args.data_root, _prepare_settings(args),
-                    num_workers=args.workers, force=args.force, progress=not args.quiet)
+                    num_workers=args.writers, force=args.force, progress=not args.quiet)
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
@@ -126,7 +144,7 @@ def cmd_data_preview(args) -> int:
     # every option before any work (reading the data, writing a .beton, drawing the grid)
     check_num_images(args.num_images)
     _check_seed(args.seed)
-    check_num_workers(args.workers, default="unset: one per core")
+    check_num_workers(args.loader_workers, what="--loader-workers", default="unset: one per core")
     check_output(args.out)
     check_dataset_name(args.dataset)
     method_crop_groups(args.method, args.crops)
@@ -136,7 +154,7 @@ def cmd_data_preview(args) -> int:
     loader = build_multicrop_loader(
         args.dataset, args.split, args.crops, args.method, batch_size=max(args.num_images, 8), device=device,
         loader=args.loader, seed=args.seed, data_root=args.data_root, cache_dir=args.cache_dir,
-        canvas_size=args.canvas_size, num_workers=args.workers, shuffle=True, drop_last=False,
+        canvas_size=args.canvas_size, num_workers=args.loader_workers, shuffle=True, drop_last=False,
         prepare_settings=settings, log=lambda msg: print(msg, file=sys.stderr))
     check_num_images(args.num_images, loader.num_samples, f"in {args.dataset} {args.split}")
     facts = preview(loader, args.out, num_images=args.num_images, classes=loader.classes)
@@ -210,8 +228,9 @@ def _add_data_commands(subparsers) -> None:
     prep.add_argument("--out", default=_default_cache_dir(), help="output folder")
     add_data_root(prep)
     _add_prepare_settings(prep)
-    prep.add_argument("--workers", type=int, default=None,
+    prep.add_argument("--writers", type=int, default=None,
                       help="writer processes (0..max(64, 4 per core)); None or 0 = min(8, cores)")
+    renamed(prep, "--workers", "--writers", "writer processes")
     prep.add_argument("--force", action="store_true", help="rewrite even when an up-to-date file exists")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(func=cmd_data_prepare)
@@ -243,16 +262,20 @@ def _add_data_commands(subparsers) -> None:
     prev.add_argument("--out", default="preview.png",
                       help="image to write; its extension names the format (.png, .jpg/.jpeg, .webp, .bmp, .tif)")
     prev.add_argument("--num-images", type=int, default=6, help="images (rows) to draw, 1..256")
-    prev.add_argument("--loader", choices=("auto", "ffcv", "torch"), default="auto",
-                      help="canvas loader: ffcv (.beton, decoded once) or torch (PIL DataLoader); auto = ffcv if installed")
+    from trainers.config import LOADERS
+
+    prev.add_argument("--loader", choices=LOADERS, default="auto",
+                      help="canvas loader: ffcv (.beton, decoded once), jpeg (files decoded in batches by "
+                           "torchvision, no ffcv) or torch (PIL DataLoader); auto = ffcv if installed, else jpeg")
     prev.add_argument("--device", default="cuda" if _cuda() else "cpu",
                       help="device for the augmentation: auto, cpu, cuda or cuda:N")
     prev.add_argument("--seed", type=int, default=0, help="seed for the order and the augmentation, 0..2**31-1")
     prev.add_argument("--canvas-size", type=int, default=None,
                       help="decode to this square canvas (needed for mixed-size images)")
     prev.add_argument("--cache-dir", default=_default_cache_dir(), help="where .beton files are kept")
-    prev.add_argument("--workers", type=int, default=None,
-                      help="loader threads/processes (0..max(64, 4 per core)); None = one per core")
+    prev.add_argument("--loader-workers", type=int, default=None,
+                      help="loader threads/processes, as data.num_workers (0..max(64, 4 per core)); None = one per core")
+    renamed(prev, "--workers", "--loader-workers", "loader threads/processes")
     add_data_root(prev)
     _add_prepare_settings(prev)
     prev.set_defaults(func=cmd_data_preview)
@@ -389,7 +412,7 @@ def _pretrain_on_ray(args, config) -> int:
     from orchestrator.train import run_pretraining
 
     if args.out_dir:
-        raise UserError("--out-dir is for --local runs; Ray runs live in --storage/<name>")
+        raise UserError("--out is for --local runs; Ray runs live in --storage/<name>")
     outcome = run_pretraining(config, _cluster_options(args), name=args.name,
                               log=lambda msg: print(msg, file=sys.stderr))
     m = outcome.metrics
@@ -473,7 +496,9 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("--name", default=None, help="run name; --local: default the config's name, run folder "
                                                 "<state dir>/runs/<name>; Ray: default <config name>-<time>, "
                                                 "rerunning a name resumes it")
-    p.add_argument("--out-dir", default=None, help="run folder (overrides the name-based default)")
+    p.add_argument("--out", dest="out_dir", default=None, help="run folder of a --local run (overrides the name-based "
+                   "default)")
+    renamed(p, "--out-dir", "--out", "the run folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the config's train.device)")
     p.add_argument("--data-root", default=None, help="folder with the data archives (default: the config's, "
                                                      f"else ${DATA_ROOT_ENV} or ../shared/data)")

@@ -42,7 +42,7 @@ def _filesystem(uri: str):
 def _uses_ffcv(config: Config) -> bool:
     from trainers.data.multicrop import ffcv_available
 
-    return config.data.loader != "torch" and ffcv_available()
+    return config.data.loader in ("auto", "ffcv") and ffcv_available()  # torch and jpeg read the images themselves
 
 
 def _file_names(config: Config) -> list[str]:

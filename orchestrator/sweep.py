@@ -22,8 +22,9 @@ Sweep YAML::
     mode: max
     num_samples: 8
     max_concurrent_trials: 2
-    workers_per_trial: 1
-    resources_per_worker: {cpu: 1, gpu: 0.25}   # fractional GPUs share one device between trials
+    workers: 1                # Ray Train workers per trial (as pretrain --workers)
+    cpus_per_worker: 1
+    gpus_per_worker: 0.25     # fractional GPUs share one device between trials
     asha: {grace_period: 1, reduction_factor: 2}
 """
 
@@ -64,14 +65,17 @@ class SweepSpec:
     mode: str = "max"
     num_samples: int = 4
     max_concurrent_trials: int = 2
-    workers_per_trial: int = 1
-    resources_per_worker: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    workers: int = 1  # Ray Train workers per trial; each gets the CPUs and GPUs below (as pretrain's options)
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
     asha: dict = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2})
     seed: int = 0
 
 
 SPEC_KEYS = {"name", "base", "set", "space", "search", "scheduler", "metric", "mode", "num_samples",
-             "max_concurrent_trials", "workers_per_trial", "resources_per_worker", "asha", "seed"}
+             "max_concurrent_trials", "workers", "cpus_per_worker", "gpus_per_worker", "asha", "seed"}
+RENAMED_KEYS = {"workers_per_trial": "workers (Ray Train workers per trial)",
+                "resources_per_worker": "cpus_per_worker and gpus_per_worker"}  # spelled as pretrain's options
 ASHA_KEYS = {"grace_period": "epochs a trial runs before it can be stopped, >= 1",
              "reduction_factor": "keep 1/reduction_factor of the trials at each rung, > 1"}
 # what every trial reports to Tune besides kNN (orchestrator/train.py worker_loop: the training log row)
@@ -87,6 +91,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found: see configs/sweeps/*.yaml")
     raw = read_yaml_mapping(path, "a sweep file", "sweep keys (name, base, space, ...)")
+    for old, new in RENAMED_KEYS.items():
+        if old in raw:
+            raise ConfigError(f"{path}: '{old}' is now {new}, the names pretrain and pipeline stages use: rename it, "
+                              f"e.g. workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25")
     unknown = [key for key in raw if key not in SPEC_KEYS]
     if unknown:
         key = str(unknown[0])
@@ -117,8 +125,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
                           f"space: {{method.temperature: {{loguniform: [0.05, 0.2]}}}}")
     spec = SweepSpec(name=name or path.stem, base=base, base_path=base_path, space=dict(space or {}),
                      **{k: raw[k] for k in ("search", "scheduler", "metric", "mode", "num_samples",
-                                            "max_concurrent_trials", "workers_per_trial", "resources_per_worker",
-                                            "asha", "seed") if k in raw})
+                                            "max_concurrent_trials", "workers", "cpus_per_worker",
+                                            "gpus_per_worker", "asha", "seed") if k in raw})
     check_sweep(spec, where=where)
     return spec
 
@@ -148,20 +156,11 @@ def check_sweep(spec: SweepSpec, where: str = "sweep") -> None:
     _choose(spec.search, SEARCHES, "search", where)
     _choose(spec.scheduler, SCHEDULERS, "scheduler", where)
     _choose(spec.mode, ("max", "min"), "mode", where)
-    for key in ("num_samples", "max_concurrent_trials", "workers_per_trial"):
+    for key in ("num_samples", "max_concurrent_trials", "workers"):
         check_number(getattr(spec, key), f"{where}: {key}", integer=True, minimum=1, example=f"{key}: 2")
     check_number(spec.seed, f"{where}: seed", integer=True, minimum=0, below=SEED_LIMIT, example="seed: 0")
-    resources = spec.resources_per_worker
-    if not isinstance(resources, dict):
-        raise ConfigError(f"{where}: resources_per_worker is {resources!r}: give a mapping, e.g. "
-                          f"{{cpu: 1, gpu: 0.25}}")
-    for key, value in resources.items():
-        if key == "cpu":
-            check_number(value, f"{where}: resources_per_worker.cpu", above=0, example="1")
-        elif key == "gpu":
-            check_gpus(value, f"{where}: resources_per_worker.gpu")
-        else:
-            raise ConfigError(f"{where}: resources_per_worker takes cpu and gpu, not {key!r}")
+    check_number(spec.cpus_per_worker, f"{where}: cpus_per_worker", above=0, example="1")
+    check_gpus(spec.gpus_per_worker, f"{where}: gpus_per_worker")
     if not isinstance(spec.asha, dict):
         raise ConfigError(f"{where}: asha is {spec.asha!r}: give a mapping, e.g. asha: {{grace_period: 1, "
                           f"reduction_factor: 2}}")
@@ -251,7 +250,7 @@ def _check_trials(spec: SweepSpec, candidates: dict[str, list], where: str) -> l
     for params in combinations:
         try:
             config = trial_config(spec.base, params)
-            check_config(config, spec.workers_per_trial)
+            check_config(config, spec.workers)
         except ConfigError as exc:
             if _base_fails_alike(spec, exc):
                 raise ConfigError(f"{where}: the base config (with set: and --set) is not valid: {exc}") from None
@@ -267,7 +266,7 @@ def _base_fails_alike(spec: SweepSpec, error: ConfigError) -> bool:
     from trainers.loop import check_config
 
     try:
-        check_config(spec.base, spec.workers_per_trial)
+        check_config(spec.base, spec.workers)
     except ConfigError as exc:
         return str(exc) == str(error)
     return False
@@ -352,8 +351,8 @@ def run_trial(trial: dict) -> None:
                                       config.flat(), parent=setup["parent_run_id"])
         except Exception as exc:  # noqa: BLE001
             print(f"warning: MLflow child run not created ({str(exc).splitlines()[0][:160]})")
-    resources = {"CPU": float(setup["resources"].get("cpu", 1))}
-    gpu = float(setup["resources"].get("gpu", 0))
+    resources = {"CPU": float(setup["cpus_per_worker"])}
+    gpu = float(setup["gpus_per_worker"])
     if gpu:
         resources["GPU"] = gpu
     loop_config = {"config": config.to_dict(), "name": trial_name, "env": setup["env"],
@@ -413,9 +412,8 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
         problem = tracking.check_reachable(uri)
     init_ray(options.address, log)
     # one trial must fit on the cluster (the others queue behind it)
-    check_resources(replace(options, workers=spec.workers_per_trial,
-                            cpus_per_worker=float(spec.resources_per_worker.get("cpu", 1)),
-                            gpus_per_worker=float(spec.resources_per_worker.get("gpu", 0))), log=log)
+    check_resources(replace(options, workers=spec.workers, cpus_per_worker=float(spec.cpus_per_worker),
+                            gpus_per_worker=float(spec.gpus_per_worker)), log=log)
     folder.mkdir(parents=True, exist_ok=True)
     if problem:
         log(f"warning: {problem}; the sweep runs without MLflow tracking")
@@ -433,7 +431,8 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
              "env": {**_worker_env(options.address), **options.worker_env},
              "env_node_defaults": node_default_keys(options), "tracking_uri": uri, "staged_data": staged,
              "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),
-             "workers": spec.workers_per_trial, "resources": spec.resources_per_worker,
+             "workers": spec.workers, "cpus_per_worker": spec.cpus_per_worker,
+             "gpus_per_worker": spec.gpus_per_worker,
              "system_metrics_s": options.system_metrics_s}
     space = tune_space(spec)
     space["__sweep__"] = setup

@@ -746,7 +746,7 @@ def prepare_or_stage(config: Config, options: ClusterOptions, storage: str, log)
 def _prepare_data(config: Config, log) -> None:
     from trainers.data.beton import PrepareSettings, prepare
 
-    if config.data.loader == "torch":
+    if config.data.loader in ("torch", "jpeg"):  # they read the images themselves: no .beton to write
         return
     try:
         from trainers.data.ffcv_import import import_ffcv

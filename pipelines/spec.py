@@ -10,7 +10,7 @@
     stages:                          # run in this order; a stage's kind defaults to its name
       prepare: {datasets: [fashion-mnist, digits]}
       pretrain: {config: ../pretrain/swav_fashion-mnist.yaml, set: [train.epochs=2], workers: 1}
-      knn: {backbone: pretrain}
+      knn: {backbone: pretrain, cpus_per_worker: 2}   # a Ray task's resources: cpus/gpus_per_worker
       linear: {backbone: pretrain, protocol: frozen_features, epochs: 30}   # or protocol: augmented
       semi: {backbone: pretrain, protocol: swav, fractions: [0.01, 0.1]}
       transfer: {backbone: pretrain, datasets: [digits, {name: cifar10, optional: true}]}
@@ -53,7 +53,9 @@ from trainers.errors import ConfigError
 
 KINDS = ("prepare", "sweep", "pretrain", "knn", "linear", "semi", "transfer", "report")
 EVAL_KINDS = ("knn", "linear", "semi", "transfer")
-COMMON = {"kind", "resources", "expect"}
+COMMON = {"kind", "expect"}
+TASK_KINDS = ("prepare",) + EVAL_KINDS  # stages that run as one Ray task: cpus_per_worker, gpus_per_worker
+RESOURCE_KEYS = {"cpus_per_worker": "cpu", "gpus_per_worker": "gpu"}
 SETTINGS = {
     "prepare": {"datasets"},
     "sweep": {"config", "set"},
@@ -92,7 +94,7 @@ class StageSpec:
     kind: str
     settings: dict
     inputs: dict = field(default_factory=dict)  # role -> earlier stage name (report: "inputs" -> list)
-    resources: dict = field(default_factory=dict)  # cpu, gpu for a Ray task
+    resources: dict = field(default_factory=dict)  # cpu, gpu of a Ray-task stage (its cpus/gpus_per_worker)
     expect: dict = field(default_factory=dict)  # metric -> [low, high]: the band a good run lands in
 
 
@@ -248,12 +250,16 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
     if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(f"stage '{name}': unknown kind {kind!r}{_suggest(str(kind), KINDS)}: use one of "
                           f"{', '.join(KINDS)}")
+    if "resources" in settings:
+        raise ConfigError(f"stage '{name}': 'resources' is now cpus_per_worker and gpus_per_worker, the names pretrain "
+                          f"and sweeps use: write e.g. cpus_per_worker: 2, gpus_per_worker: 1")
     for key in settings:
-        if key not in SETTINGS[kind] | COMMON:
+        if key not in SETTINGS[kind] | COMMON | (set(RESOURCE_KEYS) if kind in TASK_KINDS else set()):
             raise ConfigError(f"stage '{name}' ({kind}): unknown setting '{key}'{_suggest(str(key), SETTINGS[kind])}; "
                               f"it takes {', '.join(sorted(SETTINGS[kind]))}")
-    values = {**DEFAULTS.get(kind, {}), **{k: v for k, v in settings.items() if k not in COMMON}}
-    resources = _stage_resources(name, settings.get("resources"))
+    values = {**DEFAULTS.get(kind, {}),
+              **{k: v for k, v in settings.items() if k not in COMMON and not (kind in TASK_KINDS and k in RESOURCE_KEYS)}}
+    resources = _stage_resources(name, settings) if kind in TASK_KINDS else {}
     expect = _stage_expect(name, settings.get("expect"))
     inputs = _stage_inputs(name, kind, values, earlier)
     for check in KIND_CHECKS.get(kind, ()):
@@ -287,20 +293,19 @@ def _stage_expect(name: str, expect) -> dict:
     return bands
 
 
-def _stage_resources(name: str, resources) -> dict:
-    """A stage's Ray resources: {cpu: N, gpu: share}."""
-    if resources is None:
-        return {}
-    if not isinstance(resources, dict):
-        raise ConfigError(f"stage '{name}': resources is {resources!r}: give a mapping, e.g. {{cpu: 2, gpu: 1}}")
-    for key, value in resources.items():
-        if key not in ("cpu", "gpu"):
-            raise ConfigError(f"stage '{name}': resources take cpu and gpu, not '{key}'")
-        if key == "cpu":
-            check_number(value, f"stage '{name}': resources.cpu", minimum=0, example="2")
+def _stage_resources(name: str, settings: dict) -> dict:
+    """A Ray-task stage's resources, {cpu: N, gpu: share}, from its cpus_per_worker and gpus_per_worker (the
+    words pretrain and sweeps use; kept out of the settings, so they change no cache key)."""
+    resources = {}
+    for key, short in RESOURCE_KEYS.items():
+        if settings.get(key) is None:
+            continue
+        if short == "cpu":
+            check_number(settings[key], f"stage '{name}': {key}", minimum=0, example="2")
         else:
-            check_gpus(value, f"stage '{name}': resources.gpu")
-    return dict(resources)
+            check_gpus(settings[key], f"stage '{name}': {key}")
+        resources[short] = settings[key]
+    return resources
 
 
 def _stage_inputs(name: str, kind: str, values: dict, earlier: list[StageSpec]) -> dict:

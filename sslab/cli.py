@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SSLAB_DEBUG") == "1"
+    if getattr(args, "renamed_option", None):  # an old spelling (orchestrator/cli.py renamed)
+        print(f"error: {args.renamed_option}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -75,7 +78,7 @@ def _storage_error(exc: OSError):
         return None
     from trainers.checkpoint import StorageError, storage_error
 
-    hint = "free space or choose a writable location (--out-dir, --out, --cache-dir, $SSLAB_HOME), then rerun"
+    hint = "free space or choose a writable location (--out, --cache-dir, $SSLAB_HOME), then rerun"
     if not exc.filename:
         return StorageError(f"cannot write: {exc.strerror or exc}; {hint}")
     return storage_error(exc.filename, exc, "", hint=hint)

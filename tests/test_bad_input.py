@@ -164,7 +164,7 @@ def _busy_port(tmp: Path) -> dict:
 
 def _sgd_run(tmp: Path) -> dict:
     """A finished 2-step SGD run in {tmp}/run, to be resumed with another optimizer."""
-    assert main(["pretrain", "--local", "--quiet", "--out-dir", str(tmp / "run"), *TINY,
+    assert main(["pretrain", "--local", "--quiet", "--out", str(tmp / "run"), *TINY,
                  "--set", "train.max_steps=2"]) == 0
     return {}
 
@@ -173,7 +173,7 @@ def _running_run(tmp: Path) -> dict:
     """A real `pretrain --local` run writing into {tmp}/run (in another process), long enough to overlap."""
     lock = tmp / "run" / ".sslab-run.lock"
     process = subprocess.Popen(
-        [sys.executable, "-m", "sslab", "pretrain", "--local", "--quiet", "--out-dir", str(tmp / "run"),
+        [sys.executable, "-m", "sslab", "pretrain", "--local", "--quiet", "--out", str(tmp / "run"),
          *TINY, "--set", "train.epochs=500", "--set", "train.checkpoint_every_epochs=1000"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     _HELD.append(process)
@@ -202,7 +202,7 @@ CASES = {
                      None, "CIFAR-10 not found", 3),
     "corrupt-archive": (["data", "prepare", "--dataset", "cifar10", "--data-root", "{root}", "--out", "{tmp}/out"],
                         lambda t: {"root": _corrupt_archive(t)}, "corrupt or truncated", 3),
-    "corrupt-beton": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", "--set", "data.cache_dir={cache}",
+    "corrupt-beton": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", "--set", "data.cache_dir={cache}",
                        "--set", "data.loader=ffcv", *TINY],
                       lambda t: {"cache": _corrupt_beton(t)}, "is corrupt or not a .beton", 3),
     "mixed-image-sizes": (["data", "preview", "--dataset", "imagefolder:{folder}", "--loader", "ffcv", "--cache-dir",
@@ -228,16 +228,16 @@ CASES = {
     "impossible-lr": (["pretrain", "--local", "--set", "optim.lr=-1"], None, "optim.lr must be a positive", 2),
     "too-many-gpus": (["pretrain", "--gpus-per-worker", "4", "--storage", "{tmp}/ray", "--tracking-uri",
                        "sqlite:///{tmp}/m.db", *TINY], None, "cannot place 1 worker(s) x 1 CPU + 4 GPU", 2),
-    "checkpoint-other-method": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY],
+    "checkpoint-other-method": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY],
                                 lambda t: {"ckpt": _checkpoint(t, "supcon", "resnet_mini")},
                                 "written by method 'supcon', this run uses 'swav'", 2),
-    "checkpoint-other-backbone": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY],
+    "checkpoint-other-backbone": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY],
                                   lambda t: {"ckpt": _checkpoint(t, "swav", "resnet50")},
                                   "written by backbone 'resnet50', this run uses 'resnet_mini'", 2),
-    "pickled-checkpoint": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", "--set",
+    "pickled-checkpoint": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", "--set",
                             "train.resume={evil}", *TINY],
                            lambda t: {"evil": _pickled(t)}, "refusing to load", 3),
-    "truncated-checkpoint": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", "--set",
+    "truncated-checkpoint": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", "--set",
                               "train.resume={cut}", *TINY],
                              lambda t: {"cut": _truncated(t)}, "unreadable", 3),
     "sweep-unknown-key": (["sweep", "--config", "{sweep}"], lambda t: {"sweep": _sweep(t)},
@@ -251,21 +251,21 @@ CASES = {
     "missing-backbone": (["eval", "knn", "--backbone", "{tmp}/nope.pt", "--dataset", "digits"], None,
                          "no such file", 2),
     # a crash, outputs that looked complete, and user errors that ended as bugs (exit 1), found by probing
-    "run-folder-in-use": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY], _running_run,
+    "run-folder-in-use": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY], _running_run,
                           "is in use by PID {pid}", 2),
     "canvas-size-zero": (["pretrain", "--local", "--set", "data.canvas_size=0"], None,
                          "data.canvas_size must be a positive number of pixels", 2),
     "canvas-size-negative": (["data", "preview", "--dataset", "digits", "--canvas-size", "-8", "--out",
                               "{tmp}/preview.png"], None, "canvas size -8 must be a positive number", 2),
-    "zero-steps": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set", "train.max_steps=0"],
+    "zero-steps": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY, "--set", "train.max_steps=0"],
                    None, "train.max_steps must be >= 1", 2),
-    "knn-k-larger-than-bank": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+    "knn-k-larger-than-bank": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY, "--set",
                                 "knn.every_epochs=1", "--set", "knn.max_train=500", "--set", "knn.k=[20,5000]"],
                                None, "knn.k [5000] is larger than the kNN memory bank (500 training images", 2),
     "knn-unknown-split": (["pretrain", "--local", "--set", "knn.split=bogus"], None,
                           "knn.split 'bogus' must be one of train, test", 2),
     "knn-empty-bank": (["pretrain", "--local", "--set", "knn.max_train=0"], None, "knn.max_train must be >= 1", 2),
-    "damaged-checkpoint": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", "--set",
+    "damaged-checkpoint": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", "--set",
                             "train.resume={damaged}", *TINY], lambda t: {"damaged": _damaged(t)},
                            "do not match the SHA-256 written with it", 3),
     "not-a-checkpoint": (["eval", "knn", "--backbone", "{random}", "--dataset", "digits"],
@@ -281,7 +281,7 @@ CASES = {
     "negative-seed": (["pretrain", "--local", "--set", "train.seed=-1"], None, "train.seed must be an integer in", 2),
     "unknown-device": (["pretrain", "--local", "--device", "foo"], None,
                        "device 'foo' is not one this trainer runs on", 2),
-    "resume-other-optimizer": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+    "resume-other-optimizer": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY, "--set",
                                 "optim.name=adamw"], _sgd_run, "was written with optim.name=sgd, this run uses adamw", 2),
     # found by probing (second round)
     "min-lr-out-of-range": (["pretrain", "--local", "--set", "optim.min_lr=-1"], None, "optim.min_lr must lie in [0, ", 2),
@@ -306,7 +306,7 @@ CASES = {
                             "temperature > 0 needed", 2),
     "probe-bad-lr": (["pretrain", "--local", "--set", "probe.lr=0"], None,
                      "probe: lr > 0, momentum in [0, 1), weight_decay >= 0 and every_epochs >= 1 needed, got 0.0", 2),
-    "too-many-loader-workers": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+    "too-many-loader-workers": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY, "--set",
                                  "data.loader=ffcv", "--set", "data.num_workers=100000"], None,
                                 "100000 loader workers are more than this machine's", 2),
     "crop-too-large": (["pretrain", "--local", "--set", "data.crops=2x100000"], None,
@@ -316,7 +316,7 @@ CASES = {
     "crop-too-small": (["pretrain", "--local", "--set", "data.crops=2x1"], None, "size 1 must be a positive number of pixels in 2..2048", 2),
     "vit-local-crops": (["pretrain", "--local", "--set", "model.backbone=vit_tiny", "--set", "data.crops=2x8+2x6"],
                         None, "ViT patch size 4 must divide every crop size, not 6 px", 2),
-    "train-subset-too-large": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+    "train-subset-too-large": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY, "--set",
                                 "data.train_subset=100000"], None,
                                "data.train_subset 100,000 is larger than the training set of digits (1,347 images)", 2),
     "negative-freeze-steps": (["pretrain", "--local", "--set", "method.freeze_prototypes_steps=-5"], None,
@@ -331,16 +331,16 @@ CASES = {
     "section-not-a-mapping": (["pretrain", "--local", "--config", "{cfg}", "--set", "data.dataset=digits"],
                               lambda t: {"cfg": _yaml(t, "data: [1, 2]\n")}, "section 'data' must be a mapping", 2),
     "config-is-a-folder": (["pretrain", "--local", "--config", "{tmp}"], None, "is a folder: pass a YAML file", 2),
-    "out-dir-is-a-file": (["pretrain", "--local", "--quiet", "--out-dir", "{file}", *TINY],
+    "out-dir-is-a-file": (["pretrain", "--local", "--quiet", "--out", "{file}", *TINY],
                           lambda t: {"file": _a_file(t)}, "it is a file in the way", 2),
     "prepare-out-is-a-file": (["data", "prepare", "--dataset", "digits", "--out", "{file}", "--quiet"],
                               lambda t: {"file": _a_file(t)}, "it is a file in the way", 2),
-    "resume-from-a-backbone": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/new", *TINY, "--set",
+    "resume-from-a-backbone": (["pretrain", "--local", "--quiet", "--out", "{tmp}/new", *TINY, "--set",
                                 "train.resume={tmp}/run/backbone.pt"], _sgd_run, "is a backbone file", 2),
-    "resume-from-a-folder-without-checkpoint": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/new", *TINY,
+    "resume-from-a-folder-without-checkpoint": (["pretrain", "--local", "--quiet", "--out", "{tmp}/new", *TINY,
                                                  "--set", "train.resume={tmp}"], None,
                                                 "is a folder without checkpoints/last.pt", 2),
-    "resume-with-other-crops": (["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/run", *TINY, "--set",
+    "resume-with-other-crops": (["pretrain", "--local", "--quiet", "--out", "{tmp}/run", *TINY, "--set",
                                  "data.crops=2x8+2x4"], _sgd_run,
                                 "was written with data.crops=2x8, this run uses 2x8+2x4", 2),
     "num-to-keep-zero": (["pretrain", "--num-to-keep", "0"], None, "--num-to-keep must be >= 1", 2),
@@ -414,7 +414,7 @@ def test_the_second_of_two_runs_into_one_folder_is_refused_and_the_first_is_unto
     first = _running_run(tmp_path)["pid"]
     config_before = (tmp_path / "run" / "config.yaml").read_text() if (tmp_path / "run" / "config.yaml").is_file() \
         else None
-    assert main(["pretrain", "--local", "--quiet", "--out-dir", str(tmp_path / "run"), *TINY,
+    assert main(["pretrain", "--local", "--quiet", "--out", str(tmp_path / "run"), *TINY,
                  "--set", "method.name=supcon"]) == 2
     assert f"is in use by PID {first}" in capsys.readouterr().err
     deadline = time.time() + 60
@@ -458,10 +458,10 @@ def _namespaces_work() -> bool:
 # Run in a private mount namespace (`unshare -m`): a small tmpfs is a full disk, a read-only bind mount a
 # read-only disk. chmod would not do: the tests run as root, and root writes through file modes.
 STORAGE_CASES = {
-    "disk-full-checkpoint": ("tmpfs:{tmp}/small:256k", ["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/small/run",
+    "disk-full-checkpoint": ("tmpfs:{tmp}/small:256k", ["pretrain", "--local", "--quiet", "--out", "{tmp}/small/run",
                                                         *TINY, "--set", "data.cache_dir={tmp}/cache"], {},
                              "cannot write checkpoint {tmp}/small/run/checkpoints/last.pt: No space left on device", 4),
-    "read-only-out-dir": ("ro:{tmp}/ro", ["pretrain", "--local", "--quiet", "--out-dir", "{tmp}/ro/run", *TINY,
+    "read-only-out-dir": ("ro:{tmp}/ro", ["pretrain", "--local", "--quiet", "--out", "{tmp}/ro/run", *TINY,
                                           "--set", "data.cache_dir={tmp}/cache"], {},
                           "cannot write run folder {tmp}/ro/run: Read-only file system", 4),
     "read-only-state-dir": ("ro:{tmp}/home", ["pretrain", "--local", "--quiet", *TINY], {"SSLAB_HOME": "{tmp}/home"},

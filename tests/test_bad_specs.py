@@ -39,8 +39,11 @@ PIPELINES = {
     "pl01-seed-not-a-number": (_pipeline(seed="abc"), [], "seed is 'abc': give an integer >= 0 and < 2147483648"),
     "pl02-ray-a-list": (_pipeline(ray=["a"]), [], "ray is ['a']: give a mapping, e.g. ray: {address: local}"),
     "pl03-ray-a-number": (_pipeline(ray=5), [], "ray is 5: give a mapping"),
-    "pl04-resources-a-list": (_pipeline({"prepare": {"datasets": ["digits"], "resources": [1]}}), [],
-                              "stage 'prepare': resources is [1]: give a mapping"),
+    "pl04-old-resources-key": (_pipeline({"prepare": {"datasets": ["digits"], "resources": {"cpu": 2}}}), [],
+                               "stage 'prepare': 'resources' is now cpus_per_worker and gpus_per_worker, the names "
+                               "pretrain and sweeps use"),
+    "pl04b-resources-on-the-report": (_pipeline({"prepare": {"datasets": ["digits"]}, "report": {"cpus_per_worker": 2}}),
+                                      [], "stage 'report' (report): unknown setting 'cpus_per_worker'"),
     "pl05-data-root-a-number": (_pipeline(data_root=5), [], "data_root is 5: give a non-empty string"),
     "pl06-datasets-one-string": (_pipeline({"prepare": {"datasets": "digitz"}}), [],
                                  "unknown data set 'digitz'"),  # the whole name, not 'd'
@@ -54,10 +57,10 @@ PIPELINES = {
                                "stage name '../x' is not a plain name"),
     "p11-negative-weight-decay": (_with_pretrain(linear={"weight_decay": -1}), [],
                                   "stage 'linear': weight_decay is -1: give a finite number >= 0"),
-    "p12-negative-cpu": (_pipeline({"prepare": {"datasets": ["digits"], "resources": {"cpu": -1}}}), [],
-                         "stage 'prepare': resources.cpu is -1: give a finite number >= 0"),
-    "p12b-gpu-over-one-not-whole": (_pipeline({"prepare": {"datasets": ["digits"], "resources": {"gpu": 1.5}}}), [],
-                                    "resources.gpu is 1.5: give a fraction in [0, 1] or a whole number"),
+    "p12-negative-cpu": (_pipeline({"prepare": {"datasets": ["digits"], "cpus_per_worker": -1}}), [],
+                         "stage 'prepare': cpus_per_worker is -1: give a finite number >= 0"),
+    "p12b-gpu-over-one-not-whole": (_pipeline({"prepare": {"datasets": ["digits"], "gpus_per_worker": 1.5}}), [],
+                                    "gpus_per_worker is 1.5: give a fraction in [0, 1] or a whole number"),
     "p13-pretrain-set-unknown-key": (_pretrain(set=["optim.lrr=1"]), [],
                                      "stage 'pretrain': unknown key 'optim.lrr': did you mean 'lr'?"),
     "p13b-pretrain-set-one-string": (_pretrain(set="optim.lrr=1"), [], "stage 'pretrain': unknown key 'optim.lrr'"),
@@ -110,8 +113,9 @@ def _sweep_file(tmp: Path, **keys) -> Path:
 SWEEPS = {
     # id: (sweep keys over a valid 2-epoch digits sweep, words of the one error line)
     "sw01-num-samples-text": ({"num_samples": "4"}, "num_samples is '4': give an integer >= 1"),
-    "sw02-resources-a-list": ({"resources_per_worker": [1]}, "resources_per_worker is [1]: give a mapping"),
-    "sw03-gpu-text": ({"resources_per_worker": {"gpu": "abc"}}, "resources_per_worker.gpu is 'abc': give a finite"),
+    "sw02-old-resources-key": ({"resources_per_worker": {"cpu": 1}}, "'resources_per_worker' is now cpus_per_worker "
+                               "and gpus_per_worker, the names pretrain and pipeline stages use: rename it"),
+    "sw03-gpu-text": ({"gpus_per_worker": "abc"}, "gpus_per_worker is 'abc': give a finite"),
     "sw04-space-a-list": ({"space": ["a"]}, "space is ['a']: give a mapping of config key -> distribution"),
     "sw05-range-end-text": ({"space": {"method.temperature": {"uniform": [0.1, "x"]}}},
                             "space.method.temperature: uniform high is 'x': give a finite number"),
@@ -143,7 +147,7 @@ SWEEPS = {
                                               "knn_top1_k20, knn_top5_k20, loss, lr, weight_decay"),
     "w14b-knn-metric-without-knn": ({"scheduler": "fifo", "set": TINY + ["knn.every_epochs=0"]},
                                     "metric knn_top1_k20 needs kNN during training: set knn.every_epochs >= 1"),
-    "w15-negative-cpu": ({"resources_per_worker": {"cpu": -1}}, "resources_per_worker.cpu is -1: give a finite "
+    "w15-negative-cpu": ({"cpus_per_worker": -1}, "cpus_per_worker is -1: give a finite "
                                                                 "number > 0"),
     "w16-three-number-loguniform": ({"space": {"method.temperature": {"loguniform": [0.05, 0.2, 10]}}},
                                     "space.method.temperature: loguniform needs [low, high], got [0.05, 0.2, 10]"),
@@ -156,7 +160,7 @@ SWEEPS = {
                                       "space key 'temperature' must be section.key of the base config"),
     "w22b-space-unknown-section": ({"space": {"data2.crops": {"choice": ["2x8"]}}},
                                    "space key 'data2.crops': unknown section 'data2' (did you mean 'data'?)"),
-    "w23-workers-do-not-divide-batch": ({"workers_per_trial": 3}, "the base config (with set: and --set) is not "
+    "w23-workers-do-not-divide-batch": ({"workers": 3}, "the base config (with set: and --set) is not "
                                                                   "valid: data.batch_size 64 is not divisible by the "
                                                                   "3 workers"),
     "wk02-unknown-key-spacing": ({"data": {"crops": "2x8"}}, "unknown sweep key 'data' ('data' is a section of the "

@@ -77,14 +77,18 @@ CASES = {
     "preview-num-images-too-many": (PREVIEW + ["--num-images", "5000"], None,
                                     "--num-images 5000 must be a whole number in 1..256", 2),
     "preview-num-images-over-split": (PREVIEW + ["--dataset", "imagefolder:{folder}", "--num-images", "5"], _plain,
-                                      "--num-images 5 is more than the 3 image(s) in imagefolder:{folder} train: "
-                                      "pass --num-images 3 or fewer", 2),
+                                      "--num-images 5 is more than the 2 image(s) in imagefolder:{folder} train: "
+                                      "pass --num-images 2 or fewer", 2),
     "preview-seed-negative": (PREVIEW + ["--seed", "-1"], None, "--seed -1 must be an integer in [0, 2147483648)", 2),
     "preview-seed-too-large": (PREVIEW + ["--seed", str(2**31)], None,
                                f"--seed {2**31} must be an integer in [0, 2147483648)", 2),
-    "preview-workers-negative": (PREVIEW + ["--workers", "-1"], None, "--workers -1 must be a whole number >= 0", 2),
-    "preview-workers-too-many": (PREVIEW + ["--workers", "100000"], None,
-                                 "--workers 100000 is more than the limit of", 2),
+    "preview-workers-negative": (PREVIEW + ["--loader-workers", "-1"], None,
+                                 "--loader-workers -1 must be a whole number >= 0", 2),
+    "preview-workers-too-many": (PREVIEW + ["--loader-workers", "100000"], None,
+                                 "--loader-workers 100000 is more than the limit of", 2),
+    "preview-old-workers-option": (PREVIEW + ["--workers", "2"], None,
+                                   "--workers is now --loader-workers (loader threads/processes; --workers means Ray "
+                                   "Train workers everywhere): pass --loader-workers 2", 2),
     "preview-device-unknown": (PREVIEW + ["--device", "foo"], None,
                                "device 'foo' is not one this trainer runs on: use auto, cpu, cuda or cuda:N", 2),
     "preview-out-folder": (PREVIEW + ["--out", "{tmp}"], None, "--out {tmp} is a folder: name an image file in it", 2),
@@ -103,10 +107,15 @@ CASES = {
     # data prepare
     "prepare-imagefolder-no-path": (["data", "prepare", "--dataset", "imagefolder:", "--out", "{tmp}/out"], None,
                                     "imagefolder: needs a path", 2),
-    "prepare-workers-negative": (["data", "prepare", "--dataset", "digits", "--workers", "-1", "--out", "{tmp}/out"],
-                                 None, "--workers -1 must be a whole number >= 0 (0 or unset: min(8, cores))", 2),
-    "prepare-workers-too-many": (["data", "prepare", "--dataset", "digits", "--workers", "100000", "--out",
-                                  "{tmp}/out"], None, "--workers 100000 is more than the limit of", 2),
+    "prepare-workers-negative": (["data", "prepare", "--dataset", "digits", "--writers", "-1", "--out", "{tmp}/out"],
+                                 None, "--writers -1 must be a whole number >= 0 (0 or unset: min(8, cores))", 2),
+    "prepare-workers-too-many": (["data", "prepare", "--dataset", "digits", "--writers", "100000", "--out",
+                                  "{tmp}/out"], None, "--writers 100000 is more than the limit of", 2),
+    "prepare-old-workers-option": (["data", "prepare", "--dataset", "digits", "--workers", "2", "--out", "{tmp}/out"],
+                                   None, "--workers is now --writers (writer processes; --workers means Ray Train "
+                                   "workers everywhere): pass --writers 2", 2),
+    "pretrain-old-out-dir-option": (["pretrain", "--local", "--out-dir", "{tmp}/run"], None,
+                                    "--out-dir is now --out (the run folder): pass --out {tmp}/run", 2),
     "prepare-holdout-out-of-range": (["data", "prepare", "--dataset", "imagefolder:{folder}?holdout=1.5", "--split",
                                       "all", "--out", "{tmp}/out", "--quiet"], _plain,
                                      "data set 'imagefolder:{folder}?holdout=1.5': holdout=1.5 must lie strictly "
@@ -199,7 +208,7 @@ def test_preview_writes_the_format_its_extension_names(tmp_path, capsys):
 
 
 def test_preview_of_a_split_smaller_than_a_batch_draws_every_image(tmp_path, capsys):
-    folder = _class_tree(tmp_path / "images", count=3)  # fewer images than the batch of 8
+    folder = _class_tree(tmp_path / "images", count=5)  # 3 train images (2 held out as test): fewer than the batch of 8
     out = tmp_path / "p.png"
     argv = [a.format(tmp=tmp_path) for a in PREVIEW]
     assert main([*argv, "--dataset", f"imagefolder:{folder}", "--num-images", "3", "--out", str(out)]) == 0
@@ -241,7 +250,7 @@ RUN = ["pretrain", "--local", "--quiet", "--set", "data.dataset=digits", "--set"
 
 def _start(out_dir: Path, err: Path) -> subprocess.Popen:
     env = {**os.environ, "SSLAB_DOWNLOAD": "0", "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "sslab", *RUN, "--out-dir", str(out_dir)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "sslab", *RUN, "--out", str(out_dir)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=err.open("w"), start_new_session=True)
 
 

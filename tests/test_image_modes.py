@@ -150,7 +150,7 @@ def test_every_mode_through_a_beton_written_by_the_cli(mode_folder, tmp_path):
     root, cases = mode_folder
     out = tmp_path / "out"
     assert main(["data", "prepare", "--dataset", f"imagefolder:{root}", "--split", "train", "--out", str(out),
-                 "--workers", "1", "--quiet"]) == 0
+                 "--writers", "1", "--quiet"]) == 0
     path = beton_path(out, f"imagefolder:{root}", "train", PrepareSettings())
     loader = FfcvCanvasLoader(path, 64, shuffle=False, drop_last=False, num_workers=1)
     images, labels = zip(*((x.clone(), y.clone()) for x, y in loader))
@@ -188,7 +188,7 @@ def test_values_outside_the_range_a_mode_is_read_in_are_refused(tmp_path, capsys
         data.images[1]
     out = tmp_path / "out"
     code = main(["data", "prepare", "--dataset", f"imagefolder:{folder}", "--split", "train", "--out", str(out),
-                 "--workers", "1", "--quiet"])
+                 "--writers", "1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and err[0].startswith("error: 2 image(s) could not be read")
     assert not list(out.glob("*.beton")) and not list(out.glob(".*tmp-*"))
@@ -202,7 +202,7 @@ def test_a_mode_without_a_defined_conversion_is_refused_by_name(tmp_path, capsys
         assert opened.mode == "LAB"
     out = tmp_path / "out"
     code = main(["data", "prepare", "--dataset", f"imagefolder:{folder}", "--split", "train", "--out", str(out),
-                 "--workers", "1", "--quiet"])
+                 "--writers", "1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "PIL mode LAB is not supported" in err[0], err
     assert not list(out.glob("*.beton"))

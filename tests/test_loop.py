@@ -283,7 +283,7 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes_from_the_last_good_ch
                                                                                          capsys):
     from sslab.cli import main
 
-    args = ["pretrain", "--local", "--quiet", "--out-dir", str(tmp_path / "run"), "--set", "method.name=supcon",
+    args = ["pretrain", "--local", "--quiet", "--out", str(tmp_path / "run"), "--set", "method.name=supcon",
             "--set", "data.dataset=digits", "--set", "data.crops=2x8", "--set", "data.batch_size=64",
             "--set", "model.backbone=resnet_mini", "--set", "train.epochs=2", "--set", "optim.warmup_epochs=0",
             "--set", "knn.every_epochs=0", "--set", "train.checkpoint_every_steps=5"]

@@ -216,7 +216,7 @@ search: grid
 scheduler: fifo
 num_samples: 1
 max_concurrent_trials: 2
-resources_per_worker: {cpu: 1}
+cpus_per_worker: 1
 """)
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(f"""

@@ -99,7 +99,7 @@ def _assert_valid_cifar_train(path: Path, data_root: Path) -> None:
 def test_killed_prepare_leaves_no_process_and_the_rerun_finishes(tmp_path, data_root):
     out = tmp_path / "out"
     path = beton_path(out, "cifar10", "train", PrepareSettings())
-    args = _prepare_args(out, data_root, "cifar10", "--workers", "1")
+    args = _prepare_args(out, data_root, "cifar10", "--writers", "1")
     log = tmp_path / "first.log"
     with open(log, "w") as stream:
         first = subprocess.Popen(_cli(*args), stdout=stream, stderr=subprocess.STDOUT, cwd=REPO)
@@ -136,7 +136,7 @@ def test_a_second_prepare_of_the_same_file_waits_for_the_first(tmp_path, data_ro
     """Both start together; whichever takes the lock writes, the other names its PID, waits, finds it up to date."""
     out = tmp_path / "out"
     path = beton_path(out, "cifar10", "train", PrepareSettings())
-    args = _prepare_args(out, data_root, "cifar10", "--workers", "1")
+    args = _prepare_args(out, data_root, "cifar10", "--writers", "1")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     runs = []
     for log in logs:
@@ -235,7 +235,7 @@ def test_disk_filling_up_mid_write_stops_every_writer_process(tmp_path, data_roo
     started = time.time()
     result, names = _prepare_in_namespace('mount -t tmpfs -o size=6m tmpfs "$folder"', folder, tmp_path / "listing",
                                           _prepare_args(folder, data_root, dataset, "--format", "jpeg",
-                                                        "--workers", "2"))
+                                                        "--writers", "2"))
     assert f"writing {path}" in result.stdout  # it got past the space check
     _assert_storage_error(result, path, "No space left on device")
     _assert_nothing_left(names, path)

@@ -62,7 +62,7 @@ def ray_head(tmp_path_factory):
 def test_submit_wait_runs_a_job_and_returns_its_status(ray_head, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     out = tmp_path / "job-run"
-    command = ["pretrain", "--local", "--quiet", "--out-dir", str(out), "--set", "method.name=simclr",
+    command = ["pretrain", "--local", "--quiet", "--out", str(out), "--set", "method.name=simclr",
                "--set", "data.dataset=digits", "--set", "data.crops=2x8", "--set", "data.batch_size=64",
                "--set", "model.backbone=resnet_mini", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0", "--set", "knn.k=[20]"]
     code = main(["submit", "--address", ray_head, "--python", sys.executable, "--name", "sslab-test-ok", "--wait",
@@ -198,7 +198,7 @@ def test_plain_ray_job_submit_runs_sslab_from_the_working_dir(ray_head, tmp_path
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(
         [ray_head.ray_bin, "job", "submit", "--address", ray_head, "--working-dir", str(root), "--",
-         "sslab", "pretrain", "--local", "--quiet", "--out-dir", str(out), "--set", "method.name=simclr",
+         "sslab", "pretrain", "--local", "--quiet", "--out", str(out), "--set", "method.name=simclr",
          "--set", "data.dataset=digits", "--set", "data.crops=2x8", "--set", "data.batch_size=128",
          "--set", "model.backbone=resnet_mini", "--set", "train.epochs=1", "--set", "optim.warmup_epochs=0",
          "--set", "knn.k=[20]"], env=env, capture_output=True, text=True, timeout=300, cwd=root)

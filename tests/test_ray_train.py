@@ -173,7 +173,7 @@ search: random
 scheduler: asha
 num_samples: 4
 max_concurrent_trials: 2
-resources_per_worker: {cpu: 1}
+cpus_per_worker: 1
 asha: {grace_period: 1, reduction_factor: 2}
 """)
     spec = load_sweep(sweep)

@@ -103,7 +103,7 @@ def save_checkpoint(state: dict, path: str | Path, what: str = "checkpoint") -> 
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
     except OSError as exc:
         raise StorageError(f"cannot write {what} {path}: {exc.strerror or exc}; choose a writable "
-                           "train.out_dir (--out-dir)") from None
+                           "train.out_dir (--out)") from None
     try:
         buffer = io.BytesIO()
         torch.save(state, buffer)

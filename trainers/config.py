@@ -24,7 +24,7 @@ import yaml
 from trainers.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LOADERS = ("auto", "ffcv", "torch")
+LOADERS = ("auto", "ffcv", "jpeg", "torch")  # the one list (trainers/data/multicrop.py imports it)
 KNN_SPLITS = ("train", "test")
 
 
@@ -32,7 +32,7 @@ KNN_SPLITS = ("train", "test")
 class DataConfig:
     dataset: str = "cifar10"  # cifar10, tiny-imagenet, fashion-mnist, digits, imagefolder:<path>
     data_root: str | None = None  # None: $SSLAB_DATA_ROOT or ../shared/data
-    loader: str = "auto"  # auto (ffcv when installed), ffcv, torch
+    loader: str = "auto"  # auto (ffcv when installed, else jpeg), ffcv, jpeg (batched decode_jpeg), torch (PIL)
     crops: str = "2x32"  # COUNTxSIZE groups joined by '+'; the first group are the global crops
     batch_size: int = 512  # global batch (all ranks together)
     global_scale: list[float] | None = None  # crop scale range of the global crops; None: method default

@@ -167,11 +167,11 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._held.enter_context(hold(
                 self.out_dir / RUN_LOCK, wait=False, what=f"run folder {self.out_dir}",
-                busy_hint="another run is writing there; wait for it, or pass another --out-dir "
+                busy_hint="another run is writing there; wait for it, or pass another --out "
                           "(train.out_dir) or --name"))
         except OSError as exc:
             raise storage_error(self.out_dir, exc, "run folder",
-                                hint="choose a writable --out-dir (train.out_dir) or $SSLAB_HOME") from None
+                                hint="choose a writable --out (train.out_dir) or $SSLAB_HOME") from None
 
     def close(self) -> None:
         """Release the run folder (fit() does this when it ends)."""
@@ -382,7 +382,7 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
     def load_state(self, state: dict, path: Path | str = "the checkpoint") -> None:
-        new_run = "start a new run (train.resume=null or another --out-dir)"
+        new_run = "start a new run (train.resume=null or another --out)"
         if "state_dict" in state and "model" not in state:
             raise ConfigError(f"{path} is a backbone file (the evaluation weights), not a training checkpoint: resume "
                               "from <run folder>/checkpoints/last.pt, or pass the run folder")

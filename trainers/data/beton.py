@@ -356,7 +356,7 @@ def max_workers() -> int:
     return max(64, 4 * (os.cpu_count() or 1))
 
 
-def check_num_workers(num_workers, what: str = "--workers", default: str = "0 or unset: min(8, cores)") -> int | None:
+def check_num_workers(num_workers, what: str = "--writers", default: str = "0 or unset: min(8, cores)") -> int | None:
     """None, 0..max_workers() (0 keeps meaning the default for the writer)."""
     if num_workers is None:
         return None

@@ -1,4 +1,4 @@
-"""Multi-crop batches: a canvas loader (FFCV or torchvision) feeding the batched augmentation module."""
+"""Multi-crop batches: a canvas loader (FFCV, batched JPEG or PIL) feeding the batched augmentation module."""
 
 from __future__ import annotations
 
@@ -10,17 +10,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainers.config import LOADERS
 from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for
 from trainers.data.beton import FfcvCanvasLoader, PrepareSettings, prepare_split
 from trainers.data.datasets import check_dataset_name, load_split
 from trainers.errors import ConfigError
 from trainers.paths import state_dir
 
-LOADERS = ("auto", "ffcv", "torch")
-
 
 def ffcv_available() -> bool:
     return importlib.util.find_spec("ffcv") is not None
+
+
+def jpeg_decoder_available() -> bool:
+    """torchvision built with its image codecs (decode_jpeg); wheels from PyPI are."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def auto_loader() -> str:
+    """What ``loader='auto'`` means here: the fastest loader this machine has.
+
+    Decided by the decode-only rows of ``python bench/loader.py --paths ffcv,jpeg,torch,decode,decode-jpeg,
+    decode-torch`` on 2 CPU cores (2026-12-07, BENCHMARKS.md "The jpeg loader on the CPU"): ffcv decodes
+    256 px JPEGs 1.7-2.5x faster than the jpeg loader, which decodes 1.5-7x faster than the PIL (torch)
+    loader (1.6-4.2x per core with --workers 0). The three feed the same augmentation, so the fastest
+    decoder is the fastest loader. The GPU comparison (nvjpeg) awaits a GPU session."""
+    if ffcv_available():
+        return "ffcv"
+    return "jpeg" if jpeg_decoder_available() else "torch"
 
 
 def default_cache_dir() -> Path:
@@ -51,7 +72,7 @@ class MultiCropLoader:
 
     @property
     def classes(self) -> list[str] | None:
-        """Class names: from the .beton sidecar (ffcv) or the registry split (torch)."""
+        """Class names: from the .beton sidecar (ffcv) or the registry split (jpeg, torch)."""
         meta = getattr(self.canvases, "info", {}).get("meta")
         if meta:
             return meta.get("classes")
@@ -85,26 +106,31 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
     if loader not in LOADERS:
         raise ConfigError(f"unknown loader '{loader}': use one of {', '.join(LOADERS)}")
     if loader == "auto":
-        loader = "ffcv" if ffcv_available() else "torch"
+        loader = auto_loader()
     common = dict(batch_size=batch_size, device=device, canvas_size=canvas_size, shuffle=shuffle, seed=seed,
                   rank=rank, world_size=world_size, num_workers=num_workers, drop_last=drop_last)
     if loader == "ffcv":
         cores = os.cpu_count() or 1
         if num_workers is not None and num_workers > cores:
             raise ConfigError(f"{num_workers} loader workers are more than this machine's {cores} cores (ffcv runs one "
-                              f"thread per worker): use data.num_workers (--workers) <= {cores}, or null for one per core")
+                              f"thread per worker): use data.num_workers (--loader-workers) <= {cores}, or null for one per core")
         if not ffcv_available():
-            raise ConfigError("loader 'ffcv' needs the ffcv package: run `make setup` (Linux), or use --loader torch")
+            raise ConfigError("loader 'ffcv' needs the ffcv package: run `make setup` (Linux), or use --loader jpeg")
         path = prepare_split(dataset, split, cache_dir or default_cache_dir(), data_root, prepare_settings,
                              progress=False, log=log)
         from trainers.data.beton import inspect_beton
 
         indices = subset_indices(inspect_beton(path)["count"], subset, seed)
         return FfcvCanvasLoader(path, indices=indices, **common), "ffcv"
+    data = load_split(dataset, split, data_root)
+    indices = subset_indices(len(data), subset, seed)
+    if loader == "jpeg":
+        from trainers.data.jpeg_loader import JpegCanvasLoader
+
+        return JpegCanvasLoader(data, indices=indices, **common), "jpeg"
     from trainers.data.torch_loader import TorchCanvasLoader
 
-    data = load_split(dataset, split, data_root)
-    return TorchCanvasLoader(data, indices=subset_indices(len(data), subset, seed), **common), "torch"
+    return TorchCanvasLoader(data, indices=indices, **common), "torch"
 
 
 def subset_indices(num_samples: int, subset: int | None, seed: int):
