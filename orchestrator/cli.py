@@ -614,7 +614,10 @@ def cmd_ui(args) -> int:
     location = artifact_location(uri)
     if location:
         command += ["--default-artifact-root", location]
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", file=sys.stderr)
+    # MLflow 3.17's UI picks its layout from the URL or the browser's memory (a new browser: GenAI), not from
+    # the experiment: this address opens the Model training layout (docs/screenshots.py)
+    print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning for {uri} "
+          "(Ctrl-C stops it)", file=sys.stderr)
     if args.dry_run:
         print(" ".join(command))
         return 0

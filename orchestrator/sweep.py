@@ -131,6 +131,18 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     return spec
 
 
+def _log_sweep_inputs(mlflow_client, parent_run_id: str, spec: SweepSpec, log) -> list[dict]:
+    """The sweep's data sets (as prepared on the driver) as dataset inputs of its parent run; returned for the
+    trials to log too. A failure only warns."""
+    try:
+        sidecars = tracking.dataset_sidecars([spec.base.data.dataset], spec.base.data.cache_dir)
+        tracking.log_dataset_inputs(mlflow_client, parent_run_id, sidecars)
+        return sidecars
+    except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not the sweep
+        log(f"warning: the sweep's data sets were not logged as MLflow inputs ({str(exc).splitlines()[0][:160]})")
+        return []
+
+
 def _did_you_mean(word: str, options) -> str:
     import difflib
 
@@ -349,6 +361,7 @@ def run_trial(trial: dict) -> None:
             run_id, _ = recorder.open(trial_name, "trial", {"method": config.method_name, "dataset": config.data.dataset,
                                                             "sweep": setup["sweep_name"]},
                                       config.flat(), parent=setup["parent_run_id"])
+            tracking.log_dataset_inputs(recorder.client, run_id, setup.get("sidecars") or [])
         except Exception as exc:  # noqa: BLE001
             print(f"warning: MLflow child run not created ({str(exc).splitlines()[0][:160]})")
     resources = {"CPU": float(setup["cpus_per_worker"])}
@@ -427,7 +440,8 @@ def run_sweep(spec: SweepSpec, options: ClusterOptions, name: str | None = None,
              "num_samples": spec.num_samples, "space": spec.space, "base": spec.base_path or "defaults"})
         log(f"MLflow: sweep run {parent_run_id} in experiment '{options.experiment}' ({uri})")
     staged = prepare_or_stage(spec.base, options, storage, log)
-    setup = {"base": spec.base.to_dict(), "sweep_name": name,
+    sidecars = _log_sweep_inputs(recorder.client, parent_run_id, spec, log) if parent_run_id else []
+    setup = {"base": spec.base.to_dict(), "sweep_name": name, "sidecars": sidecars,
              "env": {**_worker_env(options.address), **options.worker_env},
              "env_node_defaults": node_default_keys(options), "tracking_uri": uri, "staged_data": staged,
              "parent_run_id": parent_run_id, "experiment_id": experiment_id, "storage": str(folder / "trials"),

@@ -169,7 +169,9 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view; sslab's are model training
+# MLflow 3 marks an experiment's kind with this tag (its create-experiment dialog and APIs set it); sslab's
+# are model training. In 3.17 the UI's layout does not follow it: the URL (?workflowType=machine_learning,
+# which `sslab ui` prints) or the browser's last choice picks it (tests/test_mlflow_ui.py)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -436,6 +438,18 @@ def register_export(uri: str, folder: Path, name: str, fmt: str, experiment: str
     recorder.client.set_model_version_tag(name, version, "format", fmt)
     recorder.client.set_terminated(run_id, "FINISHED")
     return version
+
+
+def dataset_sidecars(datasets: Iterable[str], cache_dir: str | None = None) -> list[dict]:
+    """The ``.beton`` sidecars (data set, split, content key, source) of these data sets' train and test splits
+    in ``cache_dir`` (default: <state dir>/data), as prepared with the default settings; splits not prepared
+    on this machine are left out."""
+    from trainers.data.beton import PrepareSettings, beton_path, read_meta
+
+    cache = cache_dir or str(state_dir() / "data")
+    metas = [read_meta(beton_path(cache, name, split, PrepareSettings())) for name in dict.fromkeys(datasets)
+             for split in ("train", "test")]
+    return [m for m in metas if m and m.get("key") and m.get("dataset") and m.get("split")]
 
 
 def log_dataset_inputs(mlflow_client, run_id: str, sidecars: Iterable[dict]) -> int:

@@ -722,11 +722,7 @@ def checkpoint_score(config: Config) -> str:
 def prepared_sidecars(config: Config) -> list[dict]:
     """The ``.beton`` sidecars (data set, split, content key, source) of the run's prepared splits, on
     the driver's disk; those not prepared here (a cluster node prepares its own) are left out."""
-    from trainers.data.beton import PrepareSettings, beton_path, read_meta
-
-    cache = config.data.cache_dir or str(state_dir() / "data")
-    metas = [read_meta(beton_path(cache, config.data.dataset, split, PrepareSettings())) for split in ("train", "test")]
-    return [m for m in metas if m and m.get("key") and m.get("dataset") and m.get("split")]
+    return tracking.dataset_sidecars([config.data.dataset], config.data.cache_dir)
 
 
 def prepare_or_stage(config: Config, options: ClusterOptions, storage: str, log) -> str | None:

@@ -216,6 +216,9 @@ class PipelineRunner:
             self.client.set_terminated(self.parent_id, status="FAILED")
             raise
         outcome.checks = self._certify(outcome.stages)
+        read = [d for s in self.spec.stages for d in stage_datasets(s, self._settings(s))]
+        read += [o.result["extra"]["dataset"] for o in outcome.stages if o.kind == "pretrain" and o.result["extra"].get("dataset")]
+        self._log_inputs(self.parent_id, read)  # the parent shows every data set its stages read
         if not all(s.cached for s in outcome.stages):  # a rerun that did no work logs nothing new
             summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
             self._log_metrics(self.parent_id, summary)
@@ -237,7 +240,7 @@ class PipelineRunner:
         self.client.set_tag(self.parent_id, "sslab.verdict", verdict(checks))
         return checks
 
-    def _link_cached(self, stage: StageSpec, done, key: str, result: dict) -> str | None:
+    def _link_cached(self, stage: StageSpec, done, key: str, result: dict, settings: dict) -> str | None:
         """A cached stage whose run sits under another pipeline run appears under this one too: a finished
         child run tagged ``sslab.cached_from`` (the run that holds the stage's outputs) with its metrics, so
         every parent shows all its stages. One link per parent and stage."""
@@ -251,8 +254,19 @@ class PipelineRunner:
                                        {STAGE_TAG: stage.name, PIPELINE_TAG: self.spec.name, LINK_TAG: key,
                                         CACHED_FROM_TAG: done.info.run_id}, parent=self.parent_id)
         self._log_metrics(run_id, {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))})
+        self._log_inputs(run_id, stage_datasets(stage, settings))
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
+
+    def _log_inputs(self, run_id: str, datasets: list[str]) -> None:
+        """The data sets a run read, as MLflow dataset inputs (from the .beton sidecars on this machine); a
+        failure only warns."""
+        if not datasets:
+            return
+        try:
+            tracking.log_dataset_inputs(self.client, run_id, tracking.dataset_sidecars(datasets))
+        except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not the pipeline
+            self.log(f"warning: data sets not logged as MLflow inputs of run {run_id} ({str(exc).splitlines()[0][:160]})")
 
     def _run_stage(self, stage: StageSpec) -> StageOutcome:
         settings = self._settings(stage)
@@ -267,7 +281,7 @@ class PipelineRunner:
                 self.log(f"[{stage.name}] cached (MLflow run {done.info.run_id})")
                 if stage.kind == "pretrain":
                     self._restore_backbone(done.info.run_id, folder, result)
-                link = self._link_cached(stage, done, key, result)
+                link = self._link_cached(stage, done, key, result, settings)
                 return StageOutcome(stage.name, stage.kind, done.info.run_id, "finished", True, key,
                                     result["output_hash"], result, link_run_id=link)
         self.log(f"[{stage.name}] running ({stage.kind})")
@@ -283,6 +297,8 @@ class PipelineRunner:
                 run_id = self._child_run(stage, key, settings)
                 result = self._compute(stage, settings, folder)
             result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)
+            if stage.kind != "pretrain":  # pretraining logs its own (orchestrator/train.py)
+                self._log_inputs(run_id, stage_datasets(stage, settings))
             self._record(run_id, stage, key, folder, result)
         except Exception:
             if run_id is not None:
@@ -480,6 +496,15 @@ def _eval_task(kind: str, settings: dict, backbone_bytes: bytes, data_root, seed
         path.write_bytes(backbone_bytes)
         # the feature cache is keyed by the file's hash, so a temp path still hits it
         return stage_impl.run_evaluation(kind, settings, str(path), data_root, seed=seed, log=stage_impl.log_stderr)
+
+
+def stage_datasets(stage: StageSpec, settings: dict) -> list[str]:
+    """The data sets a stage reads: a prepare or transfer stage's list, an evaluation's data set, a pretraining
+    config's (sweeps log theirs themselves)."""
+    names = [entry["name"] for entry in settings.get("datasets") or []]
+    if settings.get("dataset"):
+        names.append(settings["dataset"])
+    return names
 
 
 def forced_stages(spec: PipelineSpec, names: list[str]) -> set[str]:

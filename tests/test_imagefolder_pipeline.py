@@ -89,6 +89,11 @@ def test_a_plain_class_folder_runs_the_pipeline_and_is_certified(local_ray, tmp_
     pretrain_run = client.get_run(stages["pretrain"]["run_id"])
     profiles = {i.dataset.name: json.loads(i.dataset.profile) for i in pretrain_run.inputs.dataset_inputs}
     assert profiles and all(p["holdout"]["fraction"] == 0.2 for p in profiles.values())
+    # every run shows its data sets: the evaluation stage and the pipeline's parent too
+    for run_id in (stages["knn"]["run_id"], first["parent_run_id"]):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.name.rsplit("-", 1)[1] for i in inputs) == ["test", "train"], run_id
+        assert {i.dataset.digest for i in inputs} == {m["key"][:36] for m in sidecars}
 
     # the band it cannot be in, and --force knn: knn and the report run again (same number), the rest is cached
     impossible = [round(knn + 0.5, 4), round(knn + 0.6, 4)]

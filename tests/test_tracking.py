@@ -108,7 +108,7 @@ def test_run_recorder_opens_continues_and_finishes_runs_one_way(tmp_path, monkey
 
 
 def test_experiments_are_marked_as_model_training_for_mlflows_ui(tmp_path):
-    """Without mlflow.experimentKind MLflow 3's UI opens an experiment in its GenAI view."""
+    """Experiments are marked as model training (mlflow.experimentKind), as MLflow's own dialog marks them."""
     store = f"sqlite:///{tmp_path / 'm.db'}"
     client = tracking.client(store)
     fresh = tracking.experiment_id(client, "fresh", store)
