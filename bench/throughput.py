@@ -18,7 +18,8 @@ One command:
   python bench/throughput.py --device cuda       # GPU: resnet18 CIFAR stem, batch 512, bf16, channels_last
   python bench/throughput.py --memory-format contiguous   # NCHW instead (channels_last is the default on both)
   python bench/throughput.py --lightly           # + lightly in the same run (pip install lightly==1.6.0)
-Writes bench/results/throughput-<device>[-compiled].json and prints a markdown table.
+Writes bench/results/throughput-<device>[-compiled].json (rewritten after every case, so a run stopped
+early keeps the cases it finished: facts.cases_done of facts.cases_planned) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from trainers.backbones import build_backbone  # noqa: E402
 from trainers.config import load_config  # noqa: E402
 from trainers.data.augment import parse_crop_spec  # noqa: E402
+from trainers.paths import state_dir  # noqa: E402
 
 CASES = [("swav", "2x32"), ("dino", "2x32"), ("sdmp", "2x32"), ("supcon", "2x32"),
          ("swav", "2x32+4x16"), ("dino", "2x32+6x16")]
@@ -103,7 +105,8 @@ def ceiling(backbone_name: str, crops: str, batch: int, device: torch.device, st
 
 
 def ours(method: str, crops: str, batch: int, device: torch.device, backbone: str, window: int, windows: int,
-         compile_model: bool, data_root: str | None, channels_last: bool = True) -> tuple[float, list[float]]:
+         compile_model: bool, data_root: str | None, channels_last: bool = True,
+         extra: list[str] | None = None) -> tuple[float, list[float]]:
     from trainers.loop import Trainer
 
     overrides = [f"data.crops={crops}", f"data.batch_size={batch}", f"model.backbone={backbone}",
@@ -111,12 +114,12 @@ def ours(method: str, crops: str, batch: int, device: torch.device, backbone: st
                  f"train.device={device.type}", f"train.compile={str(compile_model).lower()}",
                  f"data.compile_augment={str(compile_model).lower()}", "train.resume=null",
                  f"train.channels_last={str(channels_last).lower()}",
-                 f"train.out_dir={ROOT / '.state' / 'bench' / f'{method}-{crops}'}", "optim.warmup_epochs=0"]
+                 f"train.out_dir={state_dir() / 'bench' / f'{method}-{crops}'}", "optim.warmup_epochs=0"]
     if method == "swav":
         overrides.append("method.queue_length=0")
     if data_root:
         overrides.append(f"data.data_root={data_root}")
-    config = load_config(bench_config(method), overrides)
+    config = load_config(bench_config(method), overrides + list(extra or []))
     trainer = Trainer(config, progress=False, log=lambda *_: None)
     result = trainer.fit()
     rates = [row["img_per_s"] for row in result.history if "img_per_s" in row]
@@ -142,7 +145,20 @@ def main() -> int:
     parser.add_argument("--loader-workers", type=int, default=None,
                         help="DataLoader workers for lightly (default: every core)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/throughput-<device>.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for ours (e.g. knn.max_test=64: a smaller final evaluation)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend for --compile (default: torch's, inductor); 'eager' only "
+                             "traces the graphs (a CPU smoke of the compiled path, no kernels generated)")
     args = parser.parse_args()
+    if args.compile_backend:
+        default_compile = torch.compile
+
+        def compile_with_backend(*a, **kw):  # nn.Module.compile and the augmentation call torch.compile
+            kw.setdefault("backend", args.compile_backend)
+            return default_compile(*a, **kw)
+
+        torch.compile = compile_with_backend
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batch = args.batch or (512 if gpu else 64)
@@ -164,12 +180,25 @@ def main() -> int:
     loader_workers = args.loader_workers if args.loader_workers is not None else (os.cpu_count() or 1)
     rows = []
     channels_last = args.memory_format == "channels_last"
+    facts = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
+             "cpus": torch.get_num_threads(), "torch": torch.__version__, "batch": batch, "backbone": backbone,
+             "precision": "bf16" if gpu else "fp32", "compiled": args.compile, "window": window, "windows": windows,
+             "memory_format": args.memory_format,
+             "date": time.strftime("%Y-%m-%d"), "cases_planned": len(cases), "cases_done": 0}
+    if args.compile_backend:
+        facts["compile_backend"] = args.compile_backend
+    if args.set:
+        facts["overrides"] = list(args.set)
+    if baseline is not None:
+        facts.update(lightly=lightly.__version__, lightly_loader_workers=loader_workers)
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
+        f"throughput-{device.type}{'-compiled' if args.compile else ''}.json"
     for method, crops in cases:
         top = ceiling(backbone, ceiling_inputs(method, crops), batch, device, steps=window * 2,
                       warmup=max(3, window // 5), teacher=method in TEACHER_METHODS, compile_model=args.compile,
                       dtype=dtype, channels_last=channels_last)
         mine, rates = ours(method, crops, batch, device, backbone, window, windows, args.compile, args.data_root,
-                           channels_last=channels_last)
+                           channels_last=channels_last, extra=args.set)
         row = {"method": method, "crops": crops, "ceiling_inputs": ceiling_inputs(method, crops),
                "ceiling_img_s": round(top, 1), "ours_img_s": round(mine, 1),
                "ratio": round(mine / top, 3), "ours_windows": [round(r, 1) for r in rates]}
@@ -181,17 +210,9 @@ def main() -> int:
                        lightly_windows=[round(r, 1) for r in their_rates])
             line += f"  lightly {theirs:10,.0f} img/s  ours {mine / theirs:5.1f}x"
         rows.append(row)
+        facts["cases_done"] = len(rows)
+        write_result(out, {"facts": facts, "rows": rows})  # each case as soon as it is measured
         print(line, flush=True)
-    facts = {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
-             "cpus": torch.get_num_threads(), "torch": torch.__version__, "batch": batch, "backbone": backbone,
-             "precision": "bf16" if gpu else "fp32", "compiled": args.compile, "window": window, "windows": windows,
-             "memory_format": args.memory_format,
-             "date": time.strftime("%Y-%m-%d")}
-    if baseline is not None:
-        facts.update(lightly=lightly.__version__, lightly_loader_workers=loader_workers)
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
-        f"throughput-{device.type}{'-compiled' if args.compile else ''}.json"
-    write_result(out, {"facts": facts, "rows": rows})
     print(f"\n{facts['device']}, {backbone}, batch {batch}, {facts['precision']}, "
           f"{'compiled' if args.compile else 'eager'}\n")
     print(markdown_table(
