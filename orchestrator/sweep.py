@@ -290,9 +290,9 @@ def _check_metric(spec: SweepSpec, probes: list[Config], where: str) -> None:
         raise ConfigError(f"{where}: metric is {spec.metric!r}: give a metric name, e.g. knn_top1_k20")
     knn_on = all(p.knn.every_epochs for p in probes)
     common = set.intersection(*(set(REPORTED) | set(METHOD_REPORTED.get(p.method_name, ())) for p in probes))
-    from trainers.knn import knn_metric
+    from trainers.knn import online_knn_metrics
 
-    knn = set.intersection(*({knn_metric(k, p.knn.temperature, t) for t in (1, 5) for k in p.knn.k} for p in probes))
+    knn = set.intersection(*(set(online_knn_metrics(p.knn.k, p.knn.temperature) if p.knn.k else []) for p in probes))
     if spec.metric.startswith("knn_") and spec.metric in knn and not knn_on:
         if spec.scheduler == "asha":
             raise ConfigError(f"{where}: ASHA on {spec.metric} needs kNN during training: set knn.every_epochs >= 1")

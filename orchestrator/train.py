@@ -29,7 +29,7 @@ from trainers.checkpoint import checksum_path
 from trainers.config import Config, from_dict
 from trainers.errors import ConfigError, UserError
 from trainers.events import TrainerEvents
-from trainers.knn import knn_metric
+from trainers.knn import DEFAULT_TEMPERATURE, online_knn_metrics
 from trainers.paths import state_dir
 
 from orchestrator import tracking
@@ -318,8 +318,7 @@ class RayReporter(TrainerEvents):
                                 f"(rerun with --name {loop_config['name']})")
         self.held_out: dict = {}  # the latest online kNN / probe metrics, sent with every report
         knn = loop_config["config"].get("knn", {})
-        self.held_out_defaults = [knn_metric(k, knn.get("temperature", 0.07), top) for k in knn.get("k") or [20]
-                                  for top in (1, 5)]
+        self.held_out_defaults = online_knn_metrics(knn.get("k") or [], knn.get("temperature", DEFAULT_TEMPERATURE))
 
     def on_log(self, step: int, row: dict) -> None:
         if self.metric_logger is not None:
@@ -617,6 +616,8 @@ def _hold_run_folder(storage: str, name: str):
 
 
 def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: str, log) -> RunOutcome:
+    """One pretraining run on Ray Train, in the steps of Ray's own examples."""
+    # 1. tracking, the cluster's resources and the data files, before any worker starts
     uri = tracking.resolve_tracking_uri(options.tracking_uri)
     if options.require_tracking:  # an API call with this client's login: reach, Host check and login
         tracking.require_reachable(uri)
@@ -624,31 +625,67 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
     check_resources(options, log=log)
     staged = prepare_or_stage(config, options, storage, log)
     run_id = _open_mlflow_run(config, name, options, uri, log)
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    _tag_ray_job(uri, run_id)
+    # 2. the trainer: worker_loop on N workers, checkpoints ranked by the online kNN
+    trainer = _torch_trainer(config, options, name, storage, _loop_config(config, options, name, storage, uri,
+                                                                          run_id, staged))
+    log(f"Ray Train: {options.workers} worker(s) x ({options.cpus_per_worker:g} CPU"
+        f"{f', {options.gpus_per_worker:g} GPU' if options.gpus_per_worker > 0 else ''}), storage {storage}/{name}")
+    # 3. fit; the outcome comes from fit()'s Result (its latest checkpoint), or after a failure from storage
+    error, result = None, None
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - report it, close the MLflow run as failed, re-raise
+        error = exc
+    checkpoint_dir = _result_checkpoint(result) or _latest_checkpoint(storage, name)
+    history, metrics = _read_checkpoint(checkpoint_dir)
+    # 4. MLflow: a run the server missed at the start is replayed now; then closed
+    if run_id is None and history:
+        run_id = _replay_missed_run(config, name, options, uri, history, log)
     if run_id is not None:
-        try:
-            tracking.client(uri).set_tag(run_id, "ray_job_id", ray.get_runtime_context().get_job_id())
-        except Exception:  # noqa: BLE001 - a tag is not worth stopping for
-            pass
+        _finish_mlflow_run(uri, run_id, checkpoint_dir, config, history, "FAILED" if error else "FINISHED", log)
+    # 5. a failure as one line for the user
+    if error is not None:
+        cause = user_error_in(error) or getattr(error, "__cause__", None) or error
+        if isinstance(cause, UserError):
+            raise cause
+        raise UserError(f"training failed after {options.max_failures} restart(s): {str(cause).splitlines()[0][:300]} "
+                        f"(worker logs: Ray's session folder; rerun with --name {name} to resume)") from error
+    return RunOutcome(name, storage, int(metrics.get("steps", 0)), metrics,
+                      str(checkpoint_dir) if checkpoint_dir else None, run_id, uri, history)
 
-    use_gpu = options.gpus_per_worker > 0
-    resources = {"CPU": options.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = options.gpus_per_worker
+
+def _tag_ray_job(uri: str, run_id: str | None) -> None:
+    if run_id is None:
+        return
+    import ray
+
+    try:
+        tracking.client(uri).set_tag(run_id, "ray_job_id", ray.get_runtime_context().get_job_id())
+    except Exception:  # noqa: BLE001 - a tag is not worth stopping for
+        pass
+
+
+def _loop_config(config: Config, options: ClusterOptions, name: str, storage: str, uri: str, run_id, staged) -> dict:
+    """What every worker's ``worker_loop`` gets: the config, the run's MLflow and storage markers, faults."""
     fault = parse_fault(os.environ.get(FAULT_ENV))
     markers = run_markers(storage, name)
     if markers["fatal_marker"]:
         Path(markers["fatal_marker"]).unlink(missing_ok=True)  # this attempt may have fixed what stopped the last one
-    loop_config = {"config": config.to_dict(), "name": name,
-                   "env": {**_worker_env(options.address), **options.worker_env},
-                   "env_node_defaults": node_default_keys(options), "run_id": run_id, "tracking_uri": uri, "staged_data": staged, "fault": fault,
-                   "system_metrics_s": options.system_metrics_s,
-                   "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage
-                   else None, **markers}
-    trainer = TorchTrainer(
+    return {"config": config.to_dict(), "name": name, "env": {**_worker_env(options.address), **options.worker_env},
+            "env_node_defaults": node_default_keys(options), "run_id": run_id, "tracking_uri": uri,
+            "staged_data": staged, "fault": fault, "system_metrics_s": options.system_metrics_s,
+            "fault_marker": str(Path(storage) / name / "faults") if fault and "://" not in storage else None,
+            **markers}
+
+
+def _torch_trainer(config: Config, options: ClusterOptions, name: str, storage: str, loop_config: dict):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": options.cpus_per_worker, **({"GPU": options.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
         worker_loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=options.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
@@ -659,37 +696,38 @@ def _train_on_ray(config: Config, options: ClusterOptions, name: str, storage: s
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=options.num_to_keep,
                                                          checkpoint_score_attribute=checkpoint_score(config),
                                                          checkpoint_score_order="max")))
-    log(f"Ray Train: {options.workers} worker(s) x ({options.cpus_per_worker:g} CPU"
-        f"{f', {options.gpus_per_worker:g} GPU' if use_gpu else ''}), storage {storage}/{name}")
-    error = None
-    try:
-        trainer.fit()  # the outcome is read back from the run's checkpoints below
-    except Exception as exc:  # noqa: BLE001 - report it, close the MLflow run as failed, re-raise
-        error = exc
-    checkpoint_dir, history, metrics = _latest_checkpoint(storage, name), [], {}
+
+
+def _result_checkpoint(result) -> Path | None:
+    """The latest checkpoint of ``fit()``'s Result, when it is a folder on this machine."""
+    checkpoint = getattr(result, "checkpoint", None)
+    if checkpoint is None or "://" in str(checkpoint.path):
+        return None
+    path = Path(checkpoint.path)
+    return path if path.is_dir() else None
+
+
+def _read_checkpoint(checkpoint_dir: Path | None) -> tuple[list[dict], dict]:
+    """The run's metric rows (metrics.jsonl) and its summary (summary.json) from a checkpoint folder."""
+    history, metrics = [], {}
     if checkpoint_dir is not None and (checkpoint_dir / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines() if line]
     if checkpoint_dir is not None and (checkpoint_dir / "summary.json").is_file():
         metrics = json.loads((checkpoint_dir / "summary.json").read_text())
-    if run_id is None and history:  # the server did not answer at the start: replay the run if it does now
-        run_id = _open_mlflow_run(config, name, options, uri, log)
-        if run_id is not None:
-            steps = [row["step"] for row in history if "step" in row]
-            try:
-                tracking.client(uri).set_tag(run_id, tracking.GAP_TAG, f"steps {min(steps)}-{max(steps)} sent at "
-                                             f"the end (the server did not answer at the start)")
-            except Exception:  # noqa: BLE001 - a tag is not worth failing for
-                pass
+    return history, metrics
+
+
+def _replay_missed_run(config: Config, name: str, options: ClusterOptions, uri: str, history: list[dict], log):
+    """The server did not answer at the start: open the run now (the history is sent when it is finished)."""
+    run_id = _open_mlflow_run(config, name, options, uri, log)
     if run_id is not None:
-        _finish_mlflow_run(uri, run_id, checkpoint_dir, config, history, "FAILED" if error else "FINISHED", log)
-    if error is not None:
-        cause = user_error_in(error) or getattr(error, "__cause__", None) or error
-        if isinstance(cause, UserError):
-            raise cause
-        raise UserError(f"training failed after {options.max_failures} restart(s): {str(cause).splitlines()[0][:300]} "
-                        f"(worker logs: Ray's session folder; rerun with --name {name} to resume)") from error
-    return RunOutcome(name, storage, int(metrics.get("steps", 0)), metrics,
-                      str(checkpoint_dir) if checkpoint_dir else None, run_id, uri, history)
+        steps = [row["step"] for row in history if "step" in row]
+        try:
+            tracking.client(uri).set_tag(run_id, tracking.GAP_TAG, f"steps {min(steps)}-{max(steps)} sent at "
+                                         f"the end (the server did not answer at the start)")
+        except Exception:  # noqa: BLE001 - a tag is not worth failing for
+            pass
+    return run_id
 
 
 def _latest_checkpoint(storage: str, name: str) -> Path | None:
@@ -716,7 +754,7 @@ def _latest_checkpoint(storage: str, name: str) -> Path | None:
 def checkpoint_score(config: Config) -> str:
     """The metric that ranks a run's checkpoints in storage: kNN top-1 at the first online k (0 until the
     first kNN, so the latest checkpoints rank by recency until then)."""
-    return knn_metric(config.knn.k[0] if config.knn.k else 20, config.knn.temperature)
+    return online_knn_metrics(config.knn.k[:1], config.knn.temperature)[0]
 
 
 def prepared_sidecars(config: Config) -> list[dict]:

@@ -79,32 +79,50 @@ def _load_backbone(path: str, device):
     return load_backbone(path, device)
 
 
+RESIDENT_BYTES = 2 << 30  # feature matrices up to this size are loaded whole; larger ones are read in chunks
+
+
 def features(backbone_path: str, dataset: str, split: str, data_root: str | None, device, batch_size: int = 512,
              log: Log = print):
-    """(features [N, D] float32 CPU, labels [N], class names) of a whole split, cached on this node."""
+    """(features [N, D] float32, labels [N], class names) of a whole split, cached on this node as a .npy
+    file written batch by batch as the split streams from its loader (``extract_split``: no split is ever
+    held in memory as images). The features come back as a CPU tensor up to ``RESIDENT_BYTES``, else as a
+    ``FeatureFile`` that the kNN and the linear probe read in chunks."""
     from trainers.data.augment import normalization_for
-    from trainers.evaluate import BackboneSpec, extract, load_images
+    from trainers.evaluate import BackboneSpec, extract_split
+    from trainers.knn import FeatureFile
 
     backbone, _, info = _load_backbone(backbone_path, device)
     sha = file_sha256(backbone_path)[:16]
-    cache = state_dir() / "features" / f"{sha}-{metric_key(dataset)}-{split}-{info['image_size']}.pt"
-    if cache.is_file():
+    stem = state_dir() / "features" / f"{sha}-{metric_key(dataset)}-{split}-{info['image_size']}"
+    matrix, sidecar = Path(f"{stem}.npy"), Path(f"{stem}.labels.pt")
+    if matrix.is_file() and sidecar.is_file():
         try:
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
-            return saved["features"], saved["labels"], saved["classes"]
+            saved = torch.load(sidecar, map_location="cpu", weights_only=True)
+            return _resident(FeatureFile(matrix)), saved["labels"], saved["classes"]
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
-            cache.unlink(missing_ok=True)
-    images = load_images(dataset, split, data_root=data_root, log=log)
+            sidecar.unlink(missing_ok=True)
+    matrix.parent.mkdir(parents=True, exist_ok=True)
     mean, std = normalization_for(dataset)
     spec = BackboneSpec(info["image_size"], mean, std, device, batch_size)
-    log(f"extracting {dataset} {split} features ({len(images.labels):,} images at {info['image_size']} px)")
-    values = extract(backbone, images, spec)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+    log(f"extracting {dataset} {split} features (streamed, at {info['image_size']} px)")
+    temp = matrix.parent / f".{matrix.name}.{os.getpid()}.npy"
+    try:
+        _, labels, classes = extract_split(backbone, dataset, split, spec, path=temp, data_root=data_root, log=log)
+        os.replace(temp, matrix)
+    finally:
+        temp.unlink(missing_ok=True)
+    handle, temp_sidecar = tempfile.mkstemp(dir=sidecar.parent, prefix=f".{sidecar.name}.")
     os.close(handle)
-    torch.save({"features": values, "labels": images.labels, "classes": images.classes}, temp)
-    os.replace(temp, cache)
-    return values, images.labels, images.classes
+    torch.save({"labels": labels, "classes": classes}, temp_sidecar)
+    os.replace(temp_sidecar, sidecar)
+    return _resident(FeatureFile(matrix)), labels, classes
+
+
+def _resident(matrix):
+    """A small feature file as a tensor in memory; a large one stays a file."""
+    rows, dim = matrix.shape
+    return matrix.tensor() if rows * dim * matrix.dtype.itemsize <= RESIDENT_BYTES else matrix
 
 
 # --------------------------------------------------------------------------- evaluations

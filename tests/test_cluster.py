@@ -208,7 +208,9 @@ def test_dockerfile_matches_the_pins_and_system_packages():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     from packaging.requirements import Requirement
 
-    pins = {Requirement(spec).name: Requirement(spec) for spec in tomllib.loads(pyproject)["project"]["dependencies"]}
+    project = tomllib.loads(pyproject)["project"]
+    pins = {Requirement(spec).name: Requirement(spec)
+            for spec in project["dependencies"] + project["optional-dependencies"]["ffcv"]}
     installed = {Requirement(spec).name: Requirement(spec) for spec in re.findall(r'"([A-Za-z][^"\s]*)"', text)
                  if re.match(r"^[A-Za-z0-9_.\-]+(\[[a-z,]+\])?[<>=!~]", spec)}
     for package in ("torch", "torchvision", "ffcv", "mlflow"):

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from trainers.checks import SEED_LIMIT
 from trainers.errors import ConfigError
-from trainers.knn import center_crop, extract_features, knn_hits, knn_metric, prepare_eval_images
+from trainers.knn import (FeatureFile, center_crop, extract_features, feature_batches, knn_hits, knn_metric,
+                          prepare_eval_images, read_rows)
 
 KNN_SWEEP = (1, 5, 10, 20, 50, 100, 200)
 
@@ -70,13 +71,18 @@ def load_images(dataset: str, split: str, data_root=None, cache_dir=None, loader
     for batch, batch_labels in canvases:
         images.append(batch.clone())
         labels.append(batch_labels.clone())
+    labels = torch.cat(labels).long()
+    return ImageSet(dataset, split, torch.cat(images), labels, loader_classes(canvases, labels))
+
+
+def loader_classes(canvases, labels: torch.Tensor) -> list[str]:
+    """Class names of a canvas loader's split: the .beton sidecar's (ffcv), the registry split's (jpeg,
+    torch), else the label numbers."""
     meta = getattr(canvases, "info", {}).get("meta") or {}
     classes = meta.get("classes")
     if classes is None and hasattr(canvases, "dataset"):
         classes = canvases.dataset.split.classes
-    labels = torch.cat(labels).long()
-    classes = list(classes) if classes else [str(i) for i in range(int(labels.max()) + 1)]
-    return ImageSet(dataset, split, torch.cat(images), labels, classes)
+    return list(classes) if classes else [str(i) for i in range(int(labels.max()) + 1)]
 
 
 # --------------------------------------------------------------------------- features
@@ -107,18 +113,62 @@ def extract(backbone: torch.nn.Module, images: ImageSet, spec: BackboneSpec, cro
     return features
 
 
+def extract_into(stream, rows: int, path=None, dtype=torch.float32):
+    """The (features [B, D], labels [B]) batches of ``stream`` written in order into one preallocated
+    [rows, D] matrix: a tensor in memory, or (``path``) a .npy ``FeatureFile`` on disk (a split whose
+    features do not fit in memory). Returns (features, labels [rows] int64)."""
+    features, labels, seen = None, torch.empty(rows, dtype=torch.long), 0
+    for out, batch_labels in stream:
+        if seen + len(out) > rows:
+            raise ValueError(f"the loader gave more than the {rows:,} images it announced")
+        if features is None:
+            features = (FeatureFile.create(path, rows, out.shape[1], str(dtype).replace("torch.", "")) if path
+                        else torch.empty(rows, out.shape[1], dtype=dtype))
+        if isinstance(features, FeatureFile):
+            features.write(seen, out)
+        else:
+            features[seen:seen + len(out)] = out.to("cpu", dtype)
+        labels[seen:seen + len(out)] = batch_labels
+        seen += len(out)
+    if seen != rows:
+        raise ValueError(f"the loader gave {seen:,} images, not the {rows:,} it announced")
+    return features, labels
+
+
+def extract_split(backbone: torch.nn.Module, dataset: str, split: str, spec: BackboneSpec, path=None,
+                  crop: float = 1.0, data_root=None, cache_dir=None, loader: str = "auto", subset: int | None = None,
+                  seed: int = 0, canvas_size: int | None = None, log: Callable[[str], None] = lambda msg: None):
+    """Raw features of a split, streamed: batches of ``spec.batch_size`` canvases from the split's loader
+    (never the whole split in memory) through the backbone's test view into ``extract_into`` (a tensor,
+    or the .npy file ``path``). The same features as ``extract(load_images(...))``. Returns (features,
+    labels, class names)."""
+    from trainers.data.multicrop import build_canvas_loader
+
+    canvases, _ = build_canvas_loader(dataset, split, spec.batch_size, device="cpu", loader=loader,
+                                      data_root=data_root, cache_dir=cache_dir, seed=seed, shuffle=False,
+                                      drop_last=False, canvas_size=canvas_size, subset=subset, log=log)
+    rows = canvases.num_samples if subset is None else min(subset, canvases.num_samples)
+    stream = feature_batches(backbone, canvases, spec.image_size, spec.mean, spec.std, spec.device,
+                             normalize=False, crop=crop)
+    features, labels = extract_into(stream, rows, path)
+    return features, labels, loader_classes(canvases, labels)
+
+
 KNN_MAIN, KNN_WIDE = (20, 0.07), (200, 0.1)  # DINO's eval_knn.py; lightly's benchmarks
 
 
 @torch.no_grad()
-def knn_suite(train_features, train_labels, test_features, test_labels, num_classes: int, chunk: int = 1024) -> dict:
+def knn_suite(train_features, train_labels, test_features, test_labels, num_classes: int, chunk: int = 1024,
+              bank_chunk: int = 65536, bank_dtype=None) -> dict:
     """Weighted kNN at k=20/T=0.07 (``knn_top1_k20``, ``knn_top5_k20``) and k=200/T=0.1 (``knn_top1_k200_t0.1``,
     ``knn_top5_k200_t0.1``), and top-1 for every k in ``KNN_SWEEP`` at T=0.07 (``knn_sweep``), from raw
-    features; one similarity pass (``trainers.knn.knn_hits``) serves them all."""
-    train_n, test_n = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
+    features (tensors or ``FeatureFile``s, normalised chunk by chunk as read); one pass over the bank
+    (``trainers.knn.knn_hits``: queries in chunks of ``chunk``, the bank in chunks of ``bank_chunk``, held
+    in ``bank_dtype``) serves them all."""
     sweep = [(k, KNN_MAIN[1]) for k in KNN_SWEEP]
     settings = list(dict.fromkeys([KNN_MAIN, KNN_WIDE, *sweep]))
-    hits = knn_hits(train_n, train_labels, test_n, test_labels, settings, num_classes, chunk)
+    hits = knn_hits(train_features, train_labels, test_features, test_labels, settings, num_classes, chunk,
+                    bank_chunk, bank_dtype, normalize=True)
     n = len(test_labels)
     out = {knn_metric(k, t, top): hits[(k, t)][top == 5] / n for k, t in (KNN_MAIN, KNN_WIDE) for top in (1, 5)}
     out["knn_sweep"] = {k: hits[(k, t)][0] / n for k, t in sweep}
@@ -377,37 +427,59 @@ def _probe_optimizer(layer, settings: LinearSettings):
                            weight_decay=settings.weight_decay, nesterov=settings.nesterov and settings.momentum > 0)
 
 
+def feature_stats(features, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation [1, D] (float32) of a tensor, or of a ``FeatureFile`` read
+    in chunks of ``chunk`` rows (two passes, sums in float64)."""
+    if isinstance(features, torch.Tensor):
+        return features.mean(0, keepdim=True), features.std(0, keepdim=True)
+    n = len(features)
+    total = sum(read_rows(features, i, i + chunk).double().sum(0) for i in range(0, n, chunk))
+    mean = total / n
+    squares = sum((read_rows(features, i, i + chunk).double() - mean).square().sum(0) for i in range(0, n, chunk))
+    return mean.float().view(1, -1), (squares / max(n - 1, 1)).sqrt().float().view(1, -1)
+
+
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int,
                  settings: LinearSettings = LinearSettings(), prefix: str = "linear", device="cpu",
-                 progress: Callable[[int, float, tuple], None] | None = None) -> dict:
+                 progress: Callable[[int, float, tuple], None] | None = None, chunk: int = 65536) -> dict:
     """The ``frozen_features`` probe: one linear layer on fixed features; top-1/top-5 and per-class
-    accuracy on the test features. ``progress(epoch, mean loss, (lr,))`` after each epoch."""
+    accuracy on the test features. ``progress(epoch, mean loss, (lr,))`` after each epoch.
+
+    Tensors are standardised whole and moved to ``device`` at once (small sets). ``FeatureFile``s are never
+    held whole: the standardisation comes from chunks of ``chunk`` rows (``feature_stats``), each
+    mini-batch is read from the file, standardised and moved on its own, the test features go through
+    in chunks: memory bounded by ``chunk`` and the batch, the same updates in the same order."""
     settings.validate()
     if settings.protocol != "frozen_features":
         raise ConfigError(f"linear_probe trains on fixed features: protocol {settings.protocol} needs the images "
                           f"(augmented_linear_probe)")
     device = torch.device(device)
+    dim = train_features.shape[1]
     if settings.standardize:
-        mean = train_features.mean(0, keepdim=True)
-        std = train_features.std(0, keepdim=True).clamp_min(1e-6)
+        mean, std = feature_stats(train_features, chunk)
+        std = std.clamp_min(1e-6)
     else:
-        mean, std = torch.zeros(1, train_features.shape[1]), torch.ones(1, train_features.shape[1])
-    x_train = ((train_features - mean) / std).to(device)
-    x_test = ((test_features - mean) / std).to(device)
+        mean, std = torch.zeros(1, dim), torch.ones(1, dim)
+    resident = isinstance(train_features, torch.Tensor)
+    if resident:
+        x_train = ((train_features - mean) / std).to(device)
+        batch_of = lambda index: x_train[index.to(device)]  # noqa: E731
+    else:
+        batch_of = lambda index: ((train_features.gather(index.numpy()) - mean) / std).to(device)  # noqa: E731
     y_train = train_labels.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
-    layer = _linear_head(x_train.shape[1], num_classes, generator, device)
+    layer = _linear_head(dim, num_classes, generator, device)
     optimizer = _probe_optimizer(layer, settings)
     steps_per_epoch = math.ceil(len(y_train) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     decays = decay_epochs(settings.decay_at, settings.epochs)
     step = 0
     for epoch in range(settings.epochs):
-        order = torch.randperm(len(y_train), generator=generator).to(device)
+        order = torch.randperm(len(y_train), generator=generator)
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(order), settings.batch_size):
             index = order[start:start + settings.batch_size]
-            loss = F.cross_entropy(layer(x_train[index]), y_train[index])
+            loss = F.cross_entropy(layer(batch_of(index)), y_train[index.to(device)])
             lr = settings.lr * lr_scale(settings.schedule, epoch, settings.epochs, step, total, decays, settings.gamma)
             _sgd_step(optimizer, [lr], loss)
             loss_sum += loss.detach()
@@ -415,7 +487,11 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
         if progress is not None:
             progress(epoch + 1, (loss_sum / steps_per_epoch).item(), (lr,))
     with torch.no_grad():
-        logits = layer(x_test).cpu()
+        if resident and isinstance(test_features, torch.Tensor):
+            logits = layer(((test_features - mean) / std).to(device)).cpu()
+        else:
+            logits = torch.cat([layer(((read_rows(test_features, i, i + chunk) - mean) / std).to(device)).cpu()
+                                for i in range(0, len(test_labels), chunk)])
     return accuracy_report(logits, test_labels, num_classes, prefix)
 
 
