@@ -296,6 +296,7 @@ class PipelineRunner:
             else:
                 run_id = self._child_run(stage, key, settings)
                 result = self._compute(stage, settings, folder)
+            stage_impl.check_result(stage.kind, result)
             result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)
             if stage.kind != "pretrain":  # pretraining logs its own (orchestrator/train.py)
                 self._log_inputs(run_id, stage_datasets(stage, settings))

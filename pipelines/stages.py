@@ -1,7 +1,8 @@
 """What each pipeline stage computes, in a plain Python process (the runner wraps them in Ray tasks).
 
-Every stage returns a JSON-able result ``{"metrics": {name: fraction}, "extra": {...}, "files":
-{name: text}}``: the runner logs metrics and files to the stage's MLflow run and keeps the result
+Every stage returns a ``StageResult`` (a JSON-able typed dict: ``metrics`` {name: fraction}, ``extra``
+with the keys its kind promises in ``EXTRA_KEYS``, ``files`` {name: text}), checked by ``check_result``
+when the stage returns: the runner logs metrics and files to the stage's MLflow run and keeps the result
 as the stage's output. Evaluations cache extracted features on the node (keyed by the backbone's
 hash, the data set, the split and the input size), so kNN, linear and transfer decode each split once.
 """
@@ -13,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypedDict
 
 import torch
 
@@ -21,6 +22,51 @@ from trainers.errors import ConfigError, DataNotFoundError
 from trainers.paths import state_dir
 
 Log = Callable[[str], None]
+
+
+class _Result(TypedDict):
+    metrics: dict[str, float]  # logged to the stage's MLflow run; accuracies as fractions
+    extra: dict  # per kind, at least EXTRA_KEYS[kind]
+    files: dict[str, str]  # file name -> text, written into the stage folder and logged as artifacts
+
+
+class StageResult(_Result, total=False):
+    """What a stage returns and its ``result.json`` holds."""
+
+    output_hash: str  # what later stages' cache keys read (set by the runner when absent)
+
+
+# the extra keys each kind's result carries (what the runner, the report and later stages read)
+EXTRA_KEYS = {
+    "prepare": ("files", "skipped"),
+    "pretrain": ("backbone_path", "backbone_sha256", "dataset", "method", "backbone", "steps", "history"),
+    "sweep": ("best_config",),
+    "knn": ("knn_sweep", "dataset"),
+    "linear": ("per_class", "dataset"),
+    "transfer": ("top1", "skipped"),
+    "semi": ("subsets", "dataset"),
+    "report": ("files", "folder"),
+}
+
+
+def check_result(kind: str, result) -> StageResult:
+    """``result`` if it has the shape of a ``kind`` stage's result: a stage that breaks it fails here, when it
+    returns, not later in a stage or report that reads it."""
+    problems = []
+    if not isinstance(result, dict) or not {"metrics", "extra", "files"} <= set(result):
+        problems.append("not a mapping with metrics, extra and files")
+    else:
+        bad = [k for k, v in result["metrics"].items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+        if bad:
+            problems.append(f"metrics {bad} are not numbers")
+        missing = [k for k in EXTRA_KEYS.get(kind, ()) if k not in result["extra"]]
+        if missing:
+            problems.append(f"extra lacks {missing}")
+        if not all(isinstance(v, str) for v in result["files"].values()):
+            problems.append("files must map names to text")
+    if problems:
+        raise TypeError(f"the {kind} stage returned a malformed result: {'; '.join(problems)}")
+    return result
 
 
 def log_stderr(message: str) -> None:
@@ -49,7 +95,7 @@ def eval_device(requested: str | None = None) -> torch.device:
 
 
 # --------------------------------------------------------------------------- prepare
-def run_prepare(settings: dict, data_root: str | None, log: Log = print) -> dict:
+def run_prepare(settings: dict, data_root: str | None, log: Log = print) -> StageResult:
     from trainers.data.beton import read_meta
     from trainers.data.multicrop import default_cache_dir, ffcv_available
 
@@ -126,7 +172,7 @@ def _resident(matrix):
 
 
 # --------------------------------------------------------------------------- evaluations
-def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
     from trainers.evaluate import knn_suite
 
     dataset = settings["dataset"]
@@ -223,7 +269,7 @@ def _augmented_probe(settings: dict, backbone_path: str, dataset: str, data_root
     return augmented_linear_probe(backbone, dim, train, test, spec, probe, prefix=prefix), train.classes
 
 
-def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
     settings = resolve_settings("linear", settings)
     probe = _augmented_probe if settings["protocol"] == "augmented" else _probe
     result, classes = probe(settings, backbone_path, settings["dataset"], data_root, device, "linear", seed, log)
@@ -233,7 +279,7 @@ def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int 
             "files": {}}
 
 
-def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
     settings = resolve_settings("transfer", settings)
     metrics, per_dataset, skipped = {}, {}, []
     for entry in settings["datasets"]:
@@ -260,7 +306,7 @@ def fraction_name(fraction: float) -> str:
     return f"semi{fraction * 100:g}".replace(".", "p")
 
 
-def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> dict:
+def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
     from trainers.data.augment import normalization_for
     from trainers.evaluate import BackboneSpec, FinetuneSettings, finetune, load_images, stratified_subset
 
@@ -295,7 +341,7 @@ EVALUATIONS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "transfer
 
 
 def run_evaluation(kind: str, settings: dict, backbone_path: str, data_root=None, device=None, seed: int = 0,
-                   log: Log = print) -> dict:
+                   log: Log = print) -> StageResult:
     """One evaluation stage on a backbone file; ``device`` None: CUDA when there is one."""
     device = eval_device(device)
     return EVALUATIONS[kind](settings, backbone_path, data_root, device, seed=seed, log=log)

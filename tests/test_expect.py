@@ -86,3 +86,16 @@ def test_report_marks_each_band(tmp_path):
     assert "| knn | kNN" in text and "| 84.12% | in [83.00, 86.00]% |" in text
     assert "| 69.00% | OUT of [70.00, 80.00]% |" in text and "| 97.00% | in [95.00, 100.00]% |" in text
     assert "<td>OUT of [70.00, 80.00]%</td>" in (tmp_path / "report.html").read_text()
+
+
+def test_a_malformed_stage_result_fails_when_the_stage_returns():
+    from pipelines.stages import check_result
+
+    good = {"metrics": {"knn_top1_k20": 0.8}, "extra": {"knn_sweep": {}, "dataset": "digits"}, "files": {}}
+    assert check_result("knn", good) is good
+    with pytest.raises(TypeError, match="the knn stage returned a malformed result: extra lacks \\['dataset'\\]"):
+        check_result("knn", {**good, "extra": {"knn_sweep": {}}})
+    with pytest.raises(TypeError, match="metrics \\['knn_top1_k20'\\] are not numbers"):
+        check_result("knn", {**good, "metrics": {"knn_top1_k20": "0.8"}})
+    with pytest.raises(TypeError, match="not a mapping with metrics, extra and files"):
+        check_result("linear", {"metrics": {}})
