@@ -24,6 +24,7 @@ import yaml
 from trainers.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # train.compile_step
 LOADERS = ("auto", "ffcv", "jpeg", "torch")  # the one list (trainers/data/multicrop.py imports it)
 KNN_SPLITS = ("train", "test")
 
@@ -177,6 +178,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
     channels_last: bool = True  # NHWC weights and views (CUDA and CPU; BENCHMARKS.md: resnet_mini fwd+bwd 20-28% faster on a CPU)
     compile: bool = False  # torch.compile the backbone
+    # torch.compile the whole training step instead (forward of every view, loss, backward, clipping, optimizer,
+    # EMA teacher): true (torch's default mode) or a mode, e.g. reduce-overhead (CUDA graphs on a GPU)
+    compile_step: bool | str = False
     deterministic: bool = False  # torch deterministic algorithms (slower; exact reruns on GPU)
     log_every: int = 20  # steps between progress updates (each is one host sync)
     checkpoint_every_epochs: int = 1
@@ -210,6 +214,12 @@ class TrainConfig:
                               "on the CPU, or auto")
         if self.log_every < 1 or self.checkpoint_every_epochs < 1:
             raise ConfigError("train.log_every and train.checkpoint_every_epochs must be >= 1")
+        if isinstance(self.compile_step, str) and self.compile_step not in COMPILE_MODES:
+            raise ConfigError(f"train.compile_step '{self.compile_step}' must be true, false or a torch.compile mode: "
+                              f"{', '.join(COMPILE_MODES)}")
+        if self.compile_step is not False and self.compile:
+            raise ConfigError("train.compile and train.compile_step are both on: the compiled whole step already "
+                              "compiles the backbone; set train.compile=false")
 
 
 @dataclass

@@ -89,10 +89,29 @@ def check_config(config: Config, world_size: int = 1) -> None:
     config.optim.check(config.data.batch_size, config.train.epochs)
     config.knn.check()
     config.probe.check()
+    if config.train.compile_step is not False:
+        check_compile_step(config, world_size)
     cls = method_class(config.method_name, config.method)
     ctx = MethodContext(config.model.backbone, 1, tuple(groups), config.data.batch_size, world_size,
                         config.train.epochs, 1)
     cls.check(config.method_options(), ctx)
+
+
+COMPILE_STEP_METHODS = ("swav", "dino", "supcon", "simclr")  # methods whose whole step compiles (tests/test_whole_step.py)
+
+
+def check_compile_step(config: Config, world_size: int) -> None:
+    """train.compile_step: one process, and a method whose step has no per-step Python draws."""
+    if world_size > 1:
+        raise ConfigError(f"train.compile_step compiles the step of one process, this run has {world_size} workers: "
+                          "use train.compile=true (the backbone) under DDP")
+    if config.train.precision == "fp16":
+        raise ConfigError("train.compile_step does not take train.precision=fp16 (its GradScaler checks the gradients "
+                          "on the host every step): use bf16 (the default on a GPU)")
+    if config.method_name not in COMPILE_STEP_METHODS:
+        raise ConfigError(f"train.compile_step does not support {config.method_name} (its step draws a mix mode in "
+                          f"Python every step): use train.compile=true; whole-step methods: "
+                          f"{', '.join(COMPILE_STEP_METHODS)}")
 
 
 def check_run_name(name) -> str:
@@ -255,6 +274,10 @@ class Trainer:
             self.method.student.backbone.compile()
             if hasattr(self.method, "teacher"):
                 self.method.teacher.backbone.compile()
+        self._compiled_step = None
+        if t.compile_step is not False:  # see step_gradients()
+            mode = None if t.compile_step in (True, "default") else t.compile_step
+            self._compiled_step = torch.compile(step_gradients, mode=mode)
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # training randomness differs per rank
         if self.device.type == "cuda":
             torch.cuda.manual_seed(t.seed * 1000 + self.rank + 1)
@@ -558,6 +581,8 @@ class Trainer:
     def train_step(self, views, labels, step: int):
         lr, wd = float(self.lr_schedule[step]), float(self.wd_schedule[step])
         set_hyperparameters(self.optimizer, lr, wd)
+        if getattr(self, "_compiled_step", None) is not None:
+            return self._train_step_compiled(views, labels, step, lr)
         self.method.before_step(step)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
@@ -586,6 +611,23 @@ class Trainer:
             probe_lr = self.probe_peak_lr * lr / self.peak_lr  # the backbone's warm-up + cosine shape
             logs["online_linear_loss"] = self.probe.train_step(features, labels, probe_lr)
         return loss.detach(), logs
+
+    def _train_step_compiled(self, views, labels, step: int, lr: float):
+        self.method.prepare_step(step)
+        # before the call: every .grad None when the graph starts (zeroed inside, a frozen layer's None .grad of
+        # the last step made torch 2.14's graph put gradients on the wrong parameters)
+        self.optimizer.zero_grad(set_to_none=True)
+        # trace_autograd_ops: backward traced into the forward's graph (else a graph break at loss.backward())
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            loss, logs = self._compiled_step(self, views, labels, step)
+        self.optimizer.step()
+        self.method.after_optimizer_step(step)
+        if self.probe is not None:  # eager, as in train_step
+            features = self.probe.features(self.method.eval_backbone(), views[: self.ctx.num_global],
+                                           self.autocast_dtype)
+            logs = {**logs, "online_linear_loss": self.probe.train_step(features, labels,
+                                                                        self.probe_peak_lr * lr / self.peak_lr)}
+        return loss, logs
 
     # ------------------------------------------------------------------ stop requests
     def _stop_reason(self) -> str | None:
@@ -718,6 +760,34 @@ class Trainer:
                 raise storage_error(self.out_dir / "summary.json", exc, "run summary") from None
         return TrainResult(self.out_dir, self.step, self.step // self.steps_per_epoch, final_metrics,
                            self.last_checkpoint, backbone_path, list(self.history))
+
+
+def step_gradients(trainer: "Trainer", views, labels, step: int):
+    """train.compile_step: the part of a training step that torch.compile captures as one graph: the method's
+    before-step hook (SwAV's prototype normalisation), the forward of every view (student and EMA teacher;
+    DINO's center update) and the loss under autocast, the backward (traced into the same graph with
+    torch._dynamo's trace_autograd_ops; the gradients were set to None before), the method's gradient hooks (frozen layers) and gradient clipping.
+    Returns the detached loss and logs. ``step`` is not read in here (the method's step values come from
+    ``prepare_step``, outside), so it is no guard. A module-level function with no ``self``: torch 2.14's
+    dynamo lost its caller's frame (``self`` missing) when it resumed after a graph break in a method.
+
+    Outside, eager (``Trainer._train_step_compiled``): the schedules' look-ups, the optimizer step and the
+    EMA teacher update (foreach kernels), the online probe, and the non-finite check (at the next log flush,
+    as on a GPU). The optimizer step stays out because dynamo (torch 2.14) cannot capture it here: traced
+    after the backward in one graph it breaks the graph ("pending mutation on parameter"); compiled on its
+    own it recompiles every step (the scheduled learning rate and weight decay become constant ``alpha``
+    arguments of the foreach kernels), and 0-d tensor rates break the graph in SGD's weight-decay branch."""
+    trainer.method.before_step(step)
+    with torch.autocast(device_type=trainer.device.type, dtype=trainer.autocast_dtype or torch.float32,
+                        enabled=trainer.autocast_dtype is not None):
+        loss, logs = trainer.method.training_step(views, labels, step)
+    value, logs = loss.detach(), {k: v.detach() for k, v in logs.items()}
+    loss.backward()
+    del loss
+    trainer.method.before_optimizer_step(step)
+    if trainer.config.optim.clip_grad is not None:
+        clip_gradients(trainer.trained_parameters, trainer.config.optim.clip_grad, trainer.config.optim.clip_mode)
+    return value, logs
 
 
 def _plain_state_dict(module: torch.nn.Module) -> dict:

@@ -103,6 +103,25 @@ class Method(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         pass
 
+    # ------------------------------------------------------------------ whole-step capture (train.compile_step)
+    def step_values(self, step: int) -> dict:
+        """This step's Python-side values by name: schedule look-ups (floats) and phase flags (bools) that
+        the hooks above read through ``value``. Base: none."""
+        return {}
+
+    def prepare_step(self, step: int) -> None:
+        """Works out ``step_values(step)`` before a compiled whole step, outside it: the compiled code then
+        reads plain floats (graph inputs: no recompilation) and bools (a recompilation only when one flips)
+        instead of indexing numpy schedules with the step."""
+        self.__dict__["_prepared_values"] = self.step_values(step)
+
+    def value(self, name: str, step: int):
+        """``step_values(step)[name]``: worked out here when eager; the values of ``prepare_step`` when traced
+        by torch.compile (where ``step`` is not read, so it is no guard)."""
+        if torch.compiler.is_compiling():
+            return self.__dict__["_prepared_values"][name]
+        return self.step_values(step)[name]
+
     def eval_backbone(self) -> nn.Module:
         return self.student.backbone
 
@@ -141,8 +160,11 @@ class MomentumMethod(Method):
     def teacher_momentum(self, step: int) -> float:
         return float(self.teacher_momenta[min(step, len(self.teacher_momenta) - 1)])
 
+    def step_values(self, step: int) -> dict:
+        return {**super().step_values(step), "teacher_momentum": self.teacher_momentum(step)}
+
     def after_optimizer_step(self, step: int) -> None:
-        ema_update(self.teacher, self.ema_source(), self.teacher_momentum(step))
+        ema_update(self.teacher, self.ema_source(), self.value("teacher_momentum", step))
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

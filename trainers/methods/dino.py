@@ -106,9 +106,12 @@ class DINOCriterion(nn.Module):
     def teacher_temperature(self, epoch: int) -> float:
         return float(self.teacher_temperatures[min(epoch, len(self.teacher_temperatures) - 1)])
 
-    def loss(self, student, teacher, epoch: int) -> torch.Tensor:
-        """Every student view against every teacher view of another crop (``dino_loss``)."""
-        return dino_loss(student, teacher, self.center, self.student_temperature, self.teacher_temperature(epoch))
+    def loss(self, student, teacher, epoch: int, teacher_temperature: float | None = None) -> torch.Tensor:
+        """Every student view against every teacher view of another crop (``dino_loss``); the teacher
+        temperature is the epoch's unless given."""
+        if teacher_temperature is None:
+            teacher_temperature = self.teacher_temperature(epoch)
+        return dino_loss(student, teacher, self.center, self.student_temperature, teacher_temperature)
 
     @torch.no_grad()
     def targets(self, teacher_logits: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -153,12 +156,16 @@ class DINO(MomentumMethod):
     def training_step(self, views, labels, step):
         teacher = self.teacher_outputs(views)
         student = self.run_student(views).view(len(views), views[0].shape[0], -1)  # [V, B, D]
-        loss = self.criterion.loss(student, teacher, self.epoch_of(step))
+        loss = self.criterion.loss(student, teacher, None, self.value("teacher_temperature", step))
         self.criterion.update_center(teacher)
         return loss, {}
 
+    def step_values(self, step: int) -> dict:
+        return {**super().step_values(step), "teacher_temperature": self.teacher_temperature(step),
+                "freeze_last_layer": self.epoch_of(step) < self.options.freeze_last_layer_epochs}
+
     def before_optimizer_step(self, step: int) -> None:
-        if self.epoch_of(step) < self.options.freeze_last_layer_epochs:
+        if self.value("freeze_last_layer", step):
             for param in self.student.head.last_layer_parameters():
                 param.grad = None
 

@@ -120,10 +120,9 @@ class SwAV(Method):
         batch = views[0].shape[0]
         crop_scores = scores.view(len(views), batch, -1)  # [V, B, K]
         queue_scores = None
-        active = self._queue_active(step)
-        # batches stored so far follow from the step: no counter to sync with the device
-        stored_rows = (step - self.queue_start_step) * batch
-        if active and stored_rows >= self.queue.shape[1]:
+        active = self.value("queue_active", step)
+        full = self.value("queue_full", step) if torch.compiler.is_compiling() else self._queue_full(step, batch)
+        if active and full:
             weight = self.student.prototypes.layer.weight.detach()
             queue_scores = [self.queue[slot] @ weight.t().to(self.queue.dtype) for slot in range(len(o.assign_crops))]
         loss = swav_loss(crop_scores, o.temperature, o.epsilon, o.sinkhorn_iterations, o.assign_crops, queue_scores)
@@ -136,8 +135,17 @@ class SwAV(Method):
                     self.queue[slot, :batch] = stored[crop]
         return loss, {}
 
+    def _queue_full(self, step: int, batch: int) -> bool:
+        # batches stored so far follow from the step: no counter to sync with the device
+        return (step - self.queue_start_step) * batch >= self.queue.shape[1]
+
+    def step_values(self, step: int) -> dict:
+        return {**super().step_values(step), "queue_active": self._queue_active(step),
+                "queue_full": self._queue_full(step, self.ctx.global_batch // self.ctx.world_size),
+                "freeze_prototypes": step < self.freeze_steps}
+
     def before_optimizer_step(self, step: int) -> None:
-        if step < self.freeze_steps:
+        if self.value("freeze_prototypes", step):
             for param in self.student.prototypes.parameters():
                 param.grad = None
 
