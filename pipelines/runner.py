@@ -166,13 +166,20 @@ class PipelineRunner:
 
         return ray
 
-    def _task(self, function, stage: StageSpec, *args):
+    def _remote(self, function, stage: StageSpec):
+        """``function`` as a Ray task with the stage's resources (per worker)."""
         ray = self._ray()
         cpus = float(stage.resources.get("cpu", 1))
         gpus = float(stage.resources.get("gpu", 0))
-        remote = ray.remote(function).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+        return ray.remote(function).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+
+    def _task(self, function, stage: StageSpec, *args):
+        return self._gather([self._remote(function, stage).remote(*args)])[0]
+
+    def _gather(self, refs: list) -> list:
+        ray = self._ray()
         try:
-            return ray.get(remote.remote(*args))
+            return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, UserError):  # one line for the user, not the task's traceback
@@ -327,6 +334,9 @@ class PipelineRunner:
             source = self.outcomes[stage.inputs["backbone"]].result["extra"]["backbone_path"]
             ray = self._ray()
             backbone = ray.put(Path(source).read_bytes())
+            workers = int(stage.resources.get("workers", 1))
+            if stage.kind == "knn" and workers > 1:
+                return self._sharded_knn(stage, settings, backbone, workers)
             return self._task(_eval_task, stage, stage.kind, settings, backbone, data_root, self.spec.seed)
         if stage.kind == "sweep":
             return self._sweep(stage, settings, folder)
@@ -341,6 +351,16 @@ class PipelineRunner:
                 self.client.log_artifact(self.parent_id, str(path), "report")
             return {"metrics": {}, "extra": {"files": [p.name for p in files], "folder": str(folder)}, "files": {}}
         raise AssertionError(stage.kind)
+
+    def _sharded_knn(self, stage: StageSpec, settings: dict, backbone, workers: int) -> dict:
+        """A knn stage over ``workers`` Ray tasks: each extracts one contiguous block of the train and the test
+        split; the blocks are gathered once, in order, and scored here (the same features as one worker's)."""
+        remote = self._remote(_feature_block_task, stage)
+        refs = {split: [remote.remote(backbone, settings["dataset"], split, (i, workers), self.spec.data_root,
+                                      settings["batch_size"]) for i in range(workers)] for split in ("train", "test")}
+        train, test = (stage_impl.gather_blocks(self._gather(refs[split])) for split in ("train", "test"))
+        self.log(f"[{stage.name}] features from {workers} workers: {len(train[1]):,} train, {len(test[1]):,} test")
+        return stage_impl.knn_result(settings, train, test)
 
     def _export_final_backbone(self, inputs: list, folder: Path) -> list[Path]:
         """The last pretrained backbone as ``sslab export`` writes it (report/export/: torchvision for ResNets,
@@ -497,6 +517,18 @@ def _eval_task(kind: str, settings: dict, backbone_bytes: bytes, data_root, seed
         path.write_bytes(backbone_bytes)
         # the feature cache is keyed by the file's hash, so a temp path still hits it
         return stage_impl.run_evaluation(kind, settings, str(path), data_root, seed=seed, log=stage_impl.log_stderr)
+
+
+def _feature_block_task(backbone_bytes: bytes, dataset: str, split: str, block: tuple[int, int], data_root,
+                        batch_size: int):
+    """Ray task body: one block of a split's features on this node (the backbone written to a temp file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sslab-eval-") as folder:
+        path = Path(folder) / "backbone.pt"
+        path.write_bytes(backbone_bytes)
+        return stage_impl.feature_block(str(path), dataset, split, block, data_root, stage_impl.eval_device(),
+                                        batch_size, log=stage_impl.log_stderr)
 
 
 def stage_datasets(stage: StageSpec, settings: dict) -> list[str]:

@@ -10,7 +10,7 @@
     stages:                          # run in this order; a stage's kind defaults to its name
       prepare: {datasets: [fashion-mnist, digits]}
       pretrain: {config: ../pretrain/swav_fashion-mnist.yaml, set: [train.epochs=2], workers: 1}
-      knn: {backbone: pretrain, cpus_per_worker: 2}   # a Ray task's resources: cpus/gpus_per_worker
+      knn: {backbone: pretrain, workers: 2, cpus_per_worker: 2}   # Ray tasks: workers x cpus/gpus_per_worker
       linear: {backbone: pretrain, protocol: frozen_features, epochs: 30}   # or protocol: augmented
       semi: {backbone: pretrain, protocol: swav, fractions: [0.01, 0.1]}
       transfer: {backbone: pretrain, datasets: [digits, {name: cifar10, optional: true}]}
@@ -55,7 +55,7 @@ KINDS = ("prepare", "sweep", "pretrain", "knn", "linear", "semi", "transfer", "r
 EVAL_KINDS = ("knn", "linear", "semi", "transfer")
 COMMON = {"kind", "expect"}
 TASK_KINDS = ("prepare",) + EVAL_KINDS  # stages that run as one Ray task: cpus_per_worker, gpus_per_worker
-RESOURCE_KEYS = {"cpus_per_worker": "cpu", "gpus_per_worker": "gpu"}
+RESOURCE_KEYS = {"cpus_per_worker": "cpu", "gpus_per_worker": "gpu", "workers": "workers"}
 SETTINGS = {
     "prepare": {"datasets"},
     "sweep": {"config", "set"},
@@ -300,7 +300,12 @@ def _stage_resources(name: str, settings: dict) -> dict:
     for key, short in RESOURCE_KEYS.items():
         if settings.get(key) is None:
             continue
-        if short == "cpu":
+        if short == "workers":
+            check_number(settings[key], f"stage '{name}': workers", integer=True, minimum=1, example="2")
+            if settings[key] > 1 and settings.get("kind", name) != "knn":
+                raise ConfigError(f"stage '{name}': workers {settings[key]}: only a knn stage shards its work over "
+                                  "several Ray workers for now; use workers: 1 (or leave it out) here")
+        elif short == "cpu":
             check_number(settings[key], f"stage '{name}': {key}", minimum=0, example="2")
         else:
             check_gpus(settings[key], f"stage '{name}': {key}")

@@ -172,12 +172,38 @@ def _resident(matrix):
 
 
 # --------------------------------------------------------------------------- evaluations
+def feature_block(backbone_path: str, dataset: str, split: str, block: tuple[int, int], data_root, device,
+                  batch_size: int = 512, log: Log = print):
+    """One worker's share of a split's features: the ``block`` (i, n)-th contiguous block, streamed (not
+    cached: the driver gathers the n blocks once, in order, into the whole split's features)."""
+    from trainers.data.augment import normalization_for
+    from trainers.evaluate import BackboneSpec, extract_split
+
+    backbone, _, info = _load_backbone(backbone_path, device)
+    mean, std = normalization_for(dataset)
+    spec = BackboneSpec(info["image_size"], mean, std, device, batch_size)
+    log(f"extracting {dataset} {split} features, block {block[0] + 1} of {block[1]} (at {info['image_size']} px)")
+    return extract_split(backbone, dataset, split, spec, data_root=data_root, log=log, block=block)
+
+
+def gather_blocks(blocks: list[tuple]) -> tuple:
+    """The n workers' (features, labels, classes) blocks, in block order, as one split's."""
+    return (torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks]), blocks[0][2])
+
+
 def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
+    dataset = settings["dataset"]
+    train = features(backbone_path, dataset, "train", data_root, device, settings["batch_size"], log)
+    test = features(backbone_path, dataset, "test", data_root, device, settings["batch_size"], log)
+    return knn_result(settings, train, test)
+
+
+def knn_result(settings: dict, train: tuple, test: tuple) -> StageResult:
+    """The knn stage's result from the (features, labels, classes) of its data set's train and test splits."""
     from trainers.evaluate import knn_suite
 
+    (train_x, train_y, classes), (test_x, test_y, _) = train, test
     dataset = settings["dataset"]
-    train_x, train_y, classes = features(backbone_path, dataset, "train", data_root, device, settings["batch_size"], log)
-    test_x, test_y, _ = features(backbone_path, dataset, "test", data_root, device, settings["batch_size"], log)
     result = knn_suite(train_x, train_y, test_x, test_y, len(classes))
     sweep = result.pop("knn_sweep")
     return {"metrics": result, "extra": {"knn_sweep": {str(k): v for k, v in sweep.items()}, "dataset": dataset,

@@ -57,6 +57,9 @@ PIPELINES = {
                                "stage name '../x' is not a plain name"),
     "p11-negative-weight-decay": (_with_pretrain(linear={"weight_decay": -1}), [],
                                   "stage 'linear': weight_decay is -1: give a finite number >= 0"),
+    "p12c-workers-on-a-linear-stage": (_with_pretrain(linear={"workers": 2}), [],
+                                       "stage 'linear': workers 2: only a knn stage shards its work over several "
+                                       "Ray workers for now"),
     "p12-negative-cpu": (_pipeline({"prepare": {"datasets": ["digits"], "cpus_per_worker": -1}}), [],
                          "stage 'prepare': cpus_per_worker is -1: give a finite number >= 0"),
     "p12b-gpu-over-one-not-whole": (_pipeline({"prepare": {"datasets": ["digits"], "gpus_per_worker": 1.5}}), [],

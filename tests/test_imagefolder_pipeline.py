@@ -46,7 +46,7 @@ def _pets(root: Path, data_root) -> Path:
     return root
 
 
-def _pipeline(tmp_path: Path, dataset: str, band) -> Path:
+def _pipeline(tmp_path: Path, dataset: str, band, knn_workers: int = 1) -> Path:
     spec = {"name": "pets", "seed": 0, "stages": {
         "prepare": {"datasets": [dataset]},
         "pretrain": {"config": str(ROOT / "configs" / "pretrain" / "swav_fashion-mnist.yaml"),
@@ -54,7 +54,7 @@ def _pipeline(tmp_path: Path, dataset: str, band) -> Path:
                              "optim.warmup_epochs=0", "knn.every_epochs=1", "knn.k=[20]", "train.log_every=1",
                              ],
                      "workers": 1, "cpus_per_worker": 1},
-        "knn": {"expect": {"knn_top1_k20": band}},
+        "knn": {"expect": {"knn_top1_k20": band}, "workers": knn_workers},
         "report": {}}}
     path = tmp_path / "pets.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))  # stages run in file order
@@ -95,9 +95,10 @@ def test_a_plain_class_folder_runs_the_pipeline_and_is_certified(local_ray, tmp_
         assert sorted(i.dataset.name.rsplit("-", 1)[1] for i in inputs) == ["test", "train"], run_id
         assert {i.dataset.digest for i in inputs} == {m["key"][:36] for m in sidecars}
 
-    # the band it cannot be in, and --force knn: knn and the report run again (same number), the rest is cached
+    # the band it cannot be in, and --force knn: knn and the report run again, the rest is cached; the knn now
+    # on 2 Ray workers, each extracting one block of each split: the same number as on one
     impossible = [round(knn + 0.5, 4), round(knn + 0.6, 4)]
-    code = main(args + ["--config", str(_pipeline(tmp_path, dataset, impossible)), "--force", "knn"])
+    code = main(args + ["--config", str(_pipeline(tmp_path, dataset, impossible, knn_workers=2)), "--force", "knn"])
     captured = capsys.readouterr()
     assert code == 7
     second = json.loads(captured.out)
@@ -107,6 +108,7 @@ def test_a_plain_class_folder_runs_the_pipeline_and_is_certified(local_ray, tmp_
     assert again["metrics"]["knn_top1_k20"] == pytest.approx(knn) and again["run_id"] != stages["knn"]["run_id"]
     assert second["verdict"]["status"] == "regression"
     assert second["verdict"]["checks"][0]["status"] == "out"
+    assert "[knn] features from 2 workers: 240 train, 60 test" in captured.err
     error = captured.err.strip().splitlines()[-1]
     assert error == (f"error: 1 metric(s) outside their expected band: knn/knn_top1_k20 {knn:.4f} OUT of "
                      f"[{impossible[0]:g}, {impossible[1]:g}]: find the change that moved them, or record the new "

@@ -5,6 +5,7 @@ code (kept here as the reference) on random features and on CIFAR-10."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +186,29 @@ def test_streamed_extraction_equals_todays_path_on_cifar10(mini_backbone, data_r
     probe_today = linear_probe(train_today, train_y, test_today, test_y, 10, settings)
     probe_file = linear_probe(train_file, train_y, test_file, test_y, 10, settings, chunk=512)
     assert abs(probe_file["linear_top1"] - probe_today["linear_top1"]) <= 2 / 1000
+
+
+def test_blocks_of_a_split_gathered_in_order_are_the_whole_split(tmp_path, data_root):
+    """The sharded knn stage's extraction: n workers' contiguous blocks, concatenated, give the one-worker features."""
+    from pipelines import stages
+    from trainers.backbones import build_backbone
+    from trainers.data.multicrop import block_indices
+
+    assert [block_indices(10, None, (i, 3)).tolist() for i in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert block_indices(10, np.array([1, 4, 6, 9]), (1, 2)).tolist() == [6, 9]
+    assert block_indices(10, None, None) is None
+    from trainers.checkpoint import save_checkpoint
+    from trainers.loop import CHECKPOINT_FORMAT
+
+    torch.manual_seed(0)
+    module, dim = build_backbone("resnet_mini", 8)
+    path = save_checkpoint({"format": CHECKPOINT_FORMAT, "method": "none", "backbone": "resnet_mini", "image_size": 8,
+                            "feature_dim": dim, "cifar_stem": None, "patch_size": None,
+                            "state_dict": module.state_dict()}, tmp_path / "backbone.pt")
+    whole = stages.features(str(path), "digits", "test", data_root, torch.device("cpu"), 64, log=lambda *_: None)
+    blocks = [stages.feature_block(str(path), "digits", "test", (i, 3), data_root, torch.device("cpu"), 64,
+                                   log=lambda *_: None) for i in range(3)]
+    assert [len(b[1]) for b in blocks] == [150, 150, 150]
+    gathered = stages.gather_blocks(blocks)
+    assert torch.equal(gathered[1], whole[1]) and gathered[2] == whole[2]
+    assert torch.allclose(gathered[0], whole[0].tensor() if hasattr(whole[0], "tensor") else whole[0], atol=1e-5)

@@ -137,17 +137,23 @@ def extract_into(stream, rows: int, path=None, dtype=torch.float32):
 
 def extract_split(backbone: torch.nn.Module, dataset: str, split: str, spec: BackboneSpec, path=None,
                   crop: float = 1.0, data_root=None, cache_dir=None, loader: str = "auto", subset: int | None = None,
-                  seed: int = 0, canvas_size: int | None = None, log: Callable[[str], None] = lambda msg: None):
+                  seed: int = 0, canvas_size: int | None = None, log: Callable[[str], None] = lambda msg: None,
+                  block: tuple[int, int] | None = None):
     """Raw features of a split, streamed: batches of ``spec.batch_size`` canvases from the split's loader
     (never the whole split in memory) through the backbone's test view into ``extract_into`` (a tensor,
     or the .npy file ``path``). The same features as ``extract(load_images(...))``. Returns (features,
-    labels, class names)."""
+    labels, class names). ``block`` (i, n): only the i-th of n contiguous blocks of the split (one worker's
+    shard; the n blocks concatenated in order are the whole split)."""
+    import numpy as np
+
     from trainers.data.multicrop import build_canvas_loader
 
     canvases, _ = build_canvas_loader(dataset, split, spec.batch_size, device="cpu", loader=loader,
                                       data_root=data_root, cache_dir=cache_dir, seed=seed, shuffle=False,
-                                      drop_last=False, canvas_size=canvas_size, subset=subset, log=log)
+                                      drop_last=False, canvas_size=canvas_size, subset=subset, log=log, block=block)
     rows = canvases.num_samples if subset is None else min(subset, canvases.num_samples)
+    if block is not None:
+        rows = len(np.array_split(np.arange(rows), block[1])[block[0]])
     stream = feature_batches(backbone, canvases, spec.image_size, spec.mean, spec.std, spec.device,
                              normalize=False, crop=crop)
     features, labels = extract_into(stream, rows, path)

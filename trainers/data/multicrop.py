@@ -14,6 +14,7 @@ from trainers.config import LOADERS
 from trainers.data.augment import MultiCropAugment, method_crop_groups, normalization_for
 from trainers.data.beton import FfcvCanvasLoader, PrepareSettings, prepare_split
 from trainers.data.datasets import check_dataset_name, load_split
+from trainers.data.sharding import check_rank
 from trainers.errors import ConfigError
 from trainers.paths import state_dir
 
@@ -95,10 +96,12 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
                         data_root=None, cache_dir=None, seed: int = 0, rank: int = 0, world_size: int = 1,
                         shuffle: bool = True, num_workers: int | None = None, canvas_size: int | None = None,
                         drop_last: bool = True, prepare_settings: PrepareSettings = PrepareSettings(),
-                        log=print, subset: int | None = None):
+                        log=print, subset: int | None = None, block: tuple[int, int] | None = None):
     """The uint8-canvas loader of one split; ``loader='ffcv'`` prepares (or reuses) the .beton first.
 
-    ``subset``: read only a fixed random subset of that many images (drawn from ``seed``)."""
+    ``subset``: read only a fixed random subset of that many images (drawn from ``seed``). ``block`` (i, n):
+    only the i-th of n contiguous, near-equal blocks of those images, every image in exactly one block (an
+    evaluation sharded over n workers; unlike the training ranks, no tail is dropped)."""
     check_dataset_name(dataset)
     if canvas_size is not None and canvas_size < 1:
         raise ConfigError(f"canvas size {canvas_size} must be a positive number of pixels (--canvas-size, "
@@ -120,10 +123,11 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
                              progress=False, log=log)
         from trainers.data.beton import inspect_beton
 
-        indices = subset_indices(inspect_beton(path)["count"], subset, seed)
+        count = inspect_beton(path)["count"]
+        indices = block_indices(count, subset_indices(count, subset, seed), block)
         return FfcvCanvasLoader(path, indices=indices, **common), "ffcv"
     data = load_split(dataset, split, data_root)
-    indices = subset_indices(len(data), subset, seed)
+    indices = block_indices(len(data), subset_indices(len(data), subset, seed), block)
     if loader == "jpeg":
         from trainers.data.jpeg_loader import JpegCanvasLoader
 
@@ -131,6 +135,15 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
     from trainers.data.torch_loader import TorchCanvasLoader
 
     return TorchCanvasLoader(data, indices=indices, **common), "torch"
+
+
+def block_indices(num_samples: int, indices, block: tuple[int, int] | None):
+    """The ``block`` (i, n)-th contiguous block of ``indices`` (None: all ``num_samples``); None when no block."""
+    if block is None:
+        return indices
+    rank, blocks = block
+    check_rank(rank, blocks)
+    return np.array_split(np.arange(num_samples) if indices is None else np.asarray(indices), blocks)[rank]
 
 
 def subset_indices(num_samples: int, subset: int | None, seed: int):
