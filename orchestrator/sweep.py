@@ -361,9 +361,16 @@ def run_trial(trial: dict) -> None:
             run_id, _ = recorder.open(trial_name, "trial", {"method": config.method_name, "dataset": config.data.dataset,
                                                             "sweep": setup["sweep_name"]},
                                       config.flat(), parent=setup["parent_run_id"])
-            tracking.log_dataset_inputs(recorder.client, run_id, setup.get("sidecars") or [])
         except Exception as exc:  # noqa: BLE001
             print(f"warning: MLflow child run not created ({str(exc).splitlines()[0][:160]})")
+    if run_id is not None:  # the trial's data sets: the sweep's, unless the trial sweeps data.dataset
+        try:
+            same = config.data.dataset == setup["base"]["data"]["dataset"]
+            sidecars = setup.get("sidecars") if same else tracking.dataset_sidecars([config.data.dataset],
+                                                                                     config.data.cache_dir)
+            tracking.log_dataset_inputs(recorder.client, run_id, sidecars or [])
+        except Exception as exc:  # noqa: BLE001 - lineage is worth a warning, not the trial
+            print(f"warning: the trial's data sets were not logged as MLflow inputs ({str(exc).splitlines()[0][:160]})")
     resources = {"CPU": float(setup["cpus_per_worker"])}
     gpu = float(setup["gpus_per_worker"])
     if gpu:

@@ -114,12 +114,15 @@ def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, 
     lines = [f"# {spec.name}: results", ""]
     lines += [f"- **{k}**: {v}" for k, v in facts] + [""]
     marks = {(c.stage, c.metric): _mark(c) for c in checks}
+    verdict_head = verdict_tail = ""
     if checks:
         from pipelines.expect import verdict
 
         out = [c.describe() for c in checks if c.status != "in"]
-        lines += [f"**Verdict: {verdict(list(checks))}** ({len(checks) - len(out)} of {len(checks)} expected metrics "
-                  f"in their bands{': ' + '; '.join(out) if out else ''})", ""]
+        verdict_head = f"Verdict: {verdict(list(checks))}"
+        verdict_tail = (f"({len(checks) - len(out)} of {len(checks)} expected metrics in their bands"
+                        f"{': ' + '; '.join(out) if out else ''})")
+        lines += [f"**{verdict_head}** {verdict_tail}", ""]
     lines += ["| stage | metric | value | expected |", "|---|---|---|---|"]
     lines += [f"| {s} | {label} | {100 * v:.2f}% | {marks.get((s, key), '')} |" for s, key, label, v in rows]
     shown = {(s, key) for s, key, _, _ in rows}
@@ -132,6 +135,9 @@ def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, 
     (folder / "report.md").write_text(markdown)
     table = "".join(f"<tr><td>{html.escape(s)}</td><td>{html.escape(label)}</td><td>{100 * v:.2f}%</td>"
                     f"<td>{html.escape(marks.get((s, key), ''))}</td></tr>" for s, key, label, v in rows)
+    table += "".join(f"<tr><td>{html.escape(c.stage)}</td><td>{html.escape(c.metric)}</td>"
+                     f"<td>{'' if c.value is None else f'{c.value:.4f}'}</td><td>{html.escape(_mark(c))}</td></tr>"
+                     for c in checks if (c.stage, c.metric) not in shown)
     fact_html = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts)
     images = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
                      for p in plots)
@@ -139,6 +145,7 @@ def write_report(spec: PipelineSpec, outcomes, folder: Path, tracking_uri: str, 
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}</style></head><body>"
             f"<h1>{html.escape(spec.name)}: results</h1><ul>{fact_html}</ul>"
+            + (f"<p><b>{html.escape(verdict_head)}</b> {html.escape(verdict_tail)}</p>" if checks else "") +
             f"<table><tr><th>stage</th><th>metric</th><th>value</th><th>expected</th></tr>{table}</table>{images}"
             "</body></html>")
     (folder / "report.html").write_text(page)

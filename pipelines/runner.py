@@ -153,7 +153,7 @@ class PipelineRunner:
 
     def _stage_tags(self, stage: StageSpec, key: str) -> dict:
         return {PARENT_TAG: self.parent_id, tracking.KIND_TAG: f"stage:{stage.kind}", STAGE_TAG: stage.name,
-                PIPELINE_TAG: self.spec.name, HASH_TAG: key}
+                PIPELINE_TAG: self.spec.name, HASH_TAG: key, **({FORCED_TAG: "1"} if stage.name in self.forced else {})}
 
     # ------------------------------------------------------------------ Ray
     def _ray(self):
@@ -223,8 +223,8 @@ class PipelineRunner:
             self.client.set_terminated(self.parent_id, status="FAILED")
             raise
         outcome.checks = self._certify(outcome.stages)
-        read = [d for s in self.spec.stages for d in stage_datasets(s, self._settings(s))]
-        read += [o.result["extra"]["dataset"] for o in outcome.stages if o.kind == "pretrain" and o.result["extra"].get("dataset")]
+        read = [d for o in outcome.stages for d in stage_datasets(self.spec.stage(o.name), self._settings(
+            self.spec.stage(o.name)), o.result)]
         self._log_inputs(self.parent_id, read)  # the parent shows every data set its stages read
         if not all(s.cached for s in outcome.stages):  # a rerun that did no work logs nothing new
             summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
@@ -261,7 +261,7 @@ class PipelineRunner:
                                        {STAGE_TAG: stage.name, PIPELINE_TAG: self.spec.name, LINK_TAG: key,
                                         CACHED_FROM_TAG: done.info.run_id}, parent=self.parent_id)
         self._log_metrics(run_id, {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, (int, float))})
-        self._log_inputs(run_id, stage_datasets(stage, settings))
+        self._log_inputs(run_id, stage_datasets(stage, settings, result))
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 
@@ -306,7 +306,7 @@ class PipelineRunner:
             stage_impl.check_result(stage.kind, result)
             result["output_hash"] = result.get("output_hash") or stage_impl.result_digest(result)
             if stage.kind != "pretrain":  # pretraining logs its own (orchestrator/train.py)
-                self._log_inputs(run_id, stage_datasets(stage, settings))
+                self._log_inputs(run_id, stage_datasets(stage, settings, result))
             self._record(run_id, stage, key, folder, result)
         except Exception:
             if run_id is not None:
@@ -531,12 +531,17 @@ def _feature_block_task(backbone_bytes: bytes, dataset: str, split: str, block: 
                                         batch_size, log=stage_impl.log_stderr)
 
 
-def stage_datasets(stage: StageSpec, settings: dict) -> list[str]:
-    """The data sets a stage reads: a prepare or transfer stage's list, an evaluation's data set, a pretraining
-    config's (sweeps log theirs themselves)."""
+def stage_datasets(stage: StageSpec, settings: dict, result: dict | None = None) -> list[str]:
+    """The data sets a stage reads: a prepare or transfer stage's list, an evaluation's data set, and (from its
+    ``result``) a pretraining stage's or the best config of a sweep stage."""
     names = [entry["name"] for entry in settings.get("datasets") or []]
     if settings.get("dataset"):
         names.append(settings["dataset"])
+    extra = (result or {}).get("extra") or {}
+    if stage.kind == "pretrain" and extra.get("dataset"):
+        names.append(extra["dataset"])
+    if stage.kind == "sweep" and (extra.get("best_config") or {}).get("data", {}).get("dataset"):
+        names.append(extra["best_config"]["data"]["dataset"])
     return names
 
 

@@ -253,10 +253,12 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
     if "resources" in settings:
         raise ConfigError(f"stage '{name}': 'resources' is now cpus_per_worker and gpus_per_worker, the names pretrain "
                           f"and sweeps use: write e.g. cpus_per_worker: 2, gpus_per_worker: 1")
+    allowed = SETTINGS[kind] | (set(RESOURCE_KEYS) if kind in TASK_KINDS else set()) | \
+        ({"expect"} if kind not in ("prepare", "report") else set())  # those two have no metrics to expect
     for key in settings:
-        if key not in SETTINGS[kind] | COMMON | (set(RESOURCE_KEYS) if kind in TASK_KINDS else set()):
-            raise ConfigError(f"stage '{name}' ({kind}): unknown setting '{key}'{_suggest(str(key), SETTINGS[kind])}; "
-                              f"it takes {', '.join(sorted(SETTINGS[kind]))}")
+        if key not in allowed | {"kind"}:
+            raise ConfigError(f"stage '{name}' ({kind}): unknown setting '{key}'{_suggest(str(key), allowed)}; "
+                              f"it takes {', '.join(sorted(allowed))}")
     values = {**DEFAULTS.get(kind, {}),
               **{k: v for k, v in settings.items() if k not in COMMON and not (kind in TASK_KINDS and k in RESOURCE_KEYS)}}
     resources = _stage_resources(name, settings) if kind in TASK_KINDS else {}
@@ -265,6 +267,7 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
     for check in KIND_CHECKS.get(kind, ()):
         check(name, kind, values, inputs, base, loaded, earlier)
     _check_numbers(name, kind, values)
+    _check_expected_names(name, kind, values, expect)
     if kind in ("linear", "semi"):
         from trainers.evaluate import LINEAR_PROTOCOLS, SEMI_PROTOCOLS, check_protocol
 
@@ -291,6 +294,35 @@ def _stage_expect(name: str, expect) -> dict:
             raise ConfigError(f"{where} is [{low}, {high}]: low is above high; write [{high}, {low}]")
         bands[str(metric)] = [float(low), float(high)]
     return bands
+
+
+def _check_expected_names(name: str, kind: str, values: dict, expect: dict) -> None:
+    """An evaluation's expected metrics must be ones it reports (checked now, not as 'missing' after every
+    stage ran); pretraining's and sweeps' depend on their configs and are checked when the stage ran."""
+    known = expected_metric_names(kind, values)
+    for metric in expect:
+        if known is not None and metric not in known:
+            raise ConfigError(f"stage '{name}': expect.{metric} is not a metric of a {kind} stage"
+                              f"{_suggest(metric, known)}: it reports {', '.join(sorted(known))}")
+
+
+def expected_metric_names(kind: str, values: dict) -> set[str] | None:
+    """The metrics an evaluation stage reports (None: not known before it runs)."""
+    if kind == "knn":
+        from trainers.knn import knn_metric
+
+        return {knn_metric(k, t, top) for k, t in ((20, 0.07), (200, 0.1)) for top in (1, 5)}
+    if kind == "linear":
+        return {"linear_top1", "linear_top5"}
+    if kind == "semi":
+        from pipelines.stages import fraction_name
+
+        return {f"{fraction_name(f)}_top{top}" for f in values["fractions"] for top in (1, 5)}
+    if kind == "transfer":
+        from pipelines.stages import metric_key
+
+        return {f"transfer_{metric_key(d['name'])}_top{top}" for d in values["datasets"] for top in (1, 5)}
+    return None
 
 
 def _stage_resources(name: str, settings: dict) -> dict:

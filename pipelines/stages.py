@@ -85,7 +85,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def metric_key(dataset: str) -> str:
-    return dataset.replace("-", "_").replace(":", "_").replace("/", "_")
+    """A data set name as part of a metric name (MLflow takes letters, digits, '_', '-', '.', ' ', '/')."""
+    import re
+
+    return re.sub(r"[^\w.]", "_", dataset)
 
 
 def eval_device(requested: str | None = None) -> torch.device:
@@ -187,8 +190,10 @@ def feature_block(backbone_path: str, dataset: str, split: str, block: tuple[int
 
 
 def gather_blocks(blocks: list[tuple]) -> tuple:
-    """The n workers' (features, labels, classes) blocks, in block order, as one split's."""
-    return (torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks]), blocks[0][2])
+    """The n workers' (features, labels, classes) blocks, in block order, as one split's (a block left empty,
+    more workers than images, holds no features)."""
+    full = [b for b in blocks if b[0] is not None]
+    return (torch.cat([b[0] for b in full]), torch.cat([b[1] for b in full]), full[0][2])
 
 
 def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:

@@ -99,3 +99,30 @@ def test_a_malformed_stage_result_fails_when_the_stage_returns():
         check_result("knn", {**good, "metrics": {"knn_top1_k20": "0.8"}})
     with pytest.raises(TypeError, match="not a mapping with metrics, extra and files"):
         check_result("linear", {"metrics": {}})
+
+
+def test_expected_names_are_checked_before_anything_runs():
+    with pytest.raises(ConfigError, match="stage 'knn': expect.knn_top1_k200 is not a metric of a knn stage .*: it "
+                                          "reports knn_top1_k20, knn_top1_k200_t0.1, knn_top5_k20, knn_top5_k200_t0.1"):
+        _spec(knn={"expect": {"knn_top1_k200": [0.7, 0.8]}})
+    with pytest.raises(ConfigError, match="stage 'report' \\(report\\): unknown setting 'expect'; it takes inputs"):
+        _spec(report={"expect": {"x": [0, 1]}})
+    with pytest.raises(ConfigError, match="unknown setting 'cpu_per_worker' \\(did you mean 'cpus_per_worker'\\?\\)"):
+        _spec(knn={"cpu_per_worker": 2})
+    spec = _spec(knn={"expect": {"knn_top5_k200_t0.1": [0.9, 1.0]}})  # every name a knn stage reports is accepted
+    assert spec.stage("knn").expect == {"knn_top5_k200_t0.1": [0.9, 1.0]}
+
+
+def test_image_folder_options_name_one_file_and_metric():
+    from pipelines.stages import metric_key
+    from trainers.data.beton import PrepareSettings, beton_path
+    from trainers.data.datasets import load_split
+
+    names = ["imagefolder:/data/pets", "imagefolder:/data/pets?holdout=0.2,seed=0", "imagefolder:/data/pets?seed=0"]
+    assert len({beton_path("/x", n, "test", PrepareSettings()) for n in names}) == 1  # one spelling of the defaults
+    assert beton_path("/x", "imagefolder:/data/pets?seed=1,holdout=0.1", "test", PrepareSettings()) == \
+        beton_path("/x", "imagefolder:/data/pets?holdout=0.1,seed=1", "test", PrepareSettings())
+    assert metric_key("imagefolder:/data/pets?holdout=0.1,seed=3") == "imagefolder__data_pets_holdout_0.1_seed_3"
+    assert metric_key("tiny-imagenet") == "tiny_imagenet"
+    with pytest.raises(ConfigError, match="seed=-1 must be a whole number in \\[0, 2\\*\\*32\\)"):
+        load_split("imagefolder:/data/pets?seed=-1", "test")

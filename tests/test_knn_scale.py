@@ -212,3 +212,11 @@ def test_blocks_of_a_split_gathered_in_order_are_the_whole_split(tmp_path, data_
     gathered = stages.gather_blocks(blocks)
     assert torch.equal(gathered[1], whole[1]) and gathered[2] == whole[2]
     assert torch.allclose(gathered[0], whole[0].tensor() if hasattr(whole[0], "tensor") else whole[0], atol=1e-5)
+
+
+def test_more_workers_than_images_leave_empty_blocks_out():
+    from pipelines.stages import gather_blocks
+
+    blocks = [(torch.ones(2, 3), torch.tensor([0, 1]), ["a", "b"]), (None, torch.empty(0, dtype=torch.long), [])]
+    features, labels, classes = gather_blocks(blocks)
+    assert features.shape == (2, 3) and labels.tolist() == [0, 1] and classes == ["a", "b"]

@@ -82,7 +82,7 @@ def loader_classes(canvases, labels: torch.Tensor) -> list[str]:
     classes = meta.get("classes")
     if classes is None and hasattr(canvases, "dataset"):
         classes = canvases.dataset.split.classes
-    return list(classes) if classes else [str(i) for i in range(int(labels.max()) + 1)]
+    return list(classes) if classes else [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
 
 
 # --------------------------------------------------------------------------- features

@@ -67,9 +67,9 @@ def beton_path(out_dir: str | Path, dataset: str, split: str, settings: PrepareS
     """``<out>/<dataset>-<split>[-r<resize>].beton``; an image folder is named by its folder and a hash."""
     name = dataset
     if dataset.startswith("imagefolder:"):
-        body = dataset.split(":", 1)[1]  # the path and its hold-out options, if any
-        folder = ImageFolderName.parse(dataset).path
-        name = f"imagefolder-{Path(folder).name}-{hashlib.sha1(body.encode()).hexdigest()[:8]}"
+        folder = ImageFolderName.parse(dataset)
+        body = folder.canonical().split(":", 1)[1]  # the path and its hold-out options (one spelling), if any
+        name = f"imagefolder-{Path(folder.path).name}-{hashlib.sha1(body.encode()).hexdigest()[:8]}"
     suffix = f"-r{settings.resize}" if settings.resize else ""
     return Path(out_dir).expanduser().resolve() / f"{name}-{split}{suffix}.beton"
 

@@ -532,10 +532,18 @@ class ImageFolderName:
                 raise ConfigError(f"data set '{name}': {key}={value} is not a number: write e.g. "
                                   f"imagefolder:{path}?holdout=0.2,seed=0") from None
         folder = cls(path, **options)
+        if not 0 <= folder.seed < 2**32:
+            raise ConfigError(f"data set '{name}': seed={folder.seed} must be a whole number in [0, 2**32), e.g. seed=0")
         if not 0 < folder.holdout < 1:
             raise ConfigError(f"data set '{name}': holdout={folder.holdout} must lie strictly between 0 and 1 "
                               "(the fraction of each class held out as the test split), e.g. holdout=0.2")
         return folder
+
+    def canonical(self) -> str:
+        """The name with its options in one spelling (none when they are the defaults): what names its files."""
+        if (self.holdout, self.seed) == (HOLDOUT_FRACTION, HOLDOUT_SEED):
+            return f"imagefolder:{self.path}"
+        return f"imagefolder:{self.path}?holdout={self.holdout:g},seed={self.seed}"
 
 
 def holdout_indices(count: int, fraction: float, seed: int, class_name: str) -> np.ndarray:

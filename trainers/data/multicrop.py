@@ -116,7 +116,7 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
         cores = os.cpu_count() or 1
         if num_workers is not None and num_workers > cores:
             raise ConfigError(f"{num_workers} loader workers are more than this machine's {cores} cores (ffcv runs one "
-                              f"thread per worker): use data.num_workers (--loader-workers) <= {cores}, or null for one per core")
+                              f"thread per worker): use data.num_workers (data preview: --loader-workers) <= {cores}, or null for one per core")
         if not ffcv_available():
             raise ConfigError("loader 'ffcv' needs the ffcv package: run `make setup` (Linux), or use --loader jpeg")
         path = prepare_split(dataset, split, cache_dir or default_cache_dir(), data_root, prepare_settings,
