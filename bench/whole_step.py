@@ -12,7 +12,6 @@ bench/results/whole-step-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.output import write_result  # noqa: E402
 from trainers.config import load_config  # noqa: E402
 from trainers.loop import Trainer  # noqa: E402
 from trainers.paths import state_dir  # noqa: E402
@@ -93,8 +93,7 @@ def main() -> int:
              "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "compile_mode": args.compile_mode,
              "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"whole-step-{'cuda' if gpu else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"facts": facts, "rows": rows}, indent=1) + "\n")
+    write_result(out, {"facts": facts, "rows": rows})
     print(f"wrote {out}")
     return 0
 

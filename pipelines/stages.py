@@ -26,7 +26,7 @@ Log = Callable[[str], None]
 
 class _Result(TypedDict):
     metrics: dict[str, float]  # logged to the stage's MLflow run; accuracies as fractions
-    extra: dict  # per kind, at least EXTRA_KEYS[kind]
+    extra: dict  # free per kind; at least EXTRA_KEYS[kind]
     files: dict[str, str]  # file name -> text, written into the stage folder and logged as artifacts
 
 
@@ -36,16 +36,10 @@ class StageResult(_Result, total=False):
     output_hash: str  # what later stages' cache keys read (set by the runner when absent)
 
 
-# the extra keys each kind's result carries (what the runner, the report and later stages read)
+# the extra keys later stages read from a kind's result (the report reads the others only when present)
 EXTRA_KEYS = {
-    "prepare": ("files", "skipped"),
-    "pretrain": ("backbone_path", "backbone_sha256", "dataset", "method", "backbone", "steps", "history"),
-    "sweep": ("best_config",),
-    "knn": ("knn_sweep", "dataset"),
-    "linear": ("per_class", "dataset"),
-    "transfer": ("top1", "skipped"),
-    "semi": ("subsets", "dataset"),
-    "report": ("files", "folder"),
+    "pretrain": ("backbone_path", "dataset"),  # evaluations read the backbone file and default to its data set
+    "sweep": ("best_config",),  # a pretrain stage with from_sweep trains it
 }
 
 

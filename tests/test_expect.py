@@ -91,10 +91,11 @@ def test_report_marks_each_band(tmp_path):
 def test_a_malformed_stage_result_fails_when_the_stage_returns():
     from pipelines.stages import check_result
 
-    good = {"metrics": {"knn_top1_k20": 0.8}, "extra": {"knn_sweep": {}, "dataset": "digits"}, "files": {}}
+    good = {"metrics": {"knn_top1_k20": 0.8}, "extra": {}, "files": {}}
     assert check_result("knn", good) is good
-    with pytest.raises(TypeError, match="the knn stage returned a malformed result: extra lacks \\['dataset'\\]"):
-        check_result("knn", {**good, "extra": {"knn_sweep": {}}})
+    pretrain = {"metrics": {}, "extra": {"backbone_path": "/x/backbone.pt"}, "files": {}}
+    with pytest.raises(TypeError, match="the pretrain stage returned a malformed result: extra lacks \\['dataset'\\]"):
+        check_result("pretrain", pretrain)
     with pytest.raises(TypeError, match="metrics \\['knn_top1_k20'\\] are not numbers"):
         check_result("knn", {**good, "metrics": {"knn_top1_k20": "0.8"}})
     with pytest.raises(TypeError, match="not a mapping with metrics, extra and files"):
