@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_CLASS = 30
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    from orchestrator.train import init_ray
+
+    if not ray.is_initialized():
+        init_ray(None, num_cpus=4)
+    yield
+    ray.shutdown()
+
+
 def _pets(root: Path, data_root) -> Path:
     from trainers.data.datasets import load_split
 
