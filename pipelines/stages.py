@@ -279,19 +279,29 @@ def _probe(settings: dict, backbone_path: str, dataset: str, data_root, device, 
     return result, classes
 
 
+def image_source(dataset: str, split: str, data_root, log: Log):
+    """A split streamed from its loader (``LoaderImages``): what the augmented probe and fine-tuning read."""
+    from trainers.finetune import LoaderImages
+
+    return LoaderImages(dataset, split, data_root=data_root, log=log)
+
+
 def _augmented_probe(settings: dict, backbone_path: str, dataset: str, data_root, device, prefix: str, seed: int,
                      log: Log):
     from trainers.data.augment import normalization_for
-    from trainers.evaluate import BackboneSpec, augmented_linear_probe, load_images
+    from trainers.evaluate import BackboneSpec
+    from trainers.finetune import augmented_linear_probe, data_parallel
 
-    train = load_images(dataset, "train", data_root=data_root, log=log)
-    test = load_images(dataset, "test", data_root=data_root, log=log)
+    train, test = image_source(dataset, "train", data_root, log), image_source(dataset, "test", data_root, log)
     backbone, dim, info = _load_backbone(backbone_path, device)
     mean, std = normalization_for(dataset)
     spec = BackboneSpec(info["image_size"], mean, std, device, settings.get("feature_batch_size", 512))
     probe = _linear_settings(settings, seed)
-    log(f"linear: augmented probe, {probe.epochs} epochs over {len(train.labels):,} {dataset} images")
-    return augmented_linear_probe(backbone, dim, train, test, spec, probe, prefix=prefix), train.classes
+    workers = data_parallel()[1]
+    log(f"linear: augmented probe, {probe.epochs} epochs over {len(train.labels):,} {dataset} images (streamed"
+        f"{f', {workers} workers' if workers > 1 else ''})")
+    result = augmented_linear_probe(backbone, dim, train, test, spec, probe, prefix=prefix)
+    return result, train.classes
 
 
 def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
@@ -333,12 +343,13 @@ def fraction_name(fraction: float) -> str:
 
 def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
     from trainers.data.augment import normalization_for
-    from trainers.evaluate import BackboneSpec, FinetuneSettings, finetune, load_images, stratified_subset
+    from trainers.evaluate import BackboneSpec, FinetuneSettings, stratified_subset
+    from trainers.finetune import data_parallel, finetune
 
     settings = resolve_settings("semi", settings)
     dataset = settings["dataset"]
-    train = load_images(dataset, "train", data_root=data_root, log=log)
-    test = load_images(dataset, "test", data_root=data_root, log=log)
+    train, test = image_source(dataset, "train", data_root, log), image_source(dataset, "test", data_root, log)
+    workers = data_parallel()[1]
     mean, std = normalization_for(dataset)
     metrics, files, extra = {}, {}, {}
     for fraction in settings["fractions"]:
@@ -351,7 +362,7 @@ def run_semi(settings: dict, backbone_path: str, data_root, device, seed: int = 
                                              **{k: settings[k] for k in SEMI_KEYS if k not in ("lr", "head_lr")},
                                              seed=seed)
         log(f"semi: fine-tuning on {len(indices):,} labels ({fraction:.0%}) of {dataset}, trunk lr {trunk:g}, "
-            f"head lr {head:g}")
+            f"head lr {head:g}{f', {workers} workers' if workers > 1 else ''}")
         result = finetune(backbone, dim, train, indices, test, spec, tune, prefix=name)
         result.pop("per_class")
         plan = result.pop("plan")

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from trainers.errors import ConfigError
+from trainers.finetune import MemoryImages, augmented_linear_probe, finetune
 from trainers.evaluate import (KNN_SWEEP, BackboneSpec, FinetuneSettings, ImageSet, LinearSettings,
-                               augmented_linear_probe, eval_view, finetune, finetune_plan, knn_suite, linear_probe,
+                               eval_view, finetune_plan, knn_suite, linear_probe,
                                stratified_subset)
 from trainers.knn import knn_accuracy
 
@@ -182,7 +183,7 @@ def test_augmented_probe_learns_with_solo_learn_step_schedule():
 
 
 def test_semi_supervised_follows_swav_schedule_per_fraction(monkeypatch):
-    import trainers.evaluate as evaluate
+    import trainers.finetune as evaluate
 
     seen = []
     real_step = evaluate._sgd_step
@@ -294,7 +295,7 @@ def test_the_augmented_stage_records_its_protocol_in_the_result(monkeypatch):
 
     backbone = _Recorder()
     toy = {"train": _images(16), "test": _images(8, seed=1, split="test")}
-    monkeypatch.setattr("trainers.evaluate.load_images", lambda dataset, split, **_: toy[split])
+    monkeypatch.setattr(stages, "image_source", lambda dataset, split, *_: MemoryImages(toy[split]))
     monkeypatch.setattr(stages, "_load_backbone", lambda path, device: (backbone, 12, {"image_size": 8}))
     result = stages.run_evaluation("linear", {"dataset": "tiny-imagenet", "protocol": "augmented", "epochs": 2,
                                               "lr": None}, "unused.pt", device="cpu", log=lambda *_: None)

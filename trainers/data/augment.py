@@ -472,8 +472,17 @@ class MultiCropAugment(torch.nn.Module):
         return canvas.div_(255.0) if images.dtype == torch.uint8 else canvas
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, rows: tuple[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The views of ``images``. ``rows`` (total, index): these images are the rows ``index`` of a batch of
+        ``total`` (one rank's share of a data-parallel global batch): the random numbers are drawn for all
+        ``total`` rows and this batch takes its own, so every image gets the crops it would get in the global
+        batch on one process (ranks seeded alike stay in step: each draws the same amounts)."""
         canvas = self.to_float_nchw(images)
+        if rows is not None:
+            total, index = rows
+            if len(index) != len(canvas) or (len(index) and int(index.max()) >= total):
+                raise ValueError(f"rows: {len(index)} indices below {total} for a batch of {len(canvas)}")
+            rows = (int(total), index.to(canvas.device))
         batch, _, height, width = canvas.shape
         device = canvas.device
         generator = self.generator(device)
@@ -483,7 +492,7 @@ class MultiCropAugment(torch.nn.Module):
         for index, group in enumerate(self.groups):
             if group.count == 0:
                 continue
-            views = self._group(canvas, index, group, batch, height, width, generator)
+            views = self._group(canvas, index, group, batch, height, width, generator, rows)
             views = views.view(group.count, batch, 3, group.size, group.size)
             outputs.append(views)
         if self.stack_groups:
@@ -531,12 +540,17 @@ class MultiCropAugment(torch.nn.Module):
                 grayscale=max(group.per_view("grayscale_p")) > 0, flip=group.flip_p > 0)
         return self._constants[key]
 
-    def _group(self, canvas, index: int, group: CropGroup, batch, height, width, generator) -> torch.Tensor:
+    def _group(self, canvas, index: int, group: CropGroup, batch, height, width, generator, rows=None) -> torch.Tensor:
         n = group.count * batch
         device = canvas.device
         const = self._group_constants(index, group, batch, height, width, device)
         # one draw for every random number of the group: box candidates, decisions, strengths
-        uniform = torch.rand((n, self._COLUMNS), generator=generator, device=device)
+        if rows is None:
+            uniform = torch.rand((n, self._COLUMNS), generator=generator, device=device)
+        else:  # drawn for the global batch; this batch's rows of each view (view-major: view * total + row)
+            total, own = rows
+            mine = (torch.arange(group.count, device=device).view(-1, 1) * total + own.view(1, -1)).view(-1)
+            uniform = torch.rand((group.count * total, self._COLUMNS), generator=generator, device=device)[mine]
         values = torch.addcmul(const["offset"], uniform, const["scale"])
         decisions = uniform[:, self._DECISIONS] < const["thresholds"]
         flips, jitter_on, gray_on, blur_on, solarize_on = decisions.unbind(1)
@@ -561,7 +575,11 @@ class MultiCropAugment(torch.nn.Module):
                         out = ops["jitter"][op](out, factors[:, op].reshape(-1, 1, 1, 1), self.gray_weights)
                 order = order.expand(n, 4)
             else:
-                order = torch.rand((n, 4), generator=self._order_generator).argsort(dim=1)
+                if rows is None:
+                    order = torch.rand((n, 4), generator=self._order_generator).argsort(dim=1)
+                else:
+                    order = torch.rand((group.count * rows[0], 4), generator=self._order_generator).argsort(dim=1)
+                    order = order[mine.cpu()]
                 chosen = order.to(device, non_blocking=True)
                 for position in range(4):
                     for op in range(4):

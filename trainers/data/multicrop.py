@@ -96,12 +96,13 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
                         data_root=None, cache_dir=None, seed: int = 0, rank: int = 0, world_size: int = 1,
                         shuffle: bool = True, num_workers: int | None = None, canvas_size: int | None = None,
                         drop_last: bool = True, prepare_settings: PrepareSettings = PrepareSettings(),
-                        log=print, subset: int | None = None, block: tuple[int, int] | None = None):
+                        log=print, subset: int | None = None, block: tuple[int, int] | None = None, indices=None):
     """The uint8-canvas loader of one split; ``loader='ffcv'`` prepares (or reuses) the .beton first.
 
     ``subset``: read only a fixed random subset of that many images (drawn from ``seed``). ``block`` (i, n):
     only the i-th of n contiguous, near-equal blocks of those images, every image in exactly one block (an
-    evaluation sharded over n workers; unlike the training ranks, no tail is dropped)."""
+    evaluation sharded over n workers; unlike the training ranks, no tail is dropped). ``indices``: read only
+    these images (e.g. a stratified label subset), instead of ``subset``."""
     check_dataset_name(dataset)
     if canvas_size is not None and canvas_size < 1:
         raise ConfigError(f"canvas size {canvas_size} must be a positive number of pixels (--canvas-size, "
@@ -124,10 +125,10 @@ def build_canvas_loader(dataset: str, split: str, batch_size: int, device="cpu",
         from trainers.data.beton import inspect_beton
 
         count = inspect_beton(path)["count"]
-        indices = block_indices(count, subset_indices(count, subset, seed), block)
+        indices = block_indices(count, _chosen(count, subset, seed, indices), block)
         return FfcvCanvasLoader(path, indices=indices, **common), "ffcv"
     data = load_split(dataset, split, data_root)
-    indices = block_indices(len(data), subset_indices(len(data), subset, seed), block)
+    indices = block_indices(len(data), _chosen(len(data), subset, seed, indices), block)
     if loader == "jpeg":
         from trainers.data.jpeg_loader import JpegCanvasLoader
 
@@ -144,6 +145,17 @@ def block_indices(num_samples: int, indices, block: tuple[int, int] | None):
     rank, blocks = block
     check_rank(rank, blocks)
     return np.array_split(np.arange(num_samples) if indices is None else np.asarray(indices), blocks)[rank]
+
+
+def _chosen(num_samples: int, subset: int | None, seed: int, indices):
+    if indices is None:
+        return subset_indices(num_samples, subset, seed)
+    if subset is not None:
+        raise ConfigError("give a loader either subset (a count) or indices, not both")
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_samples):
+        raise ConfigError(f"sample indices must lie in [0, {num_samples}) for this split of {num_samples:,} images")
+    return indices
 
 
 def subset_indices(num_samples: int, subset: int | None, seed: int):
