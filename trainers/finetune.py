@@ -159,12 +159,13 @@ def scored_test(model, test, spec: BackboneSpec, crop: float, prefix: str) -> di
 
 
 @torch.no_grad()
-def _feature_moments(backbone, dim: int, train, spec: BackboneSpec, crop: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _feature_moments(backbone, dim: int, train, spec: BackboneSpec, crop: float,
+                     indices=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (unbiased) std of the backbone's features on the training split's test view, in float64 sums
     over this rank's block of the split, added up over the ranks."""
     rank, world = data_parallel()
     sums = torch.zeros(2 * dim + 1, dtype=torch.float64)  # sum, sum of squares, count
-    for images, _ in train.batches(0, spec.batch_size, shuffle=False, block=(rank, world)):
+    for images, _ in train.batches(0, spec.batch_size, indices=indices, shuffle=False, block=(rank, world)):
         out = backbone(eval_view(images.to(spec.device, non_blocking=True), spec, crop)).double().cpu()
         sums += torch.cat([out.sum(0), out.square().sum(0), torch.tensor([float(len(out))], dtype=torch.float64)])
     if world > 1:
@@ -187,12 +188,12 @@ class _Standardize(torch.nn.Module):
 # --------------------------------------------------------------------------- the augmented linear probe
 def augmented_linear_probe(backbone: torch.nn.Module, feature_dim: int, train, test, spec: BackboneSpec,
                            settings: LinearSettings, prefix: str = "linear",
-                           progress: Callable[[int, float, tuple], None] | None = None) -> dict:
+                           progress: Callable[[int, float, tuple], None] | None = None, indices=None) -> dict:
     """The ``augmented`` probe: a linear layer on the frozen backbone (eval mode, no gradient) fed a new
     random-resized crop + flip of every training image each epoch (``train_augment``); the fixed test view
     (``eval_view`` with ``settings.test_crop``) at test. ``train`` / ``test``: ``LoaderImages``,
-    ``MemoryImages`` or an ``ImageSet``. Data-parallel over a process group (module docstring).
-    ``progress(epoch, mean loss, (lr,))``."""
+    ``MemoryImages`` or an ``ImageSet``; ``indices``: train on these images of ``train`` only (None: all).
+    Data-parallel over a process group (module docstring). ``progress(epoch, mean loss, (lr,))``."""
     settings.validate()
     if settings.protocol != "augmented":
         raise ConfigError(f"augmented_linear_probe runs the augmented protocol, not {settings.protocol}")
@@ -206,7 +207,7 @@ def augmented_linear_probe(backbone: torch.nn.Module, feature_dim: int, train, t
     backbone.eval()
     try:
         if settings.standardize:
-            mean, std = _feature_moments(backbone, feature_dim, train, spec, settings.test_crop)
+            mean, std = _feature_moments(backbone, feature_dim, train, spec, settings.test_crop, indices)
             mean, std = mean.to(device), std.clamp_min(1e-6).to(device)
         else:
             mean = torch.zeros(feature_dim, device=device)
@@ -214,14 +215,17 @@ def augmented_linear_probe(backbone: torch.nn.Module, feature_dim: int, train, t
         layer = _linear_head(feature_dim, num_classes(train), generator, device)
         model = _wrap(layer, device, world, sync_batchnorm=False)
         optimizer = _probe_optimizer(layer, settings)
-        used = len(train.labels) // world * world
+        if indices is not None:
+            indices = np.sort(np.asarray(indices, dtype=np.int64))
+        used = (len(train.labels) if indices is None else len(indices)) // world * world
         steps_per_epoch = math.ceil(used / settings.batch_size)
         total = steps_per_epoch * settings.epochs
         decays = decay_epochs(settings.decay_at, settings.epochs)
         step = 0
         for epoch in range(settings.epochs):
             loss_sum = torch.zeros((), device=device)
-            for images, labels in train.batches(epoch, batch, seed=settings.seed, rank=rank, world=world):
+            for images, labels in train.batches(epoch, batch, indices=indices, seed=settings.seed, rank=rank,
+                                                world=world):
                 with torch.no_grad():
                     view = augment(images.to(device, non_blocking=True), rows=global_rows(len(images), rank, world))[0]
                     features = (backbone(view).float() - mean) / std
