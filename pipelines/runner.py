@@ -335,9 +335,13 @@ class PipelineRunner:
             ray = self._ray()
             backbone = ray.put(Path(source).read_bytes())
             workers = int(stage.resources.get("workers", 1))
-            if stage.kind == "knn" and workers > 1:
-                return self._sharded_knn(stage, settings, backbone, workers)
-            return self._task(_eval_task, stage, stage.kind, settings, backbone, data_root, self.spec.seed)
+            if workers == 1:
+                return self._task(_eval_task, stage, stage.kind, settings, backbone, data_root, self.spec.seed)
+            if stage_impl.trains_on_images(stage.kind, settings):
+                return self._data_parallel(stage, settings, backbone, workers)
+            return stage_impl.run_evaluation(stage.kind, settings, source, data_root, seed=self.spec.seed,
+                                             log=lambda message: self.log(f"[{stage.name}] {message}"),
+                                             features_of=self._sharded_features(stage, backbone, workers))
         if stage.kind == "sweep":
             return self._sweep(stage, settings, folder)
         if stage.kind == "report":
@@ -352,15 +356,30 @@ class PipelineRunner:
             return {"metrics": {}, "extra": {"files": [p.name for p in files], "folder": str(folder)}, "files": {}}
         raise AssertionError(stage.kind)
 
-    def _sharded_knn(self, stage: StageSpec, settings: dict, backbone, workers: int) -> dict:
-        """A knn stage over ``workers`` Ray tasks: each extracts one contiguous block of the train and the test
-        split; the blocks are gathered once, in order, and scored here (the same features as one worker's)."""
+    def _sharded_features(self, stage: StageSpec, backbone, workers: int):
+        """Features from ``workers`` Ray tasks: each extracts one contiguous block of a split; the blocks are
+        gathered once, in order (the same features as one worker's). For knn, the frozen-feature probe and
+        transfer, whose training on the gathered features is cheap and runs here."""
         remote = self._remote(_feature_block_task, stage)
-        refs = {split: [remote.remote(backbone, settings["dataset"], split, (i, workers), self.spec.data_root,
-                                      settings["batch_size"]) for i in range(workers)] for split in ("train", "test")}
-        train, test = (stage_impl.gather_blocks(self._gather(refs[split])) for split in ("train", "test"))
-        self.log(f"[{stage.name}] features from {workers} workers: {len(train[1]):,} train, {len(test[1]):,} test")
-        return stage_impl.knn_result(settings, train, test)
+
+        def features_of(dataset: str, split: str, batch: int):
+            refs = [remote.remote(backbone, dataset, split, (i, workers), self.spec.data_root, batch)
+                    for i in range(workers)]
+            out = stage_impl.gather_blocks(self._gather(refs))
+            self.log(f"[{stage.name}] {dataset} {split} features from {workers} workers: {len(out[1]):,} images")
+            return out
+
+        return features_of
+
+    def _data_parallel(self, stage: StageSpec, settings: dict, backbone, workers: int) -> dict:
+        """Fine-tuning or the augmented probe on ``workers`` Ray Train workers (DDP), as pretraining runs."""
+        from orchestrator.parallel import run_data_parallel
+
+        options = self._cluster_options(stage, {"workers": workers, "cpus_per_worker": stage.resources.get("cpu", 1),
+                                                "gpus_per_worker": stage.resources.get("gpu"), "max_failures": 1})
+        return run_data_parallel(_data_parallel_eval_task,
+                                 (stage.kind, settings, backbone, self.spec.data_root, self.spec.seed), options,
+                                 f"{self.spec.name}-{stage.name}", log=lambda m: self.log(f"[{stage.name}] {m}"))
 
     def _export_final_backbone(self, inputs: list, folder: Path) -> list[Path]:
         """The last pretrained backbone as ``sslab export`` writes it (report/export/: torchvision for ResNets,
@@ -517,6 +536,23 @@ def _eval_task(kind: str, settings: dict, backbone_bytes: bytes, data_root, seed
         path.write_bytes(backbone_bytes)
         # the feature cache is keyed by the file's hash, so a temp path still hits it
         return stage_impl.run_evaluation(kind, settings, str(path), data_root, seed=seed, log=stage_impl.log_stderr)
+
+
+def _data_parallel_eval_task(kind: str, settings: dict, backbone_bytes: bytes, data_root, seed: int) -> dict:
+    """Ray Train worker body: the evaluation on this worker's device, data-parallel over the worker group's
+    process group (trainers/finetune.py); only rank 0 logs."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    rank = ray.train.get_context().get_world_rank()
+    log = stage_impl.log_stderr if rank == 0 else (lambda message: None)
+    with tempfile.TemporaryDirectory(prefix="sslab-eval-") as folder:
+        path = Path(folder) / "backbone.pt"
+        path.write_bytes(backbone_bytes)
+        return stage_impl.run_evaluation(kind, settings, str(path), data_root, device=ray.train.torch.get_device(),
+                                         seed=seed, log=log)
 
 
 def _feature_block_task(backbone_bytes: bytes, dataset: str, split: str, block: tuple[int, int], data_root,

@@ -273,7 +273,19 @@ def _parse_stage(name: str, settings: dict, earlier: list[StageSpec], base: Path
 
         values["protocol"] = check_protocol(values["protocol"], LINEAR_PROTOCOLS if kind == "linear"
                                             else SEMI_PROTOCOLS, f"stage '{name}': protocol")
+        _check_worker_batch(name, kind, values, resources.get("workers", 1))
     return StageSpec(name, kind, values, inputs, resources, expect)
+
+
+def _check_worker_batch(name: str, kind: str, values: dict, workers: int) -> None:
+    """Data-parallel training splits every batch equally over the workers: the batch must divide."""
+    from pipelines.stages import resolve_settings, trains_on_images
+
+    if workers > 1 and trains_on_images(kind, values):
+        batch = resolve_settings(kind, values)["batch_size"]
+        if batch % workers:
+            raise ConfigError(f"stage '{name}': batch_size {batch} is not a multiple of its {workers} workers (each "
+                              f"takes an equal share of every batch): set batch_size to e.g. {batch // workers * workers}")
 
 
 def _stage_expect(name: str, expect) -> dict:
@@ -334,9 +346,9 @@ def _stage_resources(name: str, settings: dict) -> dict:
             continue
         if short == "workers":
             check_number(settings[key], f"stage '{name}': workers", integer=True, minimum=1, example="2")
-            if settings[key] > 1 and settings.get("kind", name) != "knn":
-                raise ConfigError(f"stage '{name}': workers {settings[key]}: only a knn stage shards its work over "
-                                  "several Ray workers for now; use workers: 1 (or leave it out) here")
+            if settings[key] > 1 and settings.get("kind", name) == "prepare":
+                raise ConfigError(f"stage '{name}': workers {settings[key]}: a prepare stage runs as one Ray task: "
+                                  "use workers: 1 (or leave it out)")
         elif short == "cpu":
             check_number(settings[key], f"stage '{name}': {key}", minimum=0, example="2")
         else:

@@ -190,10 +190,20 @@ def gather_blocks(blocks: list[tuple]) -> tuple:
     return (torch.cat([b[0] for b in full]), torch.cat([b[1] for b in full]), full[0][2])
 
 
-def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
+FeaturesOf = Callable[[str, str, int], tuple]  # (dataset, split, batch size) -> (features, labels, classes)
+
+
+def local_features(backbone_path: str, data_root, device, log: Log = print) -> FeaturesOf:
+    """Features extracted (and cached) in this process: ``features``."""
+    return lambda dataset, split, batch: features(backbone_path, dataset, split, data_root, device, batch, log)
+
+
+def run_knn(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print,
+            features_of: FeaturesOf | None = None) -> StageResult:
+    features_of = features_of or local_features(backbone_path, data_root, device, log)
     dataset = settings["dataset"]
-    train = features(backbone_path, dataset, "train", data_root, device, settings["batch_size"], log)
-    test = features(backbone_path, dataset, "test", data_root, device, settings["batch_size"], log)
+    train = features_of(dataset, "train", settings["batch_size"])
+    test = features_of(dataset, "test", settings["batch_size"])
     return knn_result(settings, train, test)
 
 
@@ -268,12 +278,12 @@ def _linear_settings(settings: dict, seed: int):
     return LinearSettings(**values, seed=seed)
 
 
-def _probe(settings: dict, backbone_path: str, dataset: str, data_root, device, prefix: str, seed: int, log: Log):
+def _probe(settings: dict, features_of: FeaturesOf, dataset: str, device, prefix: str, seed: int):
     from trainers.evaluate import linear_probe
 
     batch = settings.get("feature_batch_size", 512)
-    train_x, train_y, classes = features(backbone_path, dataset, "train", data_root, device, batch, log)
-    test_x, test_y, _ = features(backbone_path, dataset, "test", data_root, device, batch, log)
+    train_x, train_y, classes = features_of(dataset, "train", batch)
+    test_x, test_y, _ = features_of(dataset, "test", batch)
     probe = _linear_settings(settings, seed)
     result = linear_probe(train_x, train_y, test_x, test_y, len(classes), probe, prefix=prefix, device=device)
     return result, classes
@@ -304,23 +314,30 @@ def _augmented_probe(settings: dict, backbone_path: str, dataset: str, data_root
     return result, train.classes
 
 
-def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
+def run_linear(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print,
+               features_of: FeaturesOf | None = None) -> StageResult:
     settings = resolve_settings("linear", settings)
-    probe = _augmented_probe if settings["protocol"] == "augmented" else _probe
-    result, classes = probe(settings, backbone_path, settings["dataset"], data_root, device, "linear", seed, log)
+    if settings["protocol"] == "augmented":
+        result, classes = _augmented_probe(settings, backbone_path, settings["dataset"], data_root, device, "linear",
+                                           seed, log)
+    else:
+        features_of = features_of or local_features(backbone_path, data_root, device, log)
+        result, classes = _probe(settings, features_of, settings["dataset"], device, "linear", seed)
     per_class = result.pop("per_class")
     return {"metrics": result, "extra": {"per_class": dict(zip(classes, per_class)), "dataset": settings["dataset"],
                                          "protocol": protocol_record("linear", settings)},
             "files": {}}
 
 
-def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print) -> StageResult:
+def run_transfer(settings: dict, backbone_path: str, data_root, device, seed: int = 0, log: Log = print,
+                 features_of: FeaturesOf | None = None) -> StageResult:
     settings = resolve_settings("transfer", settings)
+    features_of = features_of or local_features(backbone_path, data_root, device, log)
     metrics, per_dataset, skipped = {}, {}, []
     for entry in settings["datasets"]:
         name = entry["name"]
         try:
-            result, _ = _probe(settings, backbone_path, name, data_root, device, f"transfer_{metric_key(name)}", seed, log)
+            result, _ = _probe(settings, features_of, name, device, f"transfer_{metric_key(name)}", seed)
         except DataNotFoundError as exc:
             if not entry["optional"]:
                 raise
@@ -377,10 +394,21 @@ EVALUATIONS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "transfer
 
 
 def run_evaluation(kind: str, settings: dict, backbone_path: str, data_root=None, device=None, seed: int = 0,
-                   log: Log = print) -> StageResult:
-    """One evaluation stage on a backbone file; ``device`` None: CUDA when there is one."""
+                   log: Log = print, features_of: FeaturesOf | None = None) -> StageResult:
+    """One evaluation stage on a backbone file; ``device`` None: CUDA when there is one. ``features_of``: where
+    the frozen features come from (knn, the frozen-feature probe, transfer; None: extracted here). Under a
+    torch.distributed process group, fine-tuning and the augmented probe run data-parallel over it."""
     device = eval_device(device)
+    if features_of is not None and kind != "semi":
+        return EVALUATIONS[kind](settings, backbone_path, data_root, device, seed=seed, log=log,
+                                 features_of=features_of)
     return EVALUATIONS[kind](settings, backbone_path, data_root, device, seed=seed, log=log)
+
+
+def trains_on_images(kind: str, settings: dict) -> bool:
+    """Whether a stage trains on images (fine-tuning, the augmented probe: data-parallel workers) rather than
+    on frozen features (knn, the frozen-feature probe, transfer: extraction sharded over workers)."""
+    return kind == "semi" or (kind == "linear" and resolve_settings("linear", settings)["protocol"] == "augmented")
 
 
 def result_digest(result: dict) -> str:

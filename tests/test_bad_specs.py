@@ -57,9 +57,11 @@ PIPELINES = {
                                "stage name '../x' is not a plain name"),
     "p11-negative-weight-decay": (_with_pretrain(linear={"weight_decay": -1}), [],
                                   "stage 'linear': weight_decay is -1: give a finite number >= 0"),
-    "p12c-workers-on-a-linear-stage": (_with_pretrain(linear={"workers": 2}), [],
-                                       "stage 'linear': workers 2: only a knn stage shards its work over several "
-                                       "Ray workers for now"),
+    "p12c-workers-on-a-prepare-stage": (_pipeline({"prepare": {"datasets": ["digits"], "workers": 2}}), [],
+                                        "stage 'prepare': workers 2: a prepare stage runs as one Ray task: use "
+                                        "workers: 1"),
+    "p12d-batch-not-divisible-by-workers": (_with_pretrain(semi={"workers": 3}), [],
+                                            "stage 'semi': batch_size 256 is not a multiple of its 3 workers"),
     "p12-negative-cpu": (_pipeline({"prepare": {"datasets": ["digits"], "cpus_per_worker": -1}}), [],
                          "stage 'prepare': cpus_per_worker is -1: give a finite number >= 0"),
     "p12b-gpu-over-one-not-whole": (_pipeline({"prepare": {"datasets": ["digits"], "gpus_per_worker": 1.5}}), [],

@@ -46,7 +46,7 @@ def _pets(root: Path, data_root) -> Path:
     return root
 
 
-def _pipeline(tmp_path: Path, dataset: str, band, knn_workers: int = 1) -> Path:
+def _pipeline(tmp_path: Path, dataset: str, band, workers: int = 1) -> Path:
     spec = {"name": "pets", "seed": 0, "stages": {
         "prepare": {"datasets": [dataset]},
         "pretrain": {"config": str(ROOT / "configs" / "pretrain" / "swav_fashion-mnist.yaml"),
@@ -54,7 +54,12 @@ def _pipeline(tmp_path: Path, dataset: str, band, knn_workers: int = 1) -> Path:
                              "optim.warmup_epochs=0", "knn.every_epochs=1", "knn.k=[20]", "train.log_every=1",
                              ],
                      "workers": 1, "cpus_per_worker": 1},
-        "knn": {"expect": {"knn_top1_k20": band}, "workers": knn_workers},
+        "knn": {"expect": {"knn_top1_k20": band}, "workers": workers},
+        # trained on images: with workers > 1, data-parallel Ray Train workers (DDP), as pretraining
+        "linear": {"protocol": "augmented", "epochs": 2, "workers": workers},
+        "semi": {"fractions": [0.1], "epochs": 2, "min_steps": 0, "workers": workers},
+        # on frozen features: with workers > 1, each worker extracts a block of each split
+        "transfer": {"datasets": ["digits"], "epochs": 2, "workers": workers},
         "report": {}}}
     path = tmp_path / "pets.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))  # stages run in file order
@@ -98,17 +103,27 @@ def test_a_plain_class_folder_runs_the_pipeline_and_is_certified(local_ray, tmp_
     # the band it cannot be in, and --force knn: knn and the report run again, the rest is cached; the knn now
     # on 2 Ray workers, each extracting one block of each split: the same number as on one
     impossible = [round(knn + 0.5, 4), round(knn + 0.6, 4)]
-    code = main(args + ["--config", str(_pipeline(tmp_path, dataset, impossible, knn_workers=2)), "--force", "knn"])
+    code = main(args + ["--config", str(_pipeline(tmp_path, dataset, impossible, workers=2)), "--force", "knn",
+                        "--force", "linear", "--force", "semi", "--force", "transfer"])
     captured = capsys.readouterr()
     assert code == 7
     second = json.loads(captured.out)
     cached = {s["name"]: s["cached"] for s in second["stages"]}
-    assert cached == {"prepare": True, "pretrain": True, "knn": False, "report": False}
+    assert cached == {"prepare": True, "pretrain": True, "knn": False, "linear": False, "semi": False,
+                      "transfer": False, "report": False}
     again = next(s for s in second["stages"] if s["name"] == "knn")
     assert again["metrics"]["knn_top1_k20"] == pytest.approx(knn) and again["run_id"] != stages["knn"]["run_id"]
+    # 2 workers, the numbers of 1: DDP fine-tuning and augmented probe, the probe on gathered features
+    for stage in second["stages"]:
+        if stage["name"] in ("linear", "semi", "transfer"):
+            assert stage["metrics"] == pytest.approx(stages[stage["name"]]["metrics"], abs=1e-6), stage["name"]
+            assert stage["metrics"], stage["name"]
+    assert "[linear] Ray Train: 2 worker(s)" in captured.err and "[semi] Ray Train: 2 worker(s)" in captured.err
+    assert "[transfer] digits train features from 2 workers: 1,347 images" in captured.err
     assert second["verdict"]["status"] == "regression"
     assert second["verdict"]["checks"][0]["status"] == "out"
-    assert "[knn] features from 2 workers: 240 train, 60 test" in captured.err
+    assert f"[knn] {dataset} train features from 2 workers: 240 images" in captured.err
+    assert f"[knn] {dataset} test features from 2 workers: 60 images" in captured.err
     error = captured.err.strip().splitlines()[-1]
     assert error == (f"error: 1 metric(s) outside their expected band: knn/knn_top1_k20 {knn:.4f} OUT of "
                      f"[{impossible[0]:g}, {impossible[1]:g}]: find the change that moved them, or record the new "
