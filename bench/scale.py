@@ -9,6 +9,11 @@ Rows (stage x size):
               1,024 queries at k=200 (trainers/knn.py knn_topk + vote_hits, the knn stage's one pass)
   linear      the frozen_features probe, one epoch over N x 512 synthetic features in a .npy FeatureFile
               (statistics in chunks, mini-batches of 256 read from the file)
+  beton       writing the .beton of N CIFAR-10 train images (a fixed subset; raw pixels, the writer's
+              processes: trainers/data/beton.py, as `sslab data prepare`)
+  finetune    one epoch of semi-supervised fine-tuning (resnet_mini, batch 256, random-resized crops on the
+              device) on N CIFAR-10 train images streamed from the jpeg loader (trainers/finetune.py), the
+              augmented probe's path too; scored on a fixed 100-image test set
 Memory: peak resident set of the measuring process over the measured phase only (Linux: VmHWM after
 resetting it through /proc/self/clear_refs; the imports and the setup are not counted), loader workers'
 peak separately (``workers_mb``), and torch.cuda.max_memory_allocated on a GPU.
@@ -36,7 +41,8 @@ from bench.output import markdown_table, write_result  # noqa: E402
 
 DEFAULT_SIZES = {"extract": [1000, 3000, 6000], "extract-today": [1000, 6000],
                  "knn": [10_000, 100_000, 1_280_000], "knn-2048": [10_000, 100_000],
-                 "linear": [10_000, 100_000, 400_000]}  # CPU: about 10 minutes on 2 (busy) cores
+                 "linear": [10_000, 100_000, 400_000], "beton": [2000, 10_000, 50_000],
+                 "finetune": [1000, 3000, 6000]}  # CPU: about 15 minutes on 2 (busy) cores
 
 
 # --------------------------------------------------------------------------- memory
@@ -170,6 +176,70 @@ def measure_linear(size: int, device, dim: int = 512, chunk: int = 65536) -> dic
             "rows_per_s": size / seconds}
 
 
+class _Subset:
+    """The images ``index`` of an image source, as an image source (what the .beton writer reads)."""
+
+    def __init__(self, images, index):
+        self.images, self.index = images, index
+        self.fixed_size = getattr(images, "fixed_size", None)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.images[int(self.index[i])]
+
+    def size_of(self, i: int):
+        return self.images.size_of(int(self.index[i]))
+
+
+def measure_beton(size: int, device) -> dict:
+    from dataclasses import replace
+
+    from trainers.data.beton import PrepareSettings, _prepare_locked
+    from trainers.data.datasets import load_split
+    from trainers.data.multicrop import subset_indices
+
+    split = load_split("cifar10", "train")
+    index = subset_indices(len(split), size, 0)
+    index = range(len(split)) if index is None else index
+    source = replace(split, images=_Subset(split.images, index), labels=split.labels[list(index)],
+                     fingerprint=f"{split.fingerprint}-subset{size}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train.beton"
+        reset_peak()
+        start = time.perf_counter()
+        _prepare_locked(source, "cifar10", "train", path, PrepareSettings(), None, True, False, lambda *_: None)
+        seconds = time.perf_counter() - start
+        size_mb = path.stat().st_size / 2**20
+    return {"seconds": seconds, "images_per_s": size / seconds, "file_mb": round(size_mb, 1), "mode": "raw"}
+
+
+def measure_finetune(size: int, device, batch: int = 256) -> dict:
+    import torch
+
+    from trainers.backbones import build_backbone
+    from trainers.data.augment import normalization_for
+    from trainers.data.multicrop import subset_indices
+    from trainers.evaluate import BackboneSpec, FinetuneSettings, load_images
+    from trainers.finetune import LoaderImages, MemoryImages, finetune
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet_mini", 32)
+    mean, std = normalization_for("cifar10")
+    spec = BackboneSpec(32, mean, std, torch.device(device), 512)
+    train = LoaderImages("cifar10", "train", loader="jpeg", log=lambda *_: None)
+    test = MemoryImages(load_images("cifar10", "test", loader="jpeg", subset=100))
+    settings = FinetuneSettings(epochs=1, batch_size=batch, min_steps=0)
+    sync(device)
+    reset_peak()
+    start = time.perf_counter()
+    finetune(backbone, dim, train, subset_indices(len(train.labels), size, 0), test, spec, settings)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "images_per_s": size / seconds, "batch": batch, "loader": "jpeg", "epochs": 1}
+
+
 def sync(device) -> None:
     import torch
 
@@ -187,10 +257,14 @@ def measure(stage: str, size: int, device: str) -> dict:
         row = measure_knn(size, 2048, device, queries=256 if device == "cpu" else 1024)
     elif stage in ("extract", "extract-today"):
         row = measure_extract(size, device, today=stage == "extract-today")
+    elif stage == "beton":
+        row = measure_beton(size, device)
+    elif stage == "finetune":
+        row = measure_finetune(size, device)
     else:
         row = measure_linear(size, device)
     row.update(stage=stage, size=size, start_rss_mb=round(START["rss"], 1), peak_rss_mb=round(peak_mb(), 1))
-    if stage.startswith("extract"):
+    if stage.startswith("extract") or stage in ("beton", "finetune"):
         row["workers_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
     if str(device).startswith("cuda"):
         row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -228,7 +302,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="knn,knn-2048,linear,extract,extract-today")
+    parser.add_argument("--stages", default="knn,knn-2048,linear,extract,extract-today,beton,finetune")
     parser.add_argument("--sizes", default=None, help="stage=n1/n2/...;... (default: DEFAULT_SIZES)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=600)

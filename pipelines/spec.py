@@ -12,7 +12,7 @@
       pretrain: {config: ../pretrain/swav_fashion-mnist.yaml, set: [train.epochs=2], workers: 1}
       knn: {backbone: pretrain, workers: 2, cpus_per_worker: 2}   # Ray tasks: workers x cpus/gpus_per_worker
       linear: {backbone: pretrain, protocol: frozen_features, epochs: 30}   # or protocol: augmented
-      semi: {backbone: pretrain, protocol: swav, fractions: [0.01, 0.1]}
+      semi: {backbone: pretrain, protocol: swav, fractions: [0.01, 0.1], workers: 2}   # 2 Ray Train workers (DDP)
       transfer: {backbone: pretrain, datasets: [digits, {name: cifar10, optional: true}]}
       report: {}
 

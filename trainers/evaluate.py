@@ -21,7 +21,9 @@ settings are spelled out by ``linear_protocol`` / ``semi_protocol`` and recorded
   + flip on the device; top-1 on the full test split.
 - Transfer: the ``frozen_features`` linear probe on another data set's features.
 
-Everything here is plain PyTorch: the pipeline (``pipelines/``) adds Ray and MLflow around it.
+The two that train on images (the augmented probe, fine-tuning) are in ``trainers/finetune.py``:
+streamed from the loaders and data-parallel over a process group. Everything here is plain PyTorch:
+the pipeline (``pipelines/``) adds Ray and MLflow around it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class ImageSet:
 def load_images(dataset: str, split: str, data_root=None, cache_dir=None, loader: str = "auto",
                 subset: int | None = None, seed: int = 0, canvas_size: int | None = None,
                 log: Callable[[str], None] = lambda msg: None) -> ImageSet:
-    """Decode a whole split (or a fixed random subset) once, in order."""
+    """Decode a whole split (or a fixed random subset) once, in order, into memory: for small sets, tests and
+    benchmarks (the pipeline's evaluations stream instead: ``trainers.finetune.LoaderImages``)."""
     from trainers.data.multicrop import build_canvas_loader
 
     canvases, _ = build_canvas_loader(dataset, split, 1024, device="cpu", loader=loader, data_root=data_root,
