@@ -29,8 +29,8 @@ from trainers.events import TrainerEvents  # noqa: F401 (re-exported: trainers.l
 from trainers.knn import extract_features, knn_accuracy, knn_metric
 from trainers.methods import method_class
 from trainers.methods.base import MethodContext
-from trainers.optim import (build_optimizer, clip_gradients, cosine_schedule, parameter_groups,
-                            set_hyperparameters)
+from trainers.optim import (build_optimizer, clip_gradients, cosine_schedule, fold_weight_decay, parameter_groups,
+                            set_hyperparameters, tensor_hyperparameters)
 from trainers.paths import state_dir, write_text_atomic
 
 CHECKPOINT_FORMAT = 1
@@ -278,6 +278,8 @@ class Trainer:
         if t.compile_step is not False:  # see step_gradients()
             mode = None if t.compile_step in (True, "default") else t.compile_step
             self._compiled_step = torch.compile(step_gradients, mode=mode)
+            self._compiled_update = torch.compile(apply_update, mode=mode)
+            self._rates = {"lr": torch.zeros((), device=self.device), "wd": torch.zeros((), device=self.device)}
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # training randomness differs per rank
         if self.device.type == "cuda":
             torch.cuda.manual_seed(t.seed * 1000 + self.rank + 1)
@@ -620,8 +622,11 @@ class Trainer:
         # trace_autograd_ops: backward traced into the forward's graph (else a graph break at loss.backward())
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             loss, logs = self._compiled_step(self, views, labels, step)
-        self.optimizer.step()
-        self.method.after_optimizer_step(step)
+        # the second graph: weight decay, the optimizer step and the EMA teacher, rates as 0-d tensors
+        self._rates["lr"].fill_(lr)
+        self._rates["wd"].fill_(float(self.wd_schedule[step]))
+        tensor_hyperparameters(self.optimizer, self.config.optim.name, self._rates["lr"], self._rates["wd"])
+        self._compiled_update(self, step)
         if self.probe is not None:  # eager, as in train_step
             features = self.probe.features(self.method.eval_backbone(), views[: self.ctx.num_global],
                                            self.autocast_dtype)
@@ -771,12 +776,9 @@ def step_gradients(trainer: "Trainer", views, labels, step: int):
     ``prepare_step``, outside), so it is no guard. A module-level function with no ``self``: torch 2.14's
     dynamo lost its caller's frame (``self`` missing) when it resumed after a graph break in a method.
 
-    Outside, eager (``Trainer._train_step_compiled``): the schedules' look-ups, the optimizer step and the
-    EMA teacher update (foreach kernels), the online probe, and the non-finite check (at the next log flush,
-    as on a GPU). The optimizer step stays out because dynamo (torch 2.14) cannot capture it here: traced
-    after the backward in one graph it breaks the graph ("pending mutation on parameter"); compiled on its
-    own it recompiles every step (the scheduled learning rate and weight decay become constant ``alpha``
-    arguments of the foreach kernels), and 0-d tensor rates break the graph in SGD's weight-decay branch."""
+    The second graph, ``apply_update``, takes the optimizer step and the EMA teacher. Outside, eager
+    (``Trainer._train_step_compiled``): the schedules' look-ups, the online probe, and the non-finite check
+    (at the next log flush, as on a GPU)."""
     trainer.method.before_step(step)
     with torch.autocast(device_type=trainer.device.type, dtype=trainer.autocast_dtype or torch.float32,
                         enabled=trainer.autocast_dtype is not None):
@@ -788,6 +790,20 @@ def step_gradients(trainer: "Trainer", views, labels, step: int):
     if trainer.config.optim.clip_grad is not None:
         clip_gradients(trainer.trained_parameters, trainer.config.optim.clip_grad, trainer.config.optim.clip_mode)
     return value, logs
+
+
+@torch.no_grad()
+def apply_update(trainer: "Trainer", step: int) -> None:
+    """train.compile_step's second graph: the parameter update after ``step_gradients``: the weight decay
+    folded out of SGD / AdamW (``fold_weight_decay``), the optimizer's step and the method's after-step hook
+    (the EMA teacher). Learning rate, weight decay and EMA momentum are 0-d tensors filled before the call
+    (``tensor_hyperparameters``, ``MomentumMethod.prepare_step``): graph inputs, so a new value each step
+    recompiles nothing (one recompilation after the first step, when the optimizer's state appears). Not one
+    graph with ``step_gradients``: traced after the backward, torch 2.14's dynamo breaks the graph on the
+    optimizer's "pending mutation on parameter"."""
+    fold_weight_decay(trainer.optimizer, trainer.config.optim.name)
+    trainer.optimizer.step()
+    trainer.method.after_optimizer_step(step)
 
 
 def _plain_state_dict(module: torch.nn.Module) -> dict:

@@ -66,23 +66,29 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
+            # lr and weight_decay may be 0-d tensors (train.compile_step: graph inputs, no recompilation per value)
+            lr, decay = group["lr"], group["weight_decay"]
             if group["lars_exclude"]:
                 updates = grads
             else:
-                updates = (torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"]
-                           else [g.clone() for g in grads])
+                if isinstance(decay, torch.Tensor):
+                    updates = torch._foreach_add(grads, torch._foreach_mul(params, decay))
+                else:
+                    updates = torch._foreach_add(grads, params, alpha=decay) if decay else [g.clone() for g in grads]
                 param_norms = torch.stack(torch._foreach_norm(params))
                 if group.get("trust", "update") == "paper":
                     grad_norms = torch.stack(torch._foreach_norm(grads))
                     valid = (param_norms > 0) & (grad_norms > 0)
-                    denominators = grad_norms + group["weight_decay"] * param_norms + 1e-8
+                    denominators = grad_norms + decay * param_norms + 1e-8
                 else:
                     denominators = torch.stack(torch._foreach_norm(updates))
                     valid = (param_norms > 0) & (denominators > 0)
                 trust = torch.where(valid, group["eta"] * param_norms / denominators, 1.0)
-                if group.get("clip_lr", False) and group["lr"] > 0:
+                if group.get("clip_lr", False) and isinstance(lr, torch.Tensor):
+                    trust = torch.where(valid & (lr > 0), (trust / lr.clamp_min(1e-30)).clamp_(max=1.0), trust)
+                elif group.get("clip_lr", False) and lr > 0:
                     # lr 0 (the first warm-up step): the ratio stays 1, the step is 0 either way
-                    trust = torch.where(valid, (trust / group["lr"]).clamp_(max=1.0), trust)
+                    trust = torch.where(valid, (trust / lr).clamp_(max=1.0), trust)
                 torch._foreach_mul_(updates, list(trust.unbind(0)))
             buffers = [self.state[p].get("momentum_buffer") for p in params]
             if any(b is None for b in buffers):  # first step: the buffer starts as the update itself
@@ -92,7 +98,10 @@ class LARS(torch.optim.Optimizer):
             else:
                 torch._foreach_mul_(buffers, group["momentum"])
                 torch._foreach_add_(buffers, updates)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            if isinstance(lr, torch.Tensor):
+                torch._foreach_add_(params, torch._foreach_mul(buffers, -lr))
+            else:
+                torch._foreach_add_(params, buffers, alpha=-lr)
         return loss
 
 
@@ -137,6 +146,43 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = weight_decay if group.get("apply_weight_decay", True) else 0.0
+
+
+def tensor_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: torch.Tensor,
+                           weight_decay: torch.Tensor) -> None:
+    """train.compile_step: every group reads its learning rate and weight decay from the 0-d tensors ``lr``
+    and ``weight_decay`` (filled each step), so the compiled update takes them as graph inputs instead of
+    recompiling for every scheduled value. SGD and AdamW get weight decay 0 and a ``folded_weight_decay``
+    that ``fold_weight_decay`` applies before their step, exactly as they would (SGD: g + wd * w; AdamW:
+    w * (1 - lr * wd)): torch 2.14's SGD breaks the graph on a tensor weight decay. AdamW runs
+    ``capturable`` (torch's foreach Adam takes a tensor lr only so). LARS takes both tensors itself.
+    Called every step: a restored checkpoint's groups hold their own values."""
+    zero = weight_decay.new_zeros(())
+    for group in optimizer.param_groups:
+        decay = weight_decay if group.get("apply_weight_decay", True) else zero
+        group["lr"] = lr
+        if name == "lars":
+            group["weight_decay"] = decay
+        else:
+            group["weight_decay"], group["folded_weight_decay"] = 0.0, decay
+        if name == "adamw":
+            group["capturable"] = True
+
+
+@torch.no_grad()
+def fold_weight_decay(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """The weight decay ``tensor_hyperparameters`` took out of SGD / AdamW, applied as they apply it."""
+    for group in optimizer.param_groups:
+        decay = group.get("folded_weight_decay")
+        if decay is None:
+            continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        if name == "adamw":
+            torch._foreach_mul_(params, 1 - group["lr"] * decay)
+        else:
+            torch._foreach_add_([p.grad for p in params], torch._foreach_mul(params, decay))
 
 
 @torch.no_grad()

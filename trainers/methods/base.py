@@ -163,8 +163,19 @@ class MomentumMethod(Method):
     def step_values(self, step: int) -> dict:
         return {**super().step_values(step), "teacher_momentum": self.teacher_momentum(step)}
 
+    def prepare_step(self, step: int) -> None:
+        super().prepare_step(step)
+        # the compiled update (train.compile_step) reads the momentum from a 0-d tensor: a graph input
+        momentum = self.__dict__.get("_momentum_tensor")
+        if momentum is None:
+            momentum = self.__dict__["_momentum_tensor"] = torch.zeros((), device=next(self.teacher.parameters()).device)
+        momentum.fill_(self.teacher_momentum(step))
+
     def after_optimizer_step(self, step: int) -> None:
-        ema_update(self.teacher, self.ema_source(), self.value("teacher_momentum", step))
+        if torch.compiler.is_compiling():
+            ema_update(self.teacher, self.ema_source(), self.__dict__["_momentum_tensor"])
+        else:
+            ema_update(self.teacher, self.ema_source(), self.value("teacher_momentum", step))
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -176,15 +187,19 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters in one
-    multi-tensor call (buffers such as BN statistics stay the teacher's own)."""
+    multi-tensor call (buffers such as BN statistics stay the teacher's own). ``momentum`` may be a 0-d
+    tensor (the compiled update's graph input)."""
     teacher_params = list(teacher.parameters())
     student_params = [p.detach() for p in student.parameters()]
     if len(teacher_params) != len(student_params):
         raise RuntimeError("teacher and student have different parameter lists")
     torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    if isinstance(momentum, torch.Tensor):
+        torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1.0 - momentum))
+    else:
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
 FORWARD_VIEWS = ("by_size", "each")
