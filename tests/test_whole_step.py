@@ -96,3 +96,20 @@ def test_compile_step_values_are_checked(tmp_path):
         check_config(tiny_config("sdmp", tmp_path, "train.compile_step=true"))
     with pytest.raises(ConfigError, match="under DDP"):
         check_config(tiny_config("supcon", tmp_path, "train.compile_step=true"), world_size=2)
+
+
+@pytest.mark.slow  # one compilation
+def test_a_compiled_runs_checkpoint_resumes_eagerly(tmp_path):
+    """The compiled update leaves tensors and AdamW's capturable flag in the optimizer's groups; an eager run
+    resuming its checkpoint takes floats again (capturable AdamW refuses CPU tensors when eager)."""
+    common = ["probe.online_linear=false", "train.device=cpu", "train.channels_last=false", "optim.name=adamw",
+              "optim.lr=0.001"]
+    first = Trainer(tiny_config("dino", tmp_path, *common, "train.compile_step=true", "train.epochs=1"),
+                    progress=False, log=lambda *_: None).fit()
+    assert first.steps == 8
+    resumed = Trainer(tiny_config("dino", tmp_path, *common, "train.epochs=2", "train.resume=auto"),
+                      progress=False, log=lambda *_: None)
+    result = resumed.fit()
+    assert result.steps == 16 and 0 < result.metrics["loss"] < 10
+    groups = resumed.optimizer.param_groups
+    assert all(isinstance(g["lr"], float) and not g["capturable"] and "folded_weight_decay" not in g for g in groups)

@@ -582,9 +582,9 @@ class Trainer:
 
     def train_step(self, views, labels, step: int):
         lr, wd = float(self.lr_schedule[step]), float(self.wd_schedule[step])
-        set_hyperparameters(self.optimizer, lr, wd)
         if getattr(self, "_compiled_step", None) is not None:
             return self._train_step_compiled(views, labels, step, lr)
+        set_hyperparameters(self.optimizer, lr, wd)
         self.method.before_step(step)
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):

@@ -143,9 +143,14 @@ def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: floa
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """The eager step's rates (floats); undoes ``tensor_hyperparameters`` (a compiled run's checkpoint resumed
+    eagerly)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = weight_decay if group.get("apply_weight_decay", True) else 0.0
+        group.pop("folded_weight_decay", None)
+        if group.get("capturable"):
+            group["capturable"] = False
 
 
 def tensor_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: torch.Tensor,
