@@ -219,16 +219,20 @@ class PipelineRunner:
                 result = self._run_stage(stage)
                 self.outcomes[stage.name] = result
                 outcome.stages.append(result)
+            # what follows the stages may fail too (the tracking server gone): the parent must not stay RUNNING
+            outcome.checks = self._certify(outcome.stages)
+            read = [d for o in outcome.stages for d in stage_datasets(self.spec.stage(o.name), self._settings(
+                self.spec.stage(o.name)), o.result)]
+            self._log_inputs(self.parent_id, read)  # the parent shows every data set its stages read
+            if not all(s.cached for s in outcome.stages):  # a rerun that did no work logs nothing new
+                summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
+                self._log_metrics(self.parent_id, summary)
         except Exception:
-            self.client.set_terminated(self.parent_id, status="FAILED")
+            try:
+                self.client.set_terminated(self.parent_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
             raise
-        outcome.checks = self._certify(outcome.stages)
-        read = [d for o in outcome.stages for d in stage_datasets(self.spec.stage(o.name), self._settings(
-            self.spec.stage(o.name)), o.result)]
-        self._log_inputs(self.parent_id, read)  # the parent shows every data set its stages read
-        if not all(s.cached for s in outcome.stages):  # a rerun that did no work logs nothing new
-            summary = {k: v for s in outcome.stages for k, v in s.metrics.items() if isinstance(v, (int, float))}
-            self._log_metrics(self.parent_id, summary)
         self.client.set_terminated(self.parent_id, status="FINISHED")
         write_text_atomic(self.out / "pipeline.json", json.dumps(outcome.as_json(), indent=1))
         return outcome

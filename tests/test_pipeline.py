@@ -255,3 +255,26 @@ def test_a_failing_stage_is_one_line_and_marks_its_runs_failed(local_ray, tmp_pa
     _, runs = _runs(uri)
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the parent and the prepare stage
     assert not (tmp_path / "out" / "prepare" / "result.json").exists()
+
+
+def test_an_error_after_the_stages_marks_the_pipeline_run_failed(tmp_path, monkeypatch):
+    """The stages finished, then logging the summary fails (the tracking server went away): the parent run
+    is FAILED, not left RUNNING, and the error is the one raised."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.runner import PipelineRunner, StageOutcome
+
+    monkeypatch.setenv("SSLAB_HOME", str(tmp_path / "home"))
+    spec = parse_pipeline({"name": "after", "stages": {"prepare": {"datasets": ["digits"]}}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runner = PipelineRunner(spec, tracking_uri=uri, out_dir=str(tmp_path / "out"), log=lambda *_: None)
+    done = StageOutcome("prepare", "prepare", None, "finished", False, "k", "h", {"metrics": {"x": 1.0}, "extra": {}})
+    monkeypatch.setattr(runner, "_run_stage", lambda stage: done)
+
+    def gone(run_id, metrics):
+        raise ConnectionError("tracking server gone")
+
+    monkeypatch.setattr(runner, "_log_metrics", gone)
+    with pytest.raises(ConnectionError, match="tracking server gone"):
+        runner.run()
+    assert MlflowClient(uri).get_run(runner.parent_id).info.status == "FAILED"
