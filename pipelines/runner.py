@@ -478,8 +478,8 @@ class PipelineRunner:
             config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._ray()
         name = f"{self.spec.name}-{stage.name}-{key[:10]}"
-        if stage.name in self.forced:  # a fresh Ray run, not a resume of the finished one
-            name += time.strftime("-forced-%Y%m%d-%H%M%S")
+        if stage.name in self.forced:
+            name = self._forced_name(name)
         options = self._cluster_options(stage, settings, self._stage_tags(stage, key))
         outcome = run_pretraining(config, options, name=name, log=self.log)
         if outcome.run_id is None:
@@ -499,6 +499,17 @@ class PipelineRunner:
                             "steps": outcome.steps, "checkpoint": outcome.checkpoint, "history": history}}
         self.client.set_tag(outcome.run_id, "mlflow.runName", f"{self.spec.name}/{stage.name}")
         return outcome.run_id, result
+
+    def _forced_name(self, base: str) -> str:
+        """A forced pretraining's Ray run name: ``<base>-forced-<n>``, n the first whose MLflow run did not
+        finish: a fresh run after a finished one, and the same run (resumed from its checkpoints) when a forced
+        run stopped midway is forced again."""
+        n = 1
+        while True:
+            run = tracking.find_run(self.client, self.experiment_id, f"{base}-forced-{n}")
+            if run is None or run.info.status != "FINISHED":
+                return f"{base}-forced-{n}"
+            n += 1
 
     def _restore_backbone(self, run_id: str, folder: Path, result: dict) -> None:
         """A cached pretrain stage: its backbone from the stage folder, else from the MLflow run."""

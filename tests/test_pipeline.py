@@ -278,3 +278,23 @@ def test_an_error_after_the_stages_marks_the_pipeline_run_failed(tmp_path, monke
     with pytest.raises(ConnectionError, match="tracking server gone"):
         runner.run()
     assert MlflowClient(uri).get_run(runner.parent_id).info.status == "FAILED"
+
+
+def test_a_forced_pretraining_resumes_when_stopped_and_starts_fresh_when_finished(tmp_path, monkeypatch):
+    """--force pretrain: a new Ray run after a finished one; the same one (resumed from its checkpoints) when
+    the forced run was stopped midway and the same command runs again."""
+    from orchestrator import tracking
+    from pipelines.runner import PipelineRunner
+
+    monkeypatch.setenv("SSLAB_HOME", str(tmp_path / "home"))
+    spec = parse_pipeline({"name": "f", "stages": {"prepare": {"datasets": ["digits"]}}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runner = PipelineRunner(spec, tracking_uri=uri, out_dir=str(tmp_path / "out"), log=lambda *_: None)
+    runner._open_parent()
+    recorder = tracking.RunRecorder(uri, spec.experiment)
+    assert runner._forced_name("f-pretrain-abc") == "f-pretrain-abc-forced-1"
+    first, _ = recorder.open("f-pretrain-abc-forced-1", "pretrain")  # started, then stopped: still RUNNING
+    assert runner._forced_name("f-pretrain-abc") == "f-pretrain-abc-forced-1"
+    recorder.finish(first, "FINISHED")
+    assert runner._forced_name("f-pretrain-abc") == "f-pretrain-abc-forced-2"
+    assert runner._forced_name("f-pretrain-other") == "f-pretrain-other-forced-1"
