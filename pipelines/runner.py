@@ -343,6 +343,8 @@ class PipelineRunner:
                 return self._task(_eval_task, stage, stage.kind, settings, backbone, data_root, self.spec.seed)
             if stage_impl.trains_on_images(stage.kind, settings):
                 return self._data_parallel(stage, settings, backbone, workers)
+            if stage.kind == "knn":
+                return self._sharded_knn(stage, settings, backbone, workers)
             return stage_impl.run_evaluation(stage.kind, settings, source, data_root, seed=self.spec.seed,
                                              log=lambda message: self.log(f"[{stage.name}] {message}"),
                                              features_of=self._sharded_features(stage, backbone, workers))
@@ -374,6 +376,21 @@ class PipelineRunner:
             return out
 
         return features_of
+
+    def _sharded_knn(self, stage: StageSpec, settings: dict, backbone, workers: int) -> dict:
+        """kNN with the bank sharded: the test features are gathered once (the queries); then each of ``workers``
+        tasks extracts one block of the training split and keeps it, scoring every query against it; only the
+        blocks' top-k lists come back, merged exactly here (``knn_suite_from_shards``). The bank is never in one
+        place: the same numbers as one worker's."""
+        dataset, batch = settings["dataset"], settings["batch_size"]
+        test = self._sharded_features(stage, backbone, workers)(dataset, "test", batch)
+        queries = self._ray().put(test[0])
+        remote = self._remote(_knn_block_task, stage)
+        parts = self._gather([remote.remote(backbone, dataset, (i, workers), self.spec.data_root, batch, queries)
+                              for i in range(workers)])
+        self.log(f"[{stage.name}] kNN bank in {workers} shards: {sum(len(p[2]) for p in parts):,} {dataset} train "
+                 f"images, top-{max(p[0].shape[1] for p in parts)} lists merged")
+        return stage_impl.knn_from_shards(settings, parts, test)
 
     def _data_parallel(self, stage: StageSpec, settings: dict, backbone, workers: int) -> dict:
         """Fine-tuning or the augmented probe on ``workers`` Ray Train workers (DDP), as pretraining runs."""
@@ -568,6 +585,18 @@ def _data_parallel_eval_task(kind: str, settings: dict, backbone_bytes: bytes, d
         path.write_bytes(backbone_bytes)
         return stage_impl.run_evaluation(kind, settings, str(path), data_root, device=ray.train.torch.get_device(),
                                          seed=seed, log=log)
+
+
+def _knn_block_task(backbone_bytes: bytes, dataset: str, block: tuple[int, int], data_root, batch_size: int, queries):
+    """Ray task body: one shard of the kNN bank on this node: its block of the training features and the
+    queries' top-k lists within it (``stage_impl.knn_block``)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sslab-eval-") as folder:
+        path = Path(folder) / "backbone.pt"
+        path.write_bytes(backbone_bytes)
+        return stage_impl.knn_block(str(path), dataset, block, data_root, stage_impl.eval_device(), queries,
+                                    batch_size, log=stage_impl.log_stderr)
 
 
 def _feature_block_task(backbone_bytes: bytes, dataset: str, split: str, block: tuple[int, int], data_root,

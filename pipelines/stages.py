@@ -183,6 +183,28 @@ def feature_block(backbone_path: str, dataset: str, split: str, block: tuple[int
     return extract_split(backbone, dataset, split, spec, data_root=data_root, log=log, block=block)
 
 
+def knn_block(backbone_path: str, dataset: str, block: tuple[int, int], data_root, device, queries: torch.Tensor,
+              batch_size: int = 512, log: Log = print) -> tuple:
+    """One worker's shard of the kNN bank: its ``block`` of the training features, extracted here and never
+    sent anywhere; returns the top-k lists of every query (the test features) within it and its labels."""
+    from trainers.evaluate import KNN_LARGEST
+    from trainers.knn import knn_topk
+
+    features, labels, _ = feature_block(backbone_path, dataset, "train", block, data_root, device, batch_size, log)
+    if features is None or not len(labels):
+        return torch.zeros(len(queries), 0), torch.zeros(len(queries), 0, dtype=torch.long), labels
+    sims, idx = knn_topk(queries.to(device), features.to(device), KNN_LARGEST, normalize=True)
+    return sims.cpu(), idx.cpu(), labels
+
+
+def knn_from_shards(settings: dict, parts: list, test: tuple) -> StageResult:
+    """The knn stage's result from the bank shards' top-k lists (``knn_block``, in block order) and the test
+    features: as ``knn_result`` on the gathered features."""
+    from trainers.evaluate import knn_suite_from_shards
+
+    return _knn_stage_result(settings, knn_suite_from_shards(parts, test[1], len(test[2])))
+
+
 def gather_blocks(blocks: list[tuple]) -> tuple:
     """The n workers' (features, labels, classes) blocks, in block order, as one split's (a block left empty,
     more workers than images, holds no features)."""
@@ -212,8 +234,11 @@ def knn_result(settings: dict, train: tuple, test: tuple) -> StageResult:
     from trainers.evaluate import knn_suite
 
     (train_x, train_y, classes), (test_x, test_y, _) = train, test
+    return _knn_stage_result(settings, knn_suite(train_x, train_y, test_x, test_y, len(classes)))
+
+
+def _knn_stage_result(settings: dict, result: dict) -> StageResult:
     dataset = settings["dataset"]
-    result = knn_suite(train_x, train_y, test_x, test_y, len(classes))
     sweep = result.pop("knn_sweep")
     return {"metrics": result, "extra": {"knn_sweep": {str(k): v for k, v in sweep.items()}, "dataset": dataset,
                                          "protocol": protocol_record("knn", resolve_settings("knn", settings))},

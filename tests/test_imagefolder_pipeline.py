@@ -122,8 +122,8 @@ def test_a_plain_class_folder_runs_the_pipeline_and_is_certified(local_ray, tmp_
     assert "[transfer] digits train features from 2 workers: 1,347 images" in captured.err
     assert second["verdict"]["status"] == "regression"
     assert second["verdict"]["checks"][0]["status"] == "out"
-    assert f"[knn] {dataset} train features from 2 workers: 240 images" in captured.err
     assert f"[knn] {dataset} test features from 2 workers: 60 images" in captured.err
+    assert f"[knn] kNN bank in 2 shards: 240 {dataset} train images, top-120 lists merged" in captured.err  # 120 per block
     error = captured.err.strip().splitlines()[-1]
     assert error == (f"error: 1 metric(s) outside their expected band: knn/knn_top1_k20 {knn:.4f} OUT of "
                      f"[{impossible[0]:g}, {impossible[1]:g}]: find the change that moved them, or record the new "

@@ -220,3 +220,21 @@ def test_more_workers_than_images_leave_empty_blocks_out():
     blocks = [(torch.ones(2, 3), torch.tensor([0, 1]), ["a", "b"]), (None, torch.empty(0, dtype=torch.long), [])]
     features, labels, classes = gather_blocks(blocks)
     assert features.shape == (2, 3) and labels.tolist() == [0, 1] and classes == ["a", "b"]
+
+
+def test_the_knn_suite_from_bank_shards_is_the_suite_on_the_whole_bank():
+    """The sharded knn stage: each worker keeps its block of the training features and returns only the top-k
+    lists of every query within it (indices into its block); merged, they give knn_suite's numbers."""
+    from trainers.evaluate import KNN_LARGEST, knn_suite_from_shards
+
+    bank, bank_y = _clusters(1000, classes=4)
+    queries, query_y = _clusters(300, classes=4, seed=1)
+    whole = knn_suite(bank, bank_y, queries, query_y, 4)
+    blocks = np.array_split(np.arange(1000), 3)  # uneven: 334, 333, 333
+    parts = [(*knn_topk(queries, bank[b], KNN_LARGEST, normalize=True), bank_y[b]) for b in blocks]
+    assert KNN_LARGEST == 200 and all(p[1].max() < len(b) for p, b in zip(parts, blocks))  # local indices
+    assert knn_suite_from_shards(parts, query_y, 4) == whole
+    assert 0.3 < whole["knn_top1_k20"] < 1.0  # not a trivial answer: the clusters overlap
+    # a worker with an empty block (more workers than images) adds nothing
+    empty = (torch.zeros(300, 0), torch.zeros(300, 0, dtype=torch.long), bank_y[:0])
+    assert knn_suite_from_shards([parts[0], empty, parts[1], parts[2]], query_y, 4) == whole

@@ -174,14 +174,34 @@ def knn_suite(train_features, train_labels, test_features, test_labels, num_clas
     features (tensors or ``FeatureFile``s, normalised chunk by chunk as read); one pass over the bank
     (``trainers.knn.knn_hits``: queries in chunks of ``chunk``, the bank in chunks of ``bank_chunk``, held
     in ``bank_dtype``) serves them all."""
-    sweep = [(k, KNN_MAIN[1]) for k in KNN_SWEEP]
-    settings = list(dict.fromkeys([KNN_MAIN, KNN_WIDE, *sweep]))
-    hits = knn_hits(train_features, train_labels, test_features, test_labels, settings, num_classes, chunk,
+    hits = knn_hits(train_features, train_labels, test_features, test_labels, KNN_SETTINGS, num_classes, chunk,
                     bank_chunk, bank_dtype, normalize=True)
-    n = len(test_labels)
+    return _knn_report(hits, len(test_labels))
+
+
+KNN_SETTINGS = list(dict.fromkeys([KNN_MAIN, KNN_WIDE, *[(k, KNN_MAIN[1]) for k in KNN_SWEEP]]))
+KNN_LARGEST = max(k for k, _ in KNN_SETTINGS)  # how many neighbours a shard's top-k list must keep
+
+
+def _knn_report(hits: dict, n: int) -> dict:
     out = {knn_metric(k, t, top): hits[(k, t)][top == 5] / n for k, t in (KNN_MAIN, KNN_WIDE) for top in (1, 5)}
-    out["knn_sweep"] = {k: hits[(k, t)][0] / n for k, t in sweep}
+    out["knn_sweep"] = {k: hits[(k, KNN_MAIN[1])][0] / n for k in KNN_SWEEP}
     return out
+
+
+def knn_suite_from_shards(parts: list, test_labels: torch.Tensor, num_classes: int) -> dict:
+    """``knn_suite`` from the bank's shards, each scored on its own (by a worker holding one block of the
+    training features): ``parts`` in bank order, each (similarities [Q, k], indices into its own block [Q, k],
+    its labels), from ``knn_topk(queries, block, KNN_LARGEST, normalize=True)``. The shards' lists merge exactly
+    (``merge_topk``) into the whole bank's: the same numbers as ``knn_suite`` on the gathered features."""
+    from trainers.knn import merge_topk, vote_hits
+
+    offsets = np.cumsum([0] + [len(p[2]) for p in parts])
+    lists = [(sims, idx + int(offset)) for (sims, idx, _), offset in zip(parts, offsets)]
+    top_sim, top_idx = merge_topk(lists, KNN_LARGEST)
+    bank_labels = torch.cat([p[2] for p in parts])
+    return _knn_report(vote_hits(top_sim, top_idx, bank_labels, test_labels, KNN_SETTINGS, num_classes),
+                       len(test_labels))
 
 
 # --------------------------------------------------------------------------- protocols
