@@ -35,3 +35,16 @@ def cifar_betons(tmp_path_factory, data_root) -> dict:
 
     out = tmp_path_factory.mktemp("betons")
     return prepare("cifar10", "all", out, data_root, progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray (4 CPUs) per test module; a module that needs more defines its own."""
+    import ray
+
+    from orchestrator.train import init_ray
+
+    if not ray.is_initialized():
+        init_ray(None, num_cpus=4)
+    yield
+    ray.shutdown()

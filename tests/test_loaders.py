@@ -219,3 +219,33 @@ def test_auto_picks_ffcv_when_installed_else_jpeg(monkeypatch, data_root):
     assert multicrop.auto_loader() == "torch"
     with pytest.raises(ConfigError, match="jpeg"):
         multicrop.build_canvas_loader("digits", "train", 16, loader="png")
+
+
+def test_a_loader_worker_keeps_a_dead_main_process_connection_error_to_itself():
+    """After SIGTERM to the main process alone, a loader worker's fd-sharing thread (resource_sharer, which
+    reports through sys.excepthook) fails to reach it: that is no error to print after the run's last line.
+    Other errors, and any in the main thread, still print."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys, threading
+from trainers.data.torch_loader import _quiet_side_threads
+_quiet_side_threads(0)
+def side(error):
+    try:
+        raise error
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+for error in (ConnectionResetError("reset"), EOFError("eof"), ValueError("a real bug")):
+    thread = threading.Thread(target=side, args=(error,))
+    thread.start()
+    thread.join()
+side(ConnectionRefusedError("in the main thread"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "ValueError: a real bug" in done.stderr and "ConnectionRefusedError: in the main thread" in done.stderr
+    assert "reset" not in done.stderr and "eof" not in done.stderr

@@ -79,16 +79,6 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("mlflow")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from orchestrator.train import init_ray
-
-    if not ray.is_initialized():
-        init_ray(None, num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def _runs(uri):
     from mlflow.tracking import MlflowClient
 

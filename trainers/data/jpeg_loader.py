@@ -19,7 +19,6 @@ may differ from the CPU paths by a few levels.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -27,9 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from trainers.data.beton import square_resize
 from trainers.data.datasets import DatasetSplit, EncodedImages, FileImages
-from trainers.data.sharding import check_rank
-from trainers.data.torch_loader import CanvasDataset, ShardSampler, _quiet_side_threads
-from trainers.errors import ConfigError
+from trainers.data.torch_loader import CanvasDataset, TorchCanvasLoader
 
 # start-of-frame markers torchvision and PIL both decode through libjpeg: baseline, extended, progressive
 _HUFFMAN_SOF = (0xC0, 0xC1, 0xC2)
@@ -134,52 +131,28 @@ def _square_resize_on_device(image: torch.Tensor, side: int) -> torch.Tensor:
     return image.permute(1, 2, 0)
 
 
-class JpegCanvasLoader:
+class JpegCanvasLoader(TorchCanvasLoader):
     """Yields (uint8 [B, H, W, 3], int64 [B]) on ``device``, like ``TorchCanvasLoader`` and ``FfcvCanvasLoader``."""
 
-    def __init__(self, split: DatasetSplit, batch_size: int, device="cpu", canvas_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int | None = None, drop_last: bool = True, indices=None, prefetch_factor: int = 4):
-        if batch_size <= 0:
-            raise ConfigError(f"batch size {batch_size} must be positive")
-        check_rank(rank, world_size)
-        self.dataset = CanvasDataset(split, canvas_size)  # the same canvas rule (and error) as the torch path
-        self.canvas = self.dataset.canvas
-        self.device = torch.device(device)
-        self.on_device = self.device.type == "cuda"  # nvjpeg in this process; else libjpeg in the workers
-        self.sampler = ShardSampler(len(split), seed, rank, world_size, shuffle, indices)
-        workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        self.loader = DataLoader(_BatchReader(self.dataset, decode=not self.on_device), batch_size=None,
-                                 sampler=BatchSampler(self.sampler, batch_size, drop_last), num_workers=workers,
-                                 pin_memory=self.on_device, persistent_workers=workers > 0,
-                                 worker_init_fn=_quiet_side_threads,
-                                 prefetch_factor=prefetch_factor if workers > 0 else None)
-        self.batch_size = batch_size
-        self._epoch = 0
+    def __init__(self, split: DatasetSplit, batch_size: int, device="cpu", **kwargs):
+        self.on_device = torch.device(device).type == "cuda"  # nvjpeg in this process; else libjpeg in the workers
+        super().__init__(split, batch_size, device, **kwargs)  # the same canvas rule (and errors) and sample order
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
+    def _data_loader(self, batch_size: int, drop_last: bool, workers: dict) -> DataLoader:
+        """One whole batch per DataLoader item (``_BatchReader``), so that its JPEGs decode in one call."""
+        return DataLoader(_BatchReader(self.dataset, decode=not self.on_device), batch_size=None,
+                          sampler=BatchSampler(self.sampler, batch_size, drop_last), pin_memory=self.on_device,
+                          **workers)
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        self.sampler.set_epoch(self._epoch)
-        self._epoch += 1  # as the other loaders: each pass is the next epoch unless set_epoch says otherwise
-        for batch in self.loader:
-            if not self.on_device:
-                images, labels = batch
-                yield images.to(self.device), labels.to(self.device)
-                continue
-            encoded, rows, images, labels, indices = batch
-            images = images.to(self.device, non_blocking=True)
-            if encoded:
-                self._decode_into(images, encoded, rows.tolist(), indices.tolist())
-            yield images, labels.to(self.device, non_blocking=True)
+    def _to_device(self, batch):
+        if not self.on_device:
+            images, labels = batch
+            return images.to(self.device), labels.to(self.device)
+        encoded, rows, images, labels, indices = batch
+        images = images.to(self.device, non_blocking=True)
+        if encoded:
+            self._decode_into(images, encoded, rows.tolist(), indices.tolist())
+        return images, labels.to(self.device, non_blocking=True)
 
     def _decode_into(self, images: torch.Tensor, encoded: list, rows: list[int], indices: list[int]) -> None:
         side = self.canvas[0]

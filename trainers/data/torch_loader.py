@@ -73,12 +73,16 @@ class TorchCanvasLoader:
         self.device = torch.device(device)
         self.sampler = ShardSampler(len(split), seed, rank, world_size, shuffle, indices)
         workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        self.loader = DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=workers > 0, worker_init_fn=_quiet_side_threads,
-                                 prefetch_factor=prefetch_factor if workers > 0 else None)
+        self.loader = self._data_loader(batch_size, drop_last, dict(
+            num_workers=workers, persistent_workers=workers > 0, worker_init_fn=_quiet_side_threads,
+            prefetch_factor=prefetch_factor if workers > 0 else None))
         self.batch_size = batch_size
         self._epoch = 0
+
+    def _data_loader(self, batch_size: int, drop_last: bool, workers: dict) -> DataLoader:
+        """One canvas per DataLoader item, decoded with PIL in the workers (``workers``: their settings)."""
+        return DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
+                          pin_memory=self.device.type == "cuda", **workers)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
@@ -93,21 +97,33 @@ class TorchCanvasLoader:
     def __iter__(self):
         self.sampler.set_epoch(self._epoch)
         self._epoch += 1  # as ffcv: each pass is the next epoch unless set_epoch says otherwise
-        for images, labels in self.loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        for batch in self.loader:
+            yield self._to_device(batch)
+
+    def _to_device(self, batch):
+        images, labels = batch
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
 def _quiet_side_threads(worker_id: int) -> None:
     """In a loader worker: a side thread's broken connection is the main process going away (SIGTERM,
     Ctrl-C), not an error to print. Without this, multiprocessing's fd-sharing thread (resource_sharer)
-    prints a ConnectionResetError traceback into the user's terminal after the run's own last line."""
+    prints a ConnectionResetError traceback into the user's terminal after the run's own last line. That
+    thread reports through ``sys.excepthook`` (multiprocessing/resource_sharer.py ``_serve``), other side
+    threads through ``threading.excepthook``: both are filtered."""
+    import sys
     import threading
 
-    previous = threading.excepthook
+    previous_thread, previous_sys = threading.excepthook, sys.excepthook
 
-    def hook(args) -> None:
+    def thread_hook(args) -> None:
         if issubclass(args.exc_type, (ConnectionError, EOFError)):
             return
-        previous(args)
+        previous_thread(args)
 
-    threading.excepthook = hook
+    def sys_hook(kind, value, traceback) -> None:
+        if threading.current_thread() is not threading.main_thread() and issubclass(kind, (ConnectionError, EOFError)):
+            return
+        previous_sys(kind, value, traceback)
+
+    threading.excepthook, sys.excepthook = thread_hook, sys_hook
