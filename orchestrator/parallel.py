@@ -71,8 +71,9 @@ def run_data_parallel(function: Callable, args: tuple, options: ClusterOptions, 
         cause = user_error_in(exc) or getattr(exc, "__cause__", None) or exc
         if isinstance(cause, UserError):
             raise cause from None
-        raise UserError(f"{name} failed on its Ray Train workers: {str(cause).splitlines()[0][:300]} (worker logs: "
-                        "Ray's session folder)") from exc
+        first = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise UserError(f"{name} failed on its Ray Train workers: {first[:300]} (worker logs: Ray's session "
+                        "folder)") from exc
     if result.checkpoint is None:
         raise UserError(f"{name}: the workers finished without a result (worker logs: Ray's session folder)")
     with result.checkpoint.as_directory() as folder:

@@ -285,7 +285,7 @@ def _check_worker_batch(name: str, kind: str, values: dict, workers: int) -> Non
         batch = resolve_settings(kind, values)["batch_size"]
         if batch % workers:
             raise ConfigError(f"stage '{name}': batch_size {batch} is not a multiple of its {workers} workers (each "
-                              f"takes an equal share of every batch): set batch_size to e.g. {batch // workers * workers}")
+                              f"takes an equal share of every batch): set batch_size to e.g. {max(workers, batch // workers * workers)}")
 
 
 def _stage_expect(name: str, expect) -> dict:

@@ -315,10 +315,12 @@ def _probe(settings: dict, features_of: FeaturesOf, dataset: str, device, prefix
 
 
 def image_source(dataset: str, split: str, data_root, log: Log):
-    """A split streamed from its loader (``LoaderImages``): what the augmented probe and fine-tuning read."""
+    """A split streamed from its loader (``LoaderImages``): what the augmented probe and fine-tuning read. Its
+    loader workers: as many as this process's torch threads (a Ray task's or worker's CPUs: Ray sets
+    OMP_NUM_THREADS to them), not one per core of the node."""
     from trainers.finetune import LoaderImages
 
-    return LoaderImages(dataset, split, data_root=data_root, log=log)
+    return LoaderImages(dataset, split, data_root=data_root, num_workers=max(1, torch.get_num_threads()), log=log)
 
 
 def _augmented_probe(settings: dict, backbone_path: str, dataset: str, data_root, device, prefix: str, seed: int,

@@ -101,7 +101,8 @@ def test_compile_step_values_are_checked(tmp_path):
 @pytest.mark.slow  # one compilation
 def test_a_compiled_runs_checkpoint_resumes_eagerly(tmp_path):
     """The compiled update leaves tensors and AdamW's capturable flag in the optimizer's groups; an eager run
-    resuming its checkpoint takes floats again (capturable AdamW refuses CPU tensors when eager)."""
+    resuming its checkpoint takes floats again (capturable AdamW refuses CPU tensors when eager), and a compiled
+    run resuming an eager one's takes tensors again."""
     common = ["probe.online_linear=false", "train.device=cpu", "train.channels_last=false", "optim.name=adamw",
               "optim.lr=0.001"]
     first = Trainer(tiny_config("dino", tmp_path, *common, "train.compile_step=true", "train.epochs=1"),
@@ -113,3 +114,9 @@ def test_a_compiled_runs_checkpoint_resumes_eagerly(tmp_path):
     assert result.steps == 16 and 0 < result.metrics["loss"] < 10
     groups = resumed.optimizer.param_groups
     assert all(isinstance(g["lr"], float) and not g["capturable"] and "folded_weight_decay" not in g for g in groups)
+    # and back: the eager run's checkpoint resumed compiled (tensors and capturable again)
+    again = Trainer(tiny_config("dino", tmp_path, *common, "train.compile_step=true", "train.epochs=3",
+                                "train.resume=auto"), progress=False, log=lambda *_: None)
+    result = again.fit()
+    assert result.steps == 24 and 0 < result.metrics["loss"] < 10
+    assert all(isinstance(g["lr"], torch.Tensor) and g["capturable"] for g in again.optimizer.param_groups)

@@ -600,9 +600,10 @@ class FinetuneSettings:
 
 
 def finetune_plan(settings: FinetuneSettings, labels: int) -> dict:
-    """How long fine-tuning on ``labels`` images runs: batch, updates per epoch (every image once, in
-    near-equal batches), epochs (``settings.epochs``, more when that is under ``min_steps`` updates) and
-    the epochs where the lr decays (``decay_at`` of them)."""
+    """How long fine-tuning on ``labels`` images runs: batch, updates per epoch (every image once, in full
+    batches and a last one with the remainder, as SwAV's eval_semisup.py DataLoader: drop_last off), epochs
+    (``settings.epochs``, more when that is under ``min_steps`` updates) and the epochs where the lr decays
+    (``decay_at`` of them)."""
     batch = min(settings.batch_size, labels)
     steps_per_epoch = math.ceil(labels / batch)
     epochs = max(settings.epochs, math.ceil(settings.min_steps / steps_per_epoch))

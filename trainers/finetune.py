@@ -58,8 +58,8 @@ class MemoryImages:
 
 class LoaderImages:
     """One split streamed from its canvas loader (``build_canvas_loader``: ffcv, jpeg or torch). The labels
-    and class names come from the split's listing, not from decoding it; loaders are built once per shape
-    of request and reused across epochs."""
+    and class names come from the split's listing, not from decoding it; a loader is built for a request and
+    reused for the next epochs while the requests stay the same."""
 
     def __init__(self, dataset: str, split: str, data_root=None, cache_dir=None, loader: str = "auto",
                  canvas_size: int | None = None, num_workers: int | None = None, log: Callable[[str], None] = print):
@@ -80,6 +80,7 @@ class LoaderImages:
         key = (batch_size, None if indices is None else tuple(np.asarray(indices).tolist()), shuffle, seed, rank,
                world, block)
         if key not in self._loaders:
+            self._loaders.clear()  # one loader (and its pool of worker processes) alive per source at a time
             canvases, _ = build_canvas_loader(self.dataset, self.split, batch_size, device="cpu", seed=seed,
                                               rank=rank, world_size=world, shuffle=shuffle, drop_last=False,
                                               indices=indices, block=block, **self.options)
@@ -148,7 +149,7 @@ def scored_test(model, test, spec: BackboneSpec, crop: float, prefix: str) -> di
     logits, labels = [], []
     for images, batch_labels in test.batches(0, spec.batch_size, shuffle=False, block=(rank, world)):
         logits.append(model(eval_view(images.to(spec.device, non_blocking=True), spec, crop)).float().cpu())
-        labels.append(batch_labels.cpu())
+        labels.append(batch_labels.to("cpu", copy=True))  # a loader may reuse its buffers (ffcv)
     part = (torch.cat(logits) if logits else torch.empty(0, num_classes(test)), torch.cat(labels).long()
             if labels else torch.empty(0, dtype=torch.long))
     if world > 1:
@@ -164,12 +165,16 @@ def _feature_moments(backbone, dim: int, train, spec: BackboneSpec, crop: float,
     """Mean and (unbiased) std of the backbone's features on the training split's test view, in float64 sums
     over this rank's block of the split, added up over the ranks."""
     rank, world = data_parallel()
-    sums = torch.zeros(2 * dim + 1, dtype=torch.float64)  # sum, sum of squares, count
+    # on the device: NCCL (Ray Train's GPU workers) reduces device tensors only
+    sums = torch.zeros(2 * dim + 1, dtype=torch.float64, device=spec.device)  # sum, sum of squares, count
     for images, _ in train.batches(0, spec.batch_size, indices=indices, shuffle=False, block=(rank, world)):
-        out = backbone(eval_view(images.to(spec.device, non_blocking=True), spec, crop)).double().cpu()
-        sums += torch.cat([out.sum(0), out.square().sum(0), torch.tensor([float(len(out))], dtype=torch.float64)])
+        out = backbone(eval_view(images.to(spec.device, non_blocking=True), spec, crop)).double()
+        sums[:dim] += out.sum(0)
+        sums[dim:2 * dim] += out.square().sum(0)
+        sums[-1] += len(out)
     if world > 1:
         dist.all_reduce(sums)
+    sums = sums.cpu()
     n = sums[-1]
     mean = sums[:dim] / n
     var = (sums[dim:2 * dim] - n * mean.square()) / (n - 1).clamp_min(1)
@@ -235,8 +240,9 @@ def augmented_linear_probe(backbone: torch.nn.Module, feature_dim: int, train, t
                 _sgd_step(optimizer, [lr], loss)
                 loss_sum += loss.detach()
                 step += 1
+            mean_loss = _mean_over_ranks(loss_sum / steps_per_epoch, world)  # a collective: every rank, always
             if progress is not None:
-                progress(epoch + 1, _mean_over_ranks(loss_sum / steps_per_epoch, world), (lr,))
+                progress(epoch + 1, mean_loss, (lr,))
         scorer = torch.nn.Sequential(backbone, _Standardize(mean, std), layer).eval()
         return scored_test(scorer, test, spec, settings.test_crop, prefix)
     finally:
@@ -277,8 +283,9 @@ def finetune(backbone: torch.nn.Module, feature_dim: int, train, indices: np.nda
             loss = F.cross_entropy(model(x), labels.to(device))
             _sgd_step(optimizer, lrs, loss)
             loss_sum += loss.detach()
+        mean_loss = _mean_over_ranks(loss_sum / plan["steps_per_epoch"], world)  # a collective: every rank, always
         if progress is not None:
-            progress(epoch + 1, _mean_over_ranks(loss_sum / plan["steps_per_epoch"], world), lrs)
+            progress(epoch + 1, mean_loss, lrs)
     model = getattr(model, "module", model).eval()  # scored without DDP: the ranks' blocks may differ in length
     result = scored_test(model, test, spec, settings.test_crop, prefix)
     result["plan"] = plan

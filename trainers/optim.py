@@ -170,8 +170,12 @@ def tensor_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: torc
             group["weight_decay"] = decay
         else:
             group["weight_decay"], group["folded_weight_decay"] = 0.0, decay
-        if name == "adamw":
+        if name == "adamw" and not group.get("capturable"):
             group["capturable"] = True
+            for param in group["params"]:  # an eager run's checkpoint keeps Adam's step counts on the CPU
+                state = optimizer.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor) and state["step"].device != param.device:
+                    state["step"] = state["step"].to(param.device)
 
 
 @torch.no_grad()
