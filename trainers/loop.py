@@ -277,6 +277,10 @@ class Trainer:
         self._compiled_step = None
         if t.compile_step is not False:  # see step_gradients()
             mode = None if t.compile_step in (True, "default") else t.compile_step
+            # a run compiles its own graphs: those of earlier runs in this process (a test session, a sweep's
+            # reused worker) count against dynamo's recompile limit on the code they share (torch.optim's step),
+            # past which torch runs those frames eagerly, where a capturable AdamW refuses CPU tensors
+            torch._dynamo.reset()
             self._compiled_step = torch.compile(step_gradients, mode=mode)
             self._compiled_update = torch.compile(apply_update, mode=mode)
             self._rates = {"lr": torch.zeros((), device=self.device), "wd": torch.zeros((), device=self.device)}
